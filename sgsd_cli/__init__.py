@@ -1,0 +1,1 @@
+"""sgsd command line."""

@@ -1,0 +1,83 @@
+"""Shared CLI plumbing: the typer app, the one-line error contract, progress bars, option types."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from stages.io import InputError
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    name="sgsd",
+    help="Skill-Conditioned Gated Self-Distillation: mine skills, roll out, score with skill-conditioned "
+    "teachers, polarize, train and evaluate LLMs on math reasoning. Every stage reads and writes Parquet "
+    "under --run-dir, records a manifest, and resumes.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+PIPELINE = "Pipeline stages"
+UTILS = "Utilities"
+
+F = TypeVar("F", bound=Callable)
+
+
+def cli_errors(fn: F) -> F:
+    """Turn InputError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            console.print(f"[bold red]error:[/] {e.line()}", soft_wrap=True, highlight=False, markup=True)
+            raise typer.Exit(2)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress() -> Progress:
+    """A rich progress bar (disabled when stderr is not a terminal unless SGSD_PROGRESS=1)."""
+    disable = not (console.is_terminal or os.environ.get("SGSD_PROGRESS") == "1")
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=disable,
+        transient=False,
+    )
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if not shard:
+        return 0, 1
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+        assert 0 <= i < n
+    except Exception:
+        raise InputError(None, f"--shard must look like i/n with 0 <= i < n, got '{shard}'") from None
+    return i, n
+
+
+RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory: every stage reads and writes its tables and manifests here.")]
+Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if its manifest matches; overwrite after changed inputs.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffling).")]
+Device = Annotated[str, typer.Option("--device", help="torch device: auto, cpu, cuda, cuda:1 ...")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.")]
+GgufFile = Annotated[str | None, typer.Option("--gguf-file", help="GGUF file name inside the --model folder (transformers dequantizes it on load).")]

@@ -1,0 +1,170 @@
+"""The scoring core: log-probs of *given* tokens, packed and chunked.  DESIGN 1.4 and 1.7.
+
+Every stage that needs log-probs (score-teachers, train, GRPO's old log-probs, consistency checks) calls
+:func:`score_segments`.  It
+
+* packs variable-length sequences into one row per micro-batch (no padding), with position ids that
+  restart at 0 for every sequence; transformers then builds a block-diagonal causal mask from the
+  position ids (``attention_mask=None``, no cache), so sequences never see each other;
+* micro-batches are bounded by a token budget;
+* runs the decoder body once, keeps only the hidden states of positions that predict completion tokens,
+  and pushes those through the LM head in chunks, computing ``log_softmax`` in fp32 per chunk, so the
+  full ``[tokens, vocab]`` fp32 tensor never exists for the whole batch (with gradients, each chunk is
+  recomputed in backward instead of being kept).
+
+:func:`score_naive` is the reference: right-padded batch, full logits, fp32 log-softmax over
+``[batch, time, vocab]``.  Tests check both agree to 1e-4 and ``bench/score_bench.py`` compares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One sequence to score: the log-probs of ``completion_ids`` given ``prompt_ids`` + preceding completion."""
+
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+
+    @classmethod
+    def of(cls, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> "Segment":
+        return cls(tuple(int(x) for x in prompt_ids), tuple(int(x) for x in completion_ids))
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def split_lm(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder body returning hidden states, LM head) of an HF causal LM, PEFT-wrapped or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings()
+    body = getattr(inner, inner.base_model_prefix, None) if hasattr(inner, "base_model_prefix") else None
+    if body is None or head is None:
+        raise TypeError(f"cannot split {type(inner).__name__} into body and LM head")
+    return body, head
+
+
+def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Greedy first-fit over indices sorted by length (longest first); one over-long sequence goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for b, load in enumerate(loads):
+            if load + n <= token_budget:
+                batches[b].append(i)
+                loads[b] += n
+                break
+        else:
+            batches.append([i])
+            loads.append(n)
+    return batches
+
+
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def gather_logprobs(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 2048,
+) -> torch.Tensor:
+    """fp32 log-probs of ``targets`` [N] from ``hidden`` [N, H], ``chunk`` rows of [chunk, vocab] at a time."""
+    outs = []
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    for s in range(0, hidden.shape[0], chunk):
+        h, t = hidden[s : s + chunk], targets[s : s + chunk]
+        if needs_grad:
+            outs.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
+        else:
+            outs.append(_chunk_logprobs(head, h, t, temperature))
+    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def score_segments(
+    model,
+    segments: Sequence[Segment],
+    *,
+    temperature: float = 1.0,
+    token_budget: int = 16384,
+    logit_chunk: int = 2048,
+    grad: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """fp32 log-probs of every segment's completion tokens, in input order (one 1-D tensor each).
+
+    Identical segments are scored once.  ``on_batch(n_segments)`` is called after each micro-batch
+    (progress bars).  With ``grad=True`` the returned tensors carry gradients.
+    """
+    body, head = split_lm(model)
+    device = head.weight.device
+    uniq: dict[Segment, int] = {}
+    for s in segments:
+        uniq.setdefault(s, len(uniq))
+    useg = list(uniq)
+    results: list[torch.Tensor | None] = [None] * len(useg)
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for batch in pack_batches([len(s) for s in useg], token_budget):
+            ids, pos, sel, tgt, spans = [], [], [], [], []
+            offset = 0
+            for i in batch:
+                s = useg[i]
+                full = s.prompt_ids + s.completion_ids
+                ids.extend(full)
+                pos.extend(range(len(full)))
+                p, c = len(s.prompt_ids), len(s.completion_ids)
+                if p == 0 and c > 0:
+                    raise ValueError("a segment needs at least one prompt token")
+                sel.extend(range(offset + p - 1, offset + p - 1 + c))
+                tgt.extend(s.completion_ids)
+                spans.append((i, c))
+                offset += len(full)
+            input_ids = torch.tensor([ids], device=device)
+            position_ids = torch.tensor([pos], device=device)
+            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).last_hidden_state[0]
+            hsel = hidden.index_select(0, torch.tensor(sel, device=device))
+            lp = gather_logprobs(head, hsel, torch.tensor(tgt, device=device), temperature=temperature, chunk=logit_chunk)
+            start = 0
+            for i, c in spans:
+                results[i] = lp[start : start + c]
+                start += c
+            if on_batch:
+                on_batch(len(batch))
+    return [results[uniq[s]] for s in segments]  # type: ignore[misc]
+
+
+def score_naive(model, segments: Sequence[Segment], *, temperature: float = 1.0, pad_id: int = 0) -> list[torch.Tensor]:
+    """Reference: right-padded batch, full [B, T, V] fp32 logits, log_softmax, gather."""
+    device = next(model.parameters()).device
+    L = max(len(s) for s in segments)
+    ids = torch.full((len(segments), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(segments), L), dtype=torch.long)
+    for b, s in enumerate(segments):
+        full = s.prompt_ids + s.completion_ids
+        ids[b, : len(full)] = torch.tensor(full)
+        mask[b, : len(full)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+        logp = F.log_softmax(logits / temperature, dim=-1)
+    out = []
+    for b, s in enumerate(segments):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        tgt = torch.tensor(s.completion_ids, device=device)
+        out.append(logp[b, p - 1 : p - 1 + c].gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
+    return out
