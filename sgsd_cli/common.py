@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -12,7 +13,12 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from stages.io import InputError
+# quiet third-party progress bars and warnings: sgsd shows its own rich progress
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from stages.io import InputError  # noqa: E402
 
 console = Console(stderr=True)
 out = Console()
@@ -81,3 +87,14 @@ Seed = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffl
 Device = Annotated[str, typer.Option("--device", help="torch device: auto, cpu, cuda, cuda:1 ...")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.")]
 GgufFile = Annotated[str | None, typer.Option("--gguf-file", help="GGUF file name inside the --model folder (transformers dequantizes it on load).")]
+
+
+@contextlib.contextmanager
+def progress_bars():
+    """Yield ``make(description, total) -> advance(n)`` backed by one rich Progress display."""
+    with progress() as p:
+        def make(description: str, total: int):
+            task = p.add_task(description, total=total)
+            return lambda n=1: p.advance(task, n)
+
+        yield make

@@ -20,11 +20,13 @@ COMMAND_MODULES = [
     "sgsd_cli.utils_cmd",
 ]
 
-for _m in COMMAND_MODULES:
-    importlib.import_module(_m)
+def _register() -> None:
+    for m in COMMAND_MODULES:
+        importlib.import_module(m)
 
 
 def main() -> None:
+    _register()
     app()
 
 

@@ -94,6 +94,14 @@ def sample_from_logits(
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
 
 
+def cache_argument(model) -> str:
+    """Name of the KV-cache argument/output of a model's forward: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    fwd = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(fwd).parameters else "past_key_values"
+
+
 class HFBackend(GenerationBackend):
     """transformers decode loop: left-padded batches, KV cache, on-device sampling, per-sequence EOS."""
 
@@ -108,6 +116,7 @@ class HFBackend(GenerationBackend):
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.cache_arg = cache_argument(model)
 
     def update_weights(self, model) -> None:
         self.model = model
@@ -127,7 +136,7 @@ class HFBackend(GenerationBackend):
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         stop = torch.tensor(self.eos_ids + list(cfg.stop_token_ids), device=device)
         out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
+        past = getattr(out, self.cache_arg)
         logits = out.logits[:, -1]
         next_pos = pos[:, -1] + 1
         toks = torch.empty((B, 0), dtype=torch.long, device=device)
@@ -146,8 +155,8 @@ class HFBackend(GenerationBackend):
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
             out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                        past_key_values=past, use_cache=True)
-            past = out.past_key_values
+                        use_cache=True, **{self.cache_arg: past})
+            past = getattr(out, self.cache_arg)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         toks, lps, stopped = toks.cpu(), lps.cpu(), stopped.cpu()

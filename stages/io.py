@@ -330,3 +330,20 @@ def iter_jsonl(path: str | os.PathLike) -> Iterable[dict]:
         for line in f:
             if line.strip():
                 yield json.loads(line)
+
+
+def stage_table_path(run_dir: str | os.PathLike, name: str) -> Path:
+    """``<run_dir>/<name>.parquet`` or, when the stage was sharded, the ``<run_dir>/<name>/`` part directory."""
+    run_dir = Path(run_dir)
+    single, parts = run_dir / f"{name}.parquet", run_dir / name
+    if single.exists():
+        return single
+    if parts.is_dir():
+        return parts
+    raise InputError(single, f"not found (run the '{name.replace('_', '-')}' stage first, or pass its file)")
+
+
+def shard_output_name(stage: str, shard: tuple[int, int]) -> str:
+    """Output name of one shard: ``<stage>`` unsharded, ``<stage>/part-0000i-of-0000n`` sharded."""
+    i, n = shard
+    return stage if n == 1 else f"{stage}/part-{i:05d}-of-{n:05d}"

@@ -1,0 +1,151 @@
+"""`sgsd polarize`: verify each rollout and turn each teacher's log-prob gap into a polarity.  DESIGN 1.4.
+
+Per (rollout, teacher): Delta = teacher - student log-probs, token mask m, support a_k, stance sigma_k,
+outcome o (verifier), polarity rho_k = o * sigma_k, its category (helpful / warning / misleading /
+over_suppressive / neutral) and the clipped-token fraction.  A second table has one row per rollout
+with the grade and the category counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import torch
+
+from stages.io import InputError, StageRun, read_table, stage_table_path, write_parquet
+from stages.sgsd_objective import CLIP, category, maskable_token_ids, polarity, stance, support_score, token_mask
+
+CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
+
+POLARIZE_SCHEMA = {
+    "rollout_id": pl.String,
+    "teacher_rank": pl.Int64,
+    "weight": pl.Float64,
+    "correct": pl.Boolean,
+    "outcome": pl.Int64,
+    "support": pl.Float64,
+    "stance": pl.Int64,
+    "polarity": pl.Int64,
+    "category": pl.String,
+    "token_mask": pl.List(pl.Boolean),
+    "n_mask": pl.Int64,
+    "clipped_frac": pl.Float64,
+}
+
+
+@dataclass
+class PolarizeConfig:
+    model: str | None = None  # tokenizer for the token mask; default: the rollout table's model
+    gguf_file: str | None = None
+    verify_timeout_s: float = 5.0
+    workers: int | None = None
+    clip: float = CLIP
+    stance_threshold: float = 0.05
+
+
+def grade_rollouts(rollouts: pl.DataFrame, cfg: PolarizeConfig, on_done=None) -> pl.DataFrame:
+    from stages.verify import grade_many
+
+    grades = grade_many(list(zip(rollouts["completion"].to_list(), rollouts["answer"].to_list())),
+                        timeout_s=cfg.verify_timeout_s, workers=cfg.workers)
+    if on_done:
+        on_done(len(grades))
+    return pl.DataFrame({
+        "rollout_id": rollouts["rollout_id"],
+        "correct": [g.correct for g in grades],
+        "status": [g.status for g in grades],
+        "pred": [g.pred for g in grades],
+    }, schema={"rollout_id": pl.String, "correct": pl.Boolean, "status": pl.String, "pred": pl.String})
+
+
+def polarize_tables(
+    rollouts: pl.DataFrame,
+    scores: pl.DataFrame,
+    tokenizer,
+    cfg: PolarizeConfig,
+    on_done: Callable[[int], None] | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per (rollout, teacher) table, per rollout table)."""
+    grades = grade_rollouts(rollouts, cfg)
+    special, newline = maskable_token_ids(tokenizer)
+    masks = {r: token_mask(ids, special, newline)
+             for r, ids in zip(rollouts["rollout_id"].to_list(), rollouts["completion_ids"].to_list())}
+    correct = dict(zip(grades["rollout_id"].to_list(), grades["correct"].to_list()))
+    rows: dict[str, list] = {k: [] for k in POLARIZE_SCHEMA}
+    for r in scores.select("rollout_id", "teacher_rank", "weight", "student_logprobs", "teacher_logprobs").iter_rows(named=True):
+        rid = r["rollout_id"]
+        if rid not in masks:
+            raise InputError(None, f"score-teachers row for rollout '{rid}' has no rollout in the rollout table")
+        m = torch.tensor(masks[rid], dtype=torch.bool)
+        s = torch.tensor(r["student_logprobs"], dtype=torch.float64)
+        t = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
+        if not (len(s) == len(t) == len(m)):
+            raise InputError(None, f"rollout '{rid}': {len(m)} completion tokens but {len(s)}/{len(t)} log-probs")
+        delta = t - s
+        a = float(support_score(delta, m, cfg.clip))
+        sig = int(stance(a, cfg.stance_threshold))
+        o = 1 if correct[rid] else -1
+        n_mask = int(m.sum())
+        rows["rollout_id"].append(rid)
+        rows["teacher_rank"].append(r["teacher_rank"])
+        rows["weight"].append(r["weight"])
+        rows["correct"].append(correct[rid])
+        rows["outcome"].append(o)
+        rows["support"].append(a)
+        rows["stance"].append(sig)
+        rows["polarity"].append(polarity(o, sig))
+        rows["category"].append(category(o, sig))
+        rows["token_mask"].append(masks[rid])
+        rows["n_mask"].append(n_mask)
+        rows["clipped_frac"].append(float(((delta.abs() > cfg.clip) & m).sum()) / max(1, n_mask))
+    per_teacher = pl.DataFrame(rows, schema=POLARIZE_SCHEMA)
+    counts = (
+        per_teacher.group_by("rollout_id")
+        .agg([(pl.col("category") == c).sum().cast(pl.Int64).alias(f"n_{c}") for c in CATEGORIES]
+             + [pl.col("support").mean().alias("mean_support"), pl.col("clipped_frac").mean().alias("mean_clipped_frac")])
+    )
+    per_rollout = grades.join(counts, on="rollout_id", how="left").with_columns(
+        [pl.col(f"n_{c}").fill_null(0) for c in CATEGORIES]
+    )
+    if on_done:
+        on_done(rollouts.height)
+    return per_teacher, per_rollout
+
+
+def run(
+    cfg: PolarizeConfig,
+    run_dir: str | Path,
+    *,
+    rollouts: str | Path | None = None,
+    scores: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    tokenizer=None,
+) -> Path:
+    from stages.models import ModelSpec, load_tokenizer
+
+    r_src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
+    s_src = Path(scores) if scores else stage_table_path(run_dir, "score_teachers")
+    rt = read_table(r_src, {"rollout_id": str, "completion": str, "answer": str, "completion_ids": list, "model": str})
+    st = read_table(s_src, {"rollout_id": str, "teacher_rank": int, "weight": float,
+                            "student_logprobs": list, "teacher_logprobs": list})
+    stage = StageRun(run_dir, "polarize", cfg, inputs={"rollouts": r_src, "scores": s_src}, force=force)
+    if stage.done:
+        return stage.output
+    if tokenizer is None:
+        spec = ModelSpec.parse(cfg.model or rt["model"][0], cfg.gguf_file)
+        spec.check()
+        tokenizer = load_tokenizer(spec)
+    advance = progress("polarize", rt.height) if progress else None
+    per_teacher, per_rollout = polarize_tables(rt, st, tokenizer, cfg, on_done=advance)
+    write_parquet(per_rollout, Path(run_dir) / "polarize_rollouts.parquet")
+    summary = {
+        "accuracy": float(per_rollout["correct"].mean()) if per_rollout.height else 0.0,
+        "categories": {c: int((per_teacher["category"] == c).sum()) for c in CATEGORIES},
+        "grade_status": {k: int(v) for k, v in per_rollout["status"].value_counts().iter_rows()},
+    }
+    stage.finish(per_teacher, extra={"summary": summary, "rollout_table": "polarize_rollouts.parquet"})
+    return stage.output

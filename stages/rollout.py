@@ -1,0 +1,145 @@
+"""`sgsd rollout`: sample student completions for a problem set.  DESIGN 1.2-1.3.
+
+One row per (problem, sample) with prompt and completion text and token ids, the sampling log-prob of
+each completion token, the finish reason, the gold answer, the model and the policy step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from stages.generation import GenerationBackend, SamplingConfig, make_backend
+from stages.io import DATA_DIR, StageRun, shard_output_name
+from stages.prompts import chat_prompt_text, student_prompt
+
+ROLLOUT_SCHEMA = {
+    "rollout_id": pl.String,
+    "problem_id": pl.String,
+    "sample_index": pl.Int64,
+    "problem": pl.String,
+    "answer": pl.String,
+    "prompt": pl.String,
+    "prompt_ids": pl.List(pl.Int64),
+    "completion": pl.String,
+    "completion_ids": pl.List(pl.Int64),
+    "sample_logprobs": pl.List(pl.Float64),
+    "finish_reason": pl.String,
+    "model": pl.String,
+    "policy_step": pl.Int64,
+    "temperature": pl.Float64,
+    "top_p": pl.Float64,
+    "top_k": pl.Int64,
+    "thinking": pl.Boolean,
+    "backend": pl.String,
+}
+
+
+@dataclass
+class RolloutConfig:
+    model: str
+    problems: str = str(DATA_DIR / "demo" / "problems.jsonl")
+    gguf_file: str | None = None
+    n: int = 1
+    temperature: float = 1.1
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 1024
+    thinking: bool = False
+    seed: int = 0
+    backend: str = "auto"
+    batch_size: int = 32
+    limit: int | None = None
+    policy_step: int = 0
+    shard: tuple[int, int] = (0, 1)
+    data_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens, seed=self.seed, batch_size=self.batch_size,
+        )
+
+
+def select_problems(problems: pl.DataFrame, limit: int | None, shard: tuple[int, int]) -> pl.DataFrame:
+    """First ``limit`` rows, then every n-th row starting at i for shard i/n."""
+    if limit is not None:
+        problems = problems.head(limit)
+    i, n = shard
+    if n > 1:
+        problems = problems.with_row_index("_r").filter(pl.col("_r") % n == i).drop("_r")
+    return problems
+
+
+def generate_rollouts(
+    backend: GenerationBackend,
+    tokenizer,
+    problems: pl.DataFrame,
+    cfg: RolloutConfig,
+    model_name: str,
+    on_done: Callable[[int], None] | None = None,
+) -> pl.DataFrame:
+    """In-process rollout over a problems table (columns id, problem, answer); the loop calls this."""
+    texts = [student_prompt(p) for p in problems["problem"].to_list()]
+    prompt_texts = [chat_prompt_text(tokenizer, t, cfg.thinking) for t in texts]
+    prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    comps = backend.generate(prompt_ids, cfg.sampling(), on_done=on_done)
+    ids, probs, answers = problems["id"].to_list(), problems["problem"].to_list(), problems["answer"].to_list()
+    rows = {k: [] for k in ROLLOUT_SCHEMA}
+    for c in comps:
+        p = c.prompt_index
+        rows["rollout_id"].append(f"{ids[p]}#{c.sample_index}")
+        rows["problem_id"].append(ids[p])
+        rows["sample_index"].append(c.sample_index)
+        rows["problem"].append(probs[p])
+        rows["answer"].append(answers[p])
+        rows["prompt"].append(prompt_texts[p])
+        rows["prompt_ids"].append(prompt_ids[p])
+        rows["completion"].append(c.text)
+        rows["completion_ids"].append(c.token_ids)
+        rows["sample_logprobs"].append(c.logprobs)
+        rows["finish_reason"].append(c.finish_reason)
+        rows["model"].append(model_name)
+        rows["policy_step"].append(cfg.policy_step)
+        rows["temperature"].append(cfg.temperature)
+        rows["top_p"].append(cfg.top_p)
+        rows["top_k"].append(cfg.top_k)
+        rows["thinking"].append(cfg.thinking)
+        rows["backend"].append(backend.name)
+    return pl.DataFrame(rows, schema=ROLLOUT_SCHEMA)
+
+
+def run(
+    cfg: RolloutConfig,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    loaded=None,
+) -> Path:
+    """Stage entry point: read problems, generate, write ``rollout.parquet`` (or a shard part file).
+
+    ``progress(description, total)`` returns an advance callback (the CLI passes a rich bar).
+    ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop).
+    """
+    from stages.benchmarks import load_problems
+    from stages.models import load_model
+
+    problems = select_problems(load_problems(cfg.problems, data_dir=cfg.data_dir), cfg.limit, cfg.shard)
+    problem_src = Path(cfg.problems) if Path(cfg.problems).exists() else None
+    stage = StageRun(run_dir, "rollout", cfg, inputs={"problems": problem_src}, force=force, seed=cfg.seed,
+                     output_name=shard_output_name("rollout", cfg.shard))
+    if stage.done:
+        return stage.output
+    model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
+    backend = make_backend(cfg.backend, model=model, tokenizer=tok, spec=spec)
+    advance = progress("rollout", problems.height * cfg.n) if progress else None
+    df = generate_rollouts(backend, tok, problems, cfg, spec.adapter or spec.path, on_done=advance)
+    stage.finish(df, extra={"backend": backend.name, "model": spec.to_json(),
+                            "logprob_definition": "log_softmax(logits / temperature) at the sampled token, before top-k/top-p"})
+    return stage.output

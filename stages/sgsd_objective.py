@@ -1,0 +1,102 @@
+"""The SGSD formulas, each once.  DESIGN 1.4.
+
+Per rollout y, teacher k, completion token t:
+
+* ``Delta_{k,t} = t_{k,t} - s_t`` (teacher minus student log-prob of the sampled token)
+* mask ``m_t``: completion tokens minus special tokens, think tags and newline-only tokens; ``N = max(1, sum m)``
+* support ``a_k = (1/N) sum_t m_t clip(Delta_{k,t}, -3, 3)``
+* stance ``sigma_k = sign(a_k)`` if ``|a_k| > 0.05`` else 0
+* outcome ``o = +1`` if the verifier accepts y else -1; polarity ``rho_k = o * sigma_k``
+* gated token loss ``l(D) = log 2 - softplus(-D^2 / (2 tau))`` (D unclipped, tau = 1)
+* rollout loss ``L = sum_k w_k rho_k (1/N) sum_t m_t l(Delta_{k,t})``; batch loss = mean over rollouts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CLIP = 3.0
+STANCE_THRESHOLD = 0.05
+TAU = 1.0
+LOG2 = math.log(2.0)
+
+THINK_TAGS = ("<think>", "</think>")
+
+
+def maskable_token_ids(tokenizer) -> tuple[set[int], set[int]]:
+    """(special + think-tag ids, newline-only ids) of a tokenizer: the tokens that m_t excludes."""
+    special = set(int(i) for i in (tokenizer.all_special_ids or []))
+    vocab = tokenizer.get_vocab()
+    for tag in THINK_TAGS:
+        if tag in vocab:
+            special.add(int(vocab[tag]))
+    newline: set[int] = set()
+    for tok_str, idx in vocab.items():
+        text = tokenizer.convert_tokens_to_string([tok_str])
+        if text and text.strip(" \t\r\n") == "" and "\n" in text:
+            newline.add(int(idx))
+    return special, newline
+
+
+def token_mask(token_ids: Sequence[int], special_ids: Iterable[int], newline_ids: Iterable[int]) -> list[bool]:
+    """m_t for each completion token: False for special tokens, think tags and newline-only tokens."""
+    excluded = set(special_ids) | set(newline_ids)
+    return [int(t) not in excluded for t in token_ids]
+
+
+def support_score(delta: torch.Tensor, mask: torch.Tensor, clip: float = CLIP) -> torch.Tensor:
+    """a = (1/N) sum_t m_t clip(Delta_t, -clip, clip), N = max(1, sum m).  Works on [..., T]."""
+    m = mask.to(delta.dtype)
+    n = m.sum(-1).clamp(min=1.0)
+    return (delta.clamp(-clip, clip) * m).sum(-1) / n
+
+
+def stance(a: torch.Tensor | float, threshold: float = STANCE_THRESHOLD):
+    """sigma = sign(a) if |a| > threshold else 0."""
+    if isinstance(a, torch.Tensor):
+        return torch.where(a.abs() > threshold, torch.sign(a), torch.zeros_like(a)).to(torch.int64)
+    return (1 if a > 0 else -1) if abs(a) > threshold else 0
+
+
+def polarity(outcome: int, sigma: int) -> int:
+    """rho = o * sigma with o = +1 (verified correct) / -1."""
+    if outcome not in (1, -1):
+        raise ValueError("outcome must be +1 or -1")
+    return outcome * sigma
+
+
+def category(outcome: int, sigma: int) -> str:
+    """The four polarity cells plus neutral."""
+    if sigma == 0:
+        return "neutral"
+    if outcome == 1:
+        return "helpful" if sigma == 1 else "over_suppressive"
+    return "warning" if sigma == -1 else "misleading"
+
+
+def gated_loss(delta: torch.Tensor, tau: float = TAU) -> torch.Tensor:
+    """l(D) = log 2 - softplus(-D^2 / (2 tau)): 0 at D = 0, saturates at log 2."""
+    return LOG2 - F.softplus(-(delta * delta) / (2.0 * tau))
+
+
+def rollout_loss(
+    student: torch.Tensor,
+    teachers: torch.Tensor,
+    mask: torch.Tensor,
+    weights: torch.Tensor,
+    rho: torch.Tensor,
+    tau: float = TAU,
+) -> torch.Tensor:
+    """L = sum_k w_k rho_k (1/N) sum_t m_t l(t_{k,t} - s_t).
+
+    student [T] (with grad), teachers [K, T] (no grad), mask [T] bool, weights [K], rho [K].
+    """
+    delta = teachers.detach() - student.unsqueeze(0)
+    m = mask.to(student.dtype)
+    n = m.sum().clamp(min=1.0)
+    per_teacher = (gated_loss(delta, tau) * m).sum(-1) / n
+    return (weights.to(student.dtype) * rho.to(student.dtype) * per_teacher).sum()
