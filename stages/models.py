@@ -198,8 +198,8 @@ def _tiny_corpus() -> list[str]:
             if line.strip():
                 row = json.loads(line)
                 texts += [row["problem"], str(row["answer"])]
-    for f in sorted((DATA_DIR / "prompts").glob("*.txt")):
-        texts.append(f.read_text(encoding="utf-8"))
+    for name in ("student", "teacher", "opsd_teacher"):  # a fixed corpus: the tokenizer must not drift
+        texts.append((DATA_DIR / "prompts" / f"{name}.txt").read_text(encoding="utf-8"))
     texts += [" ".join(str(i) for i in range(200)), "\\boxed{} \\frac{1}{2} \\sqrt{3} x^2 + y^2 = z^2 Answer:"]
     texts += ["Let me think step by step. First, we compute the sum. Therefore the answer is"] * 3
     return texts

@@ -17,7 +17,7 @@ import polars as pl
 from stages.io import DATA_DIR, StageRun, read_table, shard_output_name, stage_table_path
 from stages.prompts import chat_prompt_text, teacher_prompt
 from stages.scoring import Segment, score_segments
-from stages.skill_bank import load_bank, make_retriever, retrieve
+from stages.skill_bank import bank_version_of, load_bank, make_retriever, retrieve_many
 
 ROLLOUT_COLUMNS = {"rollout_id": str, "problem_id": str, "problem": str, "prompt_ids": list, "completion_ids": list}
 
@@ -71,7 +71,7 @@ def score_table(
     """In-process scoring of a rollout table; the loop calls this with its resident model."""
     thinking = rollouts["thinking"].to_list() if "thinking" in rollouts.columns else [False] * rollouts.height
     problems = rollouts["problem"].to_list()
-    pools = retriever_pools(retriever, problems, cfg)
+    pools = retrieve_many(retriever, problems, k=cfg.k, temperature=cfg.weight_temperature)
     rows: dict[str, list] = {k: [] for k in SCORE_SCHEMA}
     bank_version = retriever.bank.version
     recs = rollouts.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()
@@ -118,17 +118,6 @@ def score_table(
     return pl.DataFrame(rows, schema=SCORE_SCHEMA)
 
 
-def retriever_pools(retriever, problems: list[str], cfg: ScoreConfig):
-    """Teacher pool per problem, retrieved once per distinct problem text."""
-    cache: dict[str, list] = {}
-    out = []
-    for p in problems:
-        if p not in cache:
-            cache[p] = retrieve(retriever, p, k=cfg.k, temperature=cfg.weight_temperature)
-        out.append(cache[p])
-    return out
-
-
 def run(
     cfg: ScoreConfig,
     run_dir: str | Path,
@@ -155,5 +144,6 @@ def run(
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
     advance = progress("score-teachers", table.height) if progress else None
     df = score_table(model, tok, table, retriever, cfg, on_done=advance)
-    stage.finish(df, extra={"model": spec.to_json(), "bank_version": bank.version, "teachers_per_rollout": cfg.k})
+    stage.finish(df, extra={"model": spec.to_json(), "bank_version": bank.version,
+                            "bank_label": bank_version_of(cfg.bank), "teachers_per_rollout": cfg.k})
     return stage.output

@@ -1,0 +1,227 @@
+"""`sgsd update-skills` and `sgsd skills show|diff|stats`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sgsd_cli.common import PIPELINE, UTILS, Device, Dtype, GgufFile, Seed, app, cli_errors, out, progress_bars
+from sgsd_cli.mine_skills_cmd import (
+    ExcerptChars,
+    GroupSize,
+    MaxItems,
+    NearDup,
+    Patience,
+    VerifyTimeout,
+    WriterBackend,
+    WriterBatch,
+    WriterConcurrency,
+    WriterExtra,
+    WriterKeyEnv,
+    WriterMaxTokens,
+    WriterModel,
+    WriterRetries,
+    WriterTimeout,
+    WriterUrl,
+    writer_config,
+)
+from stages.io import InputError
+from stages.mine_skills import MiningParams
+
+skills_app = typer.Typer(help="Inspect skill banks: print one, diff two versions, retrieval statistics.",
+                         no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(skills_app, name="skills", rich_help_panel=UTILS)
+
+
+@app.command("update-skills", rich_help_panel=PIPELINE)
+@cli_errors
+def update_skills_cmd(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory: the bank history lives in RUN_DIR/bank/, rollouts in RUN_DIR/step_*/.")],
+    bank: Annotated[str | None, typer.Option("--bank", help="Starting bank when the run has no bank history yet (it becomes bank/v0000).")] = None,
+    rollouts: Annotated[list[Path] | None, typer.Option("--rollouts", help="Rollout table(s) of the window (repeatable). Unset: the last --last-steps step_*/rollout tables.")] = None,
+    last_steps: Annotated[int | None, typer.Option("--last-steps", help="Window: rollouts of the last N step_* directories (all when unset).")] = None,
+    threshold: Annotated[float, typer.Option("--threshold", help="Update only when the window's success rate is below this.")] = 0.8,
+    max_new: Annotated[int, typer.Option("--max-new", help="Dynamic items added per update and kind at most.")] = 5,
+    capacity: Annotated[int, typer.Option("--capacity", help="Dynamic items per kind at most.")] = 30,
+    model: Annotated[str | None, typer.Option("--model", help="The policy: the local writer by default, and the model the gate's teachers run on.")] = None,
+    writer_url: WriterUrl = None,
+    writer_model: WriterModel = None,
+    writer_key_env: WriterKeyEnv = "OPENAI_API_KEY",
+    writer_timeout: WriterTimeout = 120.0,
+    writer_retries: WriterRetries = 3,
+    writer_concurrency: WriterConcurrency = 8,
+    writer_max_new_tokens: WriterMaxTokens = 1024,
+    writer_extra: WriterExtra = None,
+    writer_backend: WriterBackend = "auto",
+    writer_batch_size: WriterBatch = 8,
+    max_items: MaxItems = 3,
+    excerpt_chars: ExcerptChars = 2000,
+    group_size: GroupSize = 32,
+    patience: Patience = 3,
+    near_duplicate: NearDup = 90.0,
+    verify_timeout: VerifyTimeout = 5.0,
+    gate_split: Annotated[str | None, typer.Option("--gate-split", help="Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.")] = None,
+    gate_tolerance: Annotated[float, typer.Option("--gate-tolerance", help="Allowed drop of the gate metric.")] = 0.0,
+    gate_max_problems: Annotated[int, typer.Option("--gate-max-problems", help="Held-out problems used by the gate (seeded sample).")] = 32,
+    gate_k: Annotated[int, typer.Option("--gate-k", help="Teachers per held-out problem in the gate.")] = 2,
+    gate_retrieval: Annotated[str, typer.Option("--gate-retrieval", help="Retrieval mode of the gate: lexical, embedding, hybrid, random.")] = "lexical",
+    gate_encoder: Annotated[str | None, typer.Option("--gate-encoder", help="Encoder of the gate's embedding retrieval.")] = None,
+    gate_max_new_tokens: Annotated[int, typer.Option("--gate-max-new-tokens", help="Maximum tokens of a gate teacher's answer.")] = 1024,
+    backend: Annotated[str, typer.Option("--backend", help="Generation backend of the gate: auto, vllm, hf.")] = "auto",
+    seed: Seed = 0,
+    gguf_file: GgufFile = None,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Online skill update from the rollouts of the last steps; writes the next bank/vNNNN when it changes."""
+    from stages import update_skills
+
+    wcfg = writer_config(writer_url, writer_model, writer_key_env, writer_timeout, writer_retries, writer_concurrency,
+                         writer_max_new_tokens, writer_extra, writer_backend, writer_batch_size, device, dtype)
+    params = MiningParams(max_items_per_attempt=max_items, excerpt_chars=excerpt_chars, merge_group_size=group_size,
+                          merge_patience=patience, near_duplicate_threshold=near_duplicate, verify_timeout_s=verify_timeout)
+    cfg = update_skills.UpdateConfig(
+        writer=wcfg, params=params, success_threshold=threshold, max_new_items=max_new, capacity=capacity,
+        last_steps=last_steps, model=model, gguf_file=gguf_file, backend=backend, device=device, dtype=dtype,
+        gate_split=gate_split, gate_tolerance=gate_tolerance, gate_max_problems=gate_max_problems, gate_k=gate_k,
+        gate_retrieval=gate_retrieval, gate_encoder=gate_encoder, gate_max_new_tokens=gate_max_new_tokens, seed=seed,
+    )
+    with progress_bars() as bars:
+        res = update_skills.run(cfg, run_dir, rollouts=rollouts or None, bank=bank, progress=bars)
+    rate = "n/a" if res.success_rate is None else f"{res.success_rate:.3f}"
+    out.print(f"{res.decision}: {res.reason} ({res.rollouts} rollouts, success rate {rate})")
+    if res.gate:
+        out.print(f"gate {res.gate.get('metric')}: {res.gate['old']:.4f} -> {res.gate['new']:.4f}")
+    for kind in ("skill", "mistake"):
+        st = res.stats.get(kind)
+        if st:
+            out.print(f"{kind}s: {st['candidates']} candidates, dynamic {st['dynamic_before']} -> {st['dynamic_after']} "
+                      f"({st.get('added', 0)} new)")
+    out.print(f"bank: {res.version.path} ({res.version.label})")
+
+
+# --------------------------------------------------------------------------------------------------
+# skills show | diff | stats
+
+
+def _resolve_bank(spec: str, run_dir: Path | None):
+    from stages.skill_bank import bank_dir, load_bank
+
+    if run_dir is not None and re.fullmatch(r"v\d{4,}", spec):
+        return load_bank(bank_dir(run_dir) / f"{spec}.json")
+    return load_bank(spec)
+
+
+BankArg = Annotated[str, typer.Argument(help="Bank: .json, .parquet, a run's bank/ folder (latest version), or vNNNN with --run-dir.")]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory whose bank/ history vNNNN labels refer to.")]
+
+
+@skills_app.command("show")
+@cli_errors
+def show_cmd(
+    bank: BankArg,
+    kind: Annotated[str, typer.Option("--kind", help="all | skills | mistakes.")] = "all",
+    full: Annotated[bool, typer.Option("--full", help="Also print principle / why_it_happens.")] = False,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Print a bank's skills and mistakes."""
+    b = _resolve_bank(bank, run_dir)
+    if kind not in ("all", "skills", "mistakes"):
+        raise InputError(None, f"--kind must be all, skills or mistakes, not '{kind}'")
+    out.print(f"[bold]{b.path}[/]: {len(b.skills)} skills, {len(b.mistakes)} mistakes, version {b.version}"
+              + (f" ({b.metadata['bank_version']})" if b.metadata.get("bank_version") else ""))
+    if kind in ("all", "skills"):
+        t = Table(title="general skills")
+        for c in ("id", "title") + (("principle",) if full else ()) + ("when to apply", "origin"):
+            t.add_column(c, overflow="fold")
+        for s in b.skills:
+            t.add_row(s["skill_id"], s["title"], *((s["principle"],) if full else ()), s["when_to_apply"],
+                      s.get("origin", "static") + (f" {s['added_in']}" if s.get("added_in") else ""))
+        out.print(t)
+    if kind in ("all", "mistakes"):
+        t = Table(title="common mistakes")
+        for c in ("id", "description") + (("why it happens",) if full else ()) + ("how to avoid", "origin"):
+            t.add_column(c, overflow="fold")
+        for m in b.mistakes:
+            t.add_row(m["mistake_id"], m["description"], *((m["why_it_happens"],) if full else ()), m["how_to_avoid"],
+                      m.get("origin", "static") + (f" {m['added_in']}" if m.get("added_in") else ""))
+        out.print(t)
+
+
+@skills_app.command("diff")
+@cli_errors
+def diff_cmd(old: BankArg, new: BankArg, run_dir: RunDirOpt = None) -> None:
+    """Items added, removed, changed or renamed between two banks (e.g. two versions of a run)."""
+    from stages.skill_bank import diff_banks
+
+    a, b = _resolve_bank(old, run_dir), _resolve_bank(new, run_dir)
+    rows = diff_banks(a, b)
+    out.print(f"{a.path} ({a.version}) -> {b.path} ({b.version})")
+    if not rows:
+        out.print("no differences in the items")
+        return
+    t = Table(title="bank diff")
+    for c in ("status", "kind", "old id", "new id", "item", "fields"):
+        t.add_column(c, overflow="fold")
+    style = {"added": "green", "removed": "red", "changed": "yellow", "renamed": "cyan"}
+    for r in rows:
+        t.add_row(f"[{style[r['status']]}]{r['status']}[/]", r["kind"], r["old_id"] or "", r["new_id"] or "",
+                  r["label"], ", ".join(r["fields"]))
+    out.print(t)
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    out.print(", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+
+
+@skills_app.command("stats")
+@cli_errors
+def stats_cmd(
+    bank: BankArg,
+    problems: Annotated[str, typer.Option("--problems", help="Problem set: file with a 'problem' column or a benchmark name.")],
+    mode: Annotated[str, typer.Option("--mode", help="Retrieval mode: lexical, embedding, hybrid, random.")] = "lexical",
+    index: Annotated[str | None, typer.Option("--index", help="Index from `sgsd build-index` (must match the bank version).")] = None,
+    encoder: Annotated[str | None, typer.Option("--encoder", help="Sentence encoder for embedding / hybrid retrieval without an index.")] = None,
+    k: Annotated[int, typer.Option("--k", help="Top-k skills and mistakes per problem.")] = 8,
+    top: Annotated[int, typer.Option("--top", help="Rows printed per kind (most retrieved first); 0 = all.")] = 0,
+    output: Annotated[Path | None, typer.Option("--output", help="Also write the statistics table to this Parquet file.")] = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Folder holding benchmark files.")] = None,
+    seed: Seed = 0,
+    run_dir: RunDirOpt = None,
+) -> None:
+    """Which items are retrieved how often over a problem set."""
+    import polars as pl
+
+    from stages.benchmarks import load_problems
+    from stages.io import write_parquet
+    from stages.skill_bank import make_retriever, retrieval_stats
+
+    b = _resolve_bank(bank, run_dir)
+    probs = load_problems(problems, data_dir=data_dir)["problem"].to_list()
+    retr = make_retriever(b, mode=mode, index_path=index, encoder=encoder, seed=seed)
+    with progress_bars() as bars:
+        df = retrieval_stats(retr, probs, k=k, on_done=bars("retrieve", len(set(probs))))
+    if output:
+        write_parquet(df, output)
+    out.print(f"{len(probs)} problems, mode {mode}, k={k}, bank version {b.version}")
+    for kind in ("skill", "mistake"):
+        sub = df.filter(pl.col("kind") == kind)
+        never = int((sub["retrieved"] == 0).sum())
+        t = Table(title=f"{kind}s: {sub.height} items, {never} never retrieved "
+                        f"(n: problems retrieving it, top1: as teacher 0, rank / weight: means)")
+        t.add_column("id", no_wrap=True)
+        t.add_column("item", overflow="fold", ratio=1)
+        t.add_column("origin", no_wrap=True)
+        for c in ("n", "share", "top1", "rank", "weight"):
+            t.add_column(c, justify="right", no_wrap=True)
+        for r in (sub.head(top) if top else sub).iter_rows(named=True):
+            t.add_row(r["item_id"], r["label"], r["origin"], str(r["retrieved"]), f"{r['share']:.2f}", str(r["top1"]),
+                      "-" if r["mean_rank"] is None else f"{r['mean_rank']:.2f}",
+                      "-" if r["mean_weight"] is None else f"{r['mean_weight']:.3f}")
+        out.print(t)
+    if output:
+        out.print(f"statistics: {output}")

@@ -1,0 +1,146 @@
+"""`sgsd build-index`: embed every bank item once so retrieval only encodes queries.  DESIGN 1.2.
+
+Output ``<run_dir>/index.parquet``: one row per item (kind, position, item_id, the item text, the
+rapidfuzz-processed text of the lexical index, the L2-normalised embedding or null in lexical mode) and,
+on every row, the bank version, encoder and mode it was built from.  ``make_retriever`` refuses an
+index whose bank version differs from the bank it is given.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from stages.io import InputError, StageRun, read_table
+from stages.skill_bank import DEFAULT_ENCODER, KINDS, SkillBank, item_text, load_bank, load_encoder
+
+INDEX_MODES = ("embedding", "lexical", "hybrid")
+
+INDEX_SCHEMA = {
+    "kind": pl.String,
+    "position": pl.Int64,
+    "item_id": pl.String,
+    "text": pl.String,
+    "lexical_text": pl.String,
+    "embedding": pl.List(pl.Float32),
+    "bank_version": pl.String,
+    "encoder": pl.String,
+    "encoder_backend": pl.String,
+    "mode": pl.String,
+}
+
+
+@dataclass
+class IndexConfig:
+    bank: str
+    encoder: str = DEFAULT_ENCODER
+    mode: str = "embedding"
+    batch_size: int = 32
+    device: str = "cpu"
+    encoder_backend: str = "auto"  # auto | sentence-transformers | hf
+
+
+def index_table(bank: SkillBank, cfg: IndexConfig, on_done: Callable[[int], None] | None = None) -> pl.DataFrame:
+    """The index rows of ``bank`` (skills first, then mistakes, in bank order)."""
+    from rapidfuzz import utils
+
+    if cfg.mode not in INDEX_MODES:
+        raise InputError(None, f"unknown index mode '{cfg.mode}' (use {', '.join(INDEX_MODES)})")
+    rows: dict[str, list] = {k: [] for k in INDEX_SCHEMA}
+    embed = cfg.mode in ("embedding", "hybrid")
+    enc = load_encoder(cfg.encoder, cfg.device, cfg.encoder_backend) if embed else None
+    for kind, (_, fields) in KINDS.items():
+        items = bank.items(kind)
+        texts = [item_text(kind, it) for it in items]
+        embs: list = [None] * len(items)
+        if enc is not None and items:
+            e = enc.encode(texts, batch_size=cfg.batch_size)
+            embs = [row.tolist() for row in e]
+        for i, (it, t, e) in enumerate(zip(items, texts, embs)):
+            rows["kind"].append(kind)
+            rows["position"].append(i)
+            rows["item_id"].append(it[fields[0]])
+            rows["text"].append(t)
+            rows["lexical_text"].append(utils.default_process(t))
+            rows["embedding"].append(e)
+            rows["bank_version"].append(bank.version)
+            rows["encoder"].append(cfg.encoder if embed else None)
+            rows["encoder_backend"].append(enc.kind if enc is not None else None)
+            rows["mode"].append(cfg.mode)
+        if on_done:
+            on_done(len(items))
+    return pl.DataFrame(rows, schema=INDEX_SCHEMA)
+
+
+@dataclass
+class Index:
+    path: Path
+    bank_version: str
+    encoder: str | None
+    mode: str
+    skill_embeddings: np.ndarray | None
+    mistake_embeddings: np.ndarray | None
+    encoder_backend: str = "auto"  # how the item embeddings were computed (sentence-transformers / hf-mean-pool)
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self.skill_embeddings is not None
+
+
+def read_index(path: str | os.PathLike, bank: SkillBank | None = None) -> Index:
+    """Load an index; with ``bank``, check it was built from that bank version and holds its items."""
+    path = Path(path)
+    df = read_table(path, {"kind": str, "position": int, "item_id": str, "bank_version": str, "mode": str},
+                    allow_empty=True)
+    versions = df["bank_version"].unique().to_list()
+    modes = df["mode"].unique().to_list()
+    if len(versions) > 1 or len(modes) > 1:
+        raise InputError(path, "index mixes several bank versions or modes")
+    if df.height == 0:
+        if bank is not None and (bank.skills or bank.mistakes):
+            raise InputError(path, "index is empty but the bank has items")
+        return Index(path, bank.version if bank else "", None, "lexical", None, None)
+    version, mode = versions[0], modes[0]
+    if bank is not None:
+        if version != bank.version:
+            raise InputError(path, f"index was built from bank version {version}, not {bank.version}")
+        for kind, (_, fields) in KINDS.items():
+            ids = df.filter(pl.col("kind") == kind).sort("position")["item_id"].to_list()
+            if ids != [it[fields[0]] for it in bank.items(kind)]:
+                raise InputError(path, f"index {kind} ids do not match the bank's")
+    encoder = df["encoder"][0] if "encoder" in df.columns else None
+    sk = mk = None
+    if mode in ("embedding", "hybrid"):
+        if "embedding" not in df.columns or df["embedding"].null_count():
+            raise InputError(path, f"index in '{mode}' mode has rows without an embedding")
+        mats = []
+        for kind in KINDS:
+            part = df.filter(pl.col("kind") == kind).sort("position")["embedding"].to_list()
+            dim = len(df["embedding"][0])
+            mats.append(np.asarray(part, dtype=np.float32).reshape(len(part), dim))
+        sk, mk = mats
+    kind = df["encoder_backend"][0] if "encoder_backend" in df.columns and df["encoder_backend"][0] else "auto"
+    backend = {"hf-mean-pool": "hf", "sentence-transformers": "sentence-transformers"}.get(kind, "auto")
+    return Index(path, version, encoder, mode, sk, mk, backend)
+
+
+def run(cfg: IndexConfig, run_dir: str | Path, *, force: bool = False,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+    """Stage entry point: write ``<run_dir>/index.parquet`` (+ manifest)."""
+    bank = load_bank(cfg.bank)
+    if cfg.mode not in INDEX_MODES:
+        raise InputError(None, f"unknown index mode '{cfg.mode}' (use {', '.join(INDEX_MODES)})")
+    stage = StageRun(run_dir, "build_index", cfg, inputs={"bank": cfg.bank}, output_name="index", force=force)
+    if stage.done:
+        return stage.output
+    advance = progress("build-index", len(bank.skills) + len(bank.mistakes)) if progress else None
+    df = index_table(bank, cfg, on_done=advance)
+    dim = len(df["embedding"][0]) if df.height and df["embedding"][0] is not None else None
+    stage.finish(df, extra={"bank_version": bank.version, "encoder": cfg.encoder if cfg.mode != "lexical" else None,
+                            "mode": cfg.mode, "dim": dim, "skills": len(bank.skills), "mistakes": len(bank.mistakes)})
+    return stage.output

@@ -1,0 +1,362 @@
+"""`sgsd update-skills` (and the loop's ``--skill-update-every N``): online bank updates.  DESIGN 1.1 step 4.
+
+From *all* rollouts of a window (the last N steps, not only the last batch): when their success rate is
+below ``success_threshold`` (default 0.8), mine new candidates from them (successes -> skills, failures ->
+mistakes), merge the new candidates among themselves, then with the bank's dynamic items, and cap the
+dynamic part (+``max_new_items`` per update and kind, at most ``capacity`` dynamic items per kind).
+Static items (those without ``"origin": "dynamic"``, e.g. every item of a mined or shared bank) are never
+changed; new items that duplicate a static item are dropped.
+
+Every update writes the next version ``<run_dir>/bank/vNNNN.json`` (+ ``.parquet``), never overwriting
+one; every decision (also the skipped ones) is appended to ``<run_dir>/bank/updates.jsonl``.  With a gate
+(``--gate-split``) an update is kept only if the gate's held-out metric does not drop.
+
+Gate metric (:class:`TeacherSuccessGate`): the teacher success rate on held-out problems.  For each
+held-out problem the top-``k`` teachers retrieved from a bank each answer greedily with their teacher
+prompt; the metric is the mean over problems of the teacher-weighted correctness.  It measures what the
+bank is used for (conditioning teachers) with the policy itself; completions of teacher prompts that
+both banks share (static items) are generated once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import polars as pl
+
+from stages.io import InputError, atomic_write_text, read_table, stage_table_path
+from stages.mine_skills import (
+    ROLLOUT_REQUIRED,
+    MiningParams,
+    build_memories,
+    candidate_counts,
+    candidate_items,
+    extract_candidates,
+    grade_table,
+    merge_kind,
+)
+from stages.skill_bank import (
+    KINDS,
+    BankVersion,
+    SkillBank,
+    bank_dir,
+    init_bank_versions,
+    latest_bank_version,
+    load_bank,
+    make_retriever,
+    retrieve_many,
+    save_bank_version,
+    version_label,
+)
+from stages.writer import Writer, WriterConfig, make_writer
+
+ProgressFn = Callable[[str, int], Callable[[int], None]]
+_STEP_RX = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class UpdateConfig:
+    writer: WriterConfig = field(default_factory=WriterConfig)
+    params: MiningParams = field(default_factory=MiningParams)
+    success_threshold: float = 0.8
+    max_new_items: int = 5  # per update and kind
+    capacity: int = 30  # dynamic items per kind
+    last_steps: int | None = None  # window of <run_dir>/step_* directories when no rollout tables are given
+    model: str | None = None  # the policy: local writer by default, and the gate's teacher model
+    gguf_file: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    # gate
+    gate_split: str | None = None  # held-out problems (id, problem, answer) or a graded rollout table
+    gate_tolerance: float = 0.0
+    gate_max_problems: int = 32
+    gate_k: int = 2
+    gate_retrieval: str = "lexical"
+    gate_encoder: str | None = None
+    gate_max_new_tokens: int = 1024
+    seed: int = 0
+
+    def check(self) -> None:
+        self.params.check()
+        if not 0.0 <= self.success_threshold <= 1.0:
+            raise InputError(None, "--threshold must be within [0, 1]")
+        if self.max_new_items < 0 or self.capacity < 0:
+            raise InputError(None, "--max-new and --capacity must be non-negative")
+
+
+@dataclass
+class UpdateResult:
+    decision: str  # updated | skipped | unchanged | gated
+    reason: str
+    success_rate: float | None
+    rollouts: int
+    version: BankVersion  # the latest version after this call
+    parent: BankVersion
+    stats: dict = field(default_factory=dict)
+    gate: dict | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# the window
+
+
+def window_rollouts(run_dir: str | Path, last_steps: int | None) -> list[Path]:
+    """Rollout tables of the last ``last_steps`` ``step_NNNN`` directories of a run (all when None)."""
+    run_dir = Path(run_dir)
+    steps = sorted((int(m.group(1)), p) for p in run_dir.glob("step_*") if p.is_dir() and (m := _STEP_RX.match(p.name)))
+    if last_steps is not None:
+        steps = steps[-last_steps:] if last_steps > 0 else []
+    out = []
+    for _, d in steps:
+        try:
+            out.append(stage_table_path(d, "rollout"))
+        except InputError:
+            continue
+    if not out:
+        raise InputError(run_dir, "no rollout tables found in step_* directories (pass --rollouts)")
+    return out
+
+
+def window_memories(paths: Sequence[Path], params: MiningParams, on_table: Callable[[int], None] | None = None) -> pl.DataFrame:
+    """Memories of every rollout of the window; each table graded by its own ``correct`` column, by the
+    ``polarize_rollouts.parquet`` beside it, or by the verifier."""
+    parts = []
+    for p in paths:
+        t = read_table(p, ROLLOUT_REQUIRED)
+        sibling = p.parent / "polarize_rollouts.parquet"  # step_N/rollout.parquet or step_N/rollout/
+        grades = grade_table(t, params.verify_timeout_s, sibling if sibling.exists() else None)
+        parts.append(build_memories(t, params, grades=grades))
+        if on_table:
+            on_table(1)
+    mem = pl.concat(parts, how="vertical")
+    return mem.with_columns(pl.Series("memory_id", [f"mem-{i:06d}" for i in range(mem.height)], dtype=pl.String))
+
+
+# --------------------------------------------------------------------------------------------------
+# one update
+
+
+def _is_dynamic(item: dict) -> bool:
+    return item.get("origin") == "dynamic"
+
+
+def _content(kind: str, item: dict) -> tuple:
+    return tuple(" ".join(str(item.get(f, "")).split()).lower() for f in KINDS[kind][1][1:])
+
+
+def update_kind(bank: SkillBank, kind: str, new_candidates: list[dict], writer: Writer, cfg: UpdateConfig,
+                label: str) -> tuple[list[dict], dict]:
+    """The new dynamic items of one kind and the stats of their merge."""
+    idf, fields = KINDS[kind][1][0], KINDS[kind][1]
+    items = bank.items(kind)
+    static = [it for it in items if not _is_dynamic(it)]
+    dyn = [it for it in items if _is_dynamic(it)]
+    st: dict = {"candidates": len(new_candidates), "dynamic_before": len(dyn)}
+    if not new_candidates:
+        return dyn, {**st, "dynamic_after": len(dyn), "added": 0, "dropped": 0}
+    fresh, s1 = merge_kind(new_candidates, kind, writer, cfg.params, against=static)
+    st["merged_new"] = len(fresh)
+    if not fresh:
+        return dyn, {**st, "dynamic_after": len(dyn), "added": 0, "dropped": 0, "merge_new": s1}
+    combined = [{f: it[f] for f in fields[1:]} for it in dyn] + fresh
+    merged, s2 = merge_kind(combined, kind, writer, cfg.params, against=static) if dyn else (fresh, s1)
+    cap = min(len(dyn) + cfg.max_new_items, cfg.capacity)
+    kept = merged[:cap]
+    # items identical to an existing dynamic item keep its id and version; the rest are new in `label`
+    old = {_content(kind, it): it for it in dyn}
+    used = {it[idf] for it in items}
+    out, n_new = [], 0
+    prefix = "dyn_gen" if kind == "skill" else "dyn_err"
+    for it in kept:
+        prev = old.get(_content(kind, it))
+        if prev is not None:
+            out.append(prev)
+            continue
+        n_new += 1
+        new_id = f"{prefix}_{label}_{n_new:02d}"
+        while new_id in used:
+            n_new += 1
+            new_id = f"{prefix}_{label}_{n_new:02d}"
+        used.add(new_id)
+        out.append({idf: new_id, **{f: it[f] for f in fields[1:]}, "origin": "dynamic", "added_in": label})
+    kept_ids = {it[idf] for it in out}
+    return out, {**st, "dynamic_after": len(out), "added": n_new, "capped": max(0, len(merged) - cap),
+                 "dropped": sum(1 for it in dyn if it[idf] not in kept_ids), "merge_new": s1,
+                 "merge_with_dynamic": s2 if dyn else None}
+
+
+def propose_update(bank: SkillBank, memories: pl.DataFrame, writer: Writer, cfg: UpdateConfig, label: str,
+                   on_done: Callable[[int], None] | None = None) -> tuple[SkillBank, dict]:
+    """Mine the memories and return (candidate new bank, stats); static items keep their place."""
+    cands = extract_candidates(memories, writer, cfg.params, on_done=on_done)
+    stats: dict = {"candidates": candidate_counts(cands)}
+    new_items: dict[str, list[dict]] = {}
+    for kind in KINDS:
+        dyn, st = update_kind(bank, kind, candidate_items(cands, kind), writer, cfg, label)
+        stats[kind] = st
+        new_items[kind] = [it for it in bank.items(kind) if not _is_dynamic(it)] + dyn
+    meta = dict(bank.metadata)
+    return SkillBank(skills=new_items["skill"], mistakes=new_items["mistake"], task_specific=bank.task_specific,
+                     metadata=meta, extra=bank.extra), stats
+
+
+# --------------------------------------------------------------------------------------------------
+# gate
+
+
+class TeacherSuccessGate:
+    """Held-out teacher success rate of a bank (see the module docstring)."""
+
+    def __init__(self, backend, tokenizer, problems: pl.DataFrame, *, k: int = 2, retrieval: str = "lexical",
+                 encoder: str | None = None, max_new_tokens: int = 1024, verify_timeout_s: float = 5.0, seed: int = 0):
+        self.backend, self.tokenizer = backend, tokenizer
+        self.problems = problems
+        self.k, self.retrieval, self.encoder, self.seed = k, retrieval, encoder, seed
+        self.max_new_tokens, self.verify_timeout_s = max_new_tokens, verify_timeout_s
+        self._cache: dict[str, bool] = {}  # teacher prompt (it embeds the problem) -> correct
+
+    def score(self, bank: SkillBank) -> float:
+        from stages.generation import SamplingConfig
+        from stages.prompts import chat_prompt_ids, teacher_prompt
+        from stages.verify import grade_many
+
+        probs, golds = self.problems["problem"].to_list(), [str(a) for a in self.problems["answer"].to_list()]
+        pools = retrieve_many(make_retriever(bank, self.retrieval, encoder=self.encoder, seed=self.seed), probs, k=self.k)
+        texts = [[teacher_prompt(p, t.skill, t.mistake) for t in pool] for p, pool in zip(probs, pools)]
+        gold_of = {t: golds[i] for i, row in enumerate(texts) for t in row}
+        todo = [t for t in dict.fromkeys(t for row in texts for t in row) if t not in self._cache]
+        if todo:
+            ids = [chat_prompt_ids(self.tokenizer, t, thinking=False) for t in todo]
+            comps = self.backend.generate(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens))
+            grades = grade_many([(c.text, gold_of[t]) for c, t in zip(comps, todo)], timeout_s=self.verify_timeout_s)
+            for t, g in zip(todo, grades):
+                self._cache[t] = bool(g.correct)
+        self.generated = len(self._cache)
+        per_problem = [sum(tch.weight * float(self._cache[t]) for tch, t in zip(pool, row))
+                       for pool, row in zip(pools, texts)]
+        return sum(per_problem) / max(1, len(per_problem))
+
+    def __call__(self, old: SkillBank, new: SkillBank) -> dict:
+        o, n = self.score(old), self.score(new)
+        return {"metric": "teacher_success_rate", "problems": self.problems.height, "k": self.k,
+                "retrieval": self.retrieval, "old": o, "new": n, "completions": len(self._cache)}
+
+
+def load_gate_problems(path: str, max_problems: int, seed: int = 0) -> pl.DataFrame:
+    """Held-out problems: a problems file / benchmark name (id, problem, answer) or a rollout table
+    (one row per problem is kept)."""
+    from stages.benchmarks import load_problems
+
+    p = Path(path)
+    if p.exists() and p.suffix == ".parquet" or p.is_dir():
+        df = read_table(p, {"problem": str, "answer": str})
+        key = "problem_id" if "problem_id" in df.columns else "problem"
+        df = df.unique(key, keep="first", maintain_order=True).select("problem", "answer")
+    else:
+        df = load_problems(path).select("problem", "answer")
+    if df.height > max_problems:
+        df = df.sample(n=max_problems, seed=seed, shuffle=True)
+    return df
+
+
+# --------------------------------------------------------------------------------------------------
+# stage entry point
+
+
+def _log(run_dir: Path, entry: dict) -> None:
+    path = bank_dir(run_dir) / "updates.jsonl"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    atomic_write_text(path, old + json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+def run(cfg: UpdateConfig, run_dir: str | Path, *, rollouts: Sequence[str | Path] | None = None,
+        bank: str | Path | None = None, progress: ProgressFn | None = None, loaded=None, backend=None,
+        writer: Writer | None = None, gate: Callable[[SkillBank, SkillBank], dict] | None = None) -> UpdateResult:
+    """One update of the run's bank; writes the next ``bank/vNNNN`` only when the bank changes.
+
+    ``loaded`` = (model, tokenizer, spec): the resident policy (local writer when no ``--writer-url``, and
+    the gate's model); ``backend``: its resident generation backend, reused instead of starting another.
+    ``gate(old, new) -> {"old": x, "new": y, ...}`` overrides ``cfg.gate_split``."""
+    cfg.check()
+    run_dir = Path(run_dir)
+    latest = latest_bank_version(run_dir)
+    if latest is None:
+        if bank is None:
+            raise InputError(bank_dir(run_dir), "the run has no bank history yet: pass --bank (it becomes v0000)")
+        latest = init_bank_versions(run_dir, load_bank(bank))
+    elif bank is not None:
+        given, cur = load_bank(bank), latest.load()
+        if given.version != cur.version:
+            raise InputError(bank, f"is not this run's latest bank version {latest.label} ({cur.version}); "
+                                   f"omit --bank to update the latest version")
+    current = latest.load()
+    paths = [Path(p) for p in rollouts] if rollouts else window_rollouts(run_dir, cfg.last_steps)
+    adv = progress("grade window", len(paths)) if progress else None
+    mem = window_memories(paths, cfg.params, on_table=adv)
+    rate = float(mem["correct"].mean()) if mem.height else None
+    label = version_label(latest.number + 1)
+    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "from_version": latest.label, "bank_version": current.version,
+             "rollout_tables": [str(p) for p in paths], "rollouts": mem.height, "success_rate": rate,
+             "threshold": cfg.success_threshold}
+
+    def done(decision: str, reason: str, version: BankVersion, stats=None, gate_res=None) -> UpdateResult:
+        _log(run_dir, {**entry, "decision": decision, "reason": reason, "to_version": version.label,
+                       "stats": stats, "gate": gate_res})
+        return UpdateResult(decision, reason, rate, mem.height, version, latest, stats or {}, gate_res)
+
+    if rate is None or rate >= cfg.success_threshold:
+        why = "no rollouts" if rate is None else f"success rate {rate:.3f} >= threshold {cfg.success_threshold:g}"
+        return done("skipped", why, latest)
+
+    if writer is None:
+        wcfg = cfg.writer
+        if not wcfg.url and not wcfg.model:
+            from dataclasses import replace
+
+            wcfg = replace(wcfg, model=cfg.model, gguf_file=wcfg.gguf_file or cfg.gguf_file)
+        same = loaded is not None and (wcfg.model is None or wcfg.model == cfg.model)
+        use = same and not wcfg.url
+        writer = make_writer(wcfg, loaded=loaded if use else None, backend=backend if use else None)
+    adv = progress("extract candidates", mem.height) if progress else None
+    new_bank, stats = propose_update(current, mem, writer, cfg, label, on_done=adv)
+    if new_bank.version == current.version:
+        return done("unchanged", "no new items survived merging and deduplication", latest, stats)
+
+    gate_res = None
+    if gate is None and cfg.gate_split:
+        gate = _make_gate(cfg, loaded, backend)
+    if gate is not None:
+        gate_res = gate(current, new_bank)
+        gate_res["tolerance"] = cfg.gate_tolerance
+        if gate_res["new"] < gate_res["old"] - cfg.gate_tolerance:
+            return done("gated", f"held-out {gate_res.get('metric', 'metric')} fell from {gate_res['old']:.4f} "
+                                 f"to {gate_res['new']:.4f}", latest, stats, gate_res)
+    info = {"kind": "online_update", "success_rate": rate, "rollouts": mem.height, "stats": stats, "gate": gate_res,
+            "config": {"threshold": cfg.success_threshold, "max_new_items": cfg.max_new_items, "capacity": cfg.capacity}}
+    version = save_bank_version(run_dir, new_bank, info=info, label=label)
+    return done("updated", f"success rate {rate:.3f} < threshold {cfg.success_threshold:g}", version, stats, gate_res)
+
+
+def _make_gate(cfg: UpdateConfig, loaded, backend=None) -> TeacherSuccessGate:
+    from stages.generation import make_backend
+
+    if loaded is None:
+        backend = None
+        if not cfg.model:
+            raise InputError(None, "--gate-split needs --model (the policy that answers with the teacher prompts)")
+        from stages.models import load_model
+
+        loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
+    model, tok, spec = loaded
+    problems = load_gate_problems(cfg.gate_split, cfg.gate_max_problems, cfg.seed)
+    if backend is None:
+        backend = make_backend(cfg.backend, model=model, tokenizer=tok, spec=spec)
+    return TeacherSuccessGate(backend, tok, problems, k=cfg.gate_k, retrieval=cfg.gate_retrieval,
+                              encoder=cfg.gate_encoder, max_new_tokens=cfg.gate_max_new_tokens,
+                              verify_timeout_s=cfg.params.verify_timeout_s, seed=cfg.seed)
