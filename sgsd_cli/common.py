@@ -11,6 +11,7 @@ from typing import Annotated, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # quiet third-party progress bars and warnings: sgsd shows its own rich progress
@@ -48,7 +49,7 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            console.print(f"[bold red]error:[/] {e.line()}", soft_wrap=True, highlight=False, markup=True)
+            console.print(f"[bold red]error:[/] {escape(e.line())}", soft_wrap=True, highlight=False)
             raise typer.Exit(2)
 
     return wrapper  # type: ignore[return-value]

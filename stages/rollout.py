@@ -121,11 +121,13 @@ def run(
     force: bool = False,
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     loaded=None,
+    backend: GenerationBackend | None = None,
 ) -> Path:
     """Stage entry point: read problems, generate, write ``rollout.parquet`` (or a shard part file).
 
     ``progress(description, total)`` returns an advance callback (the CLI passes a rich bar).
-    ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop).
+    ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop); ``backend`` a resident
+    generation engine (e.g. one vLLM engine kept across loop steps, refreshed with ``update_weights``).
     """
     from stages.benchmarks import load_problems
     from stages.models import load_model
@@ -137,7 +139,7 @@ def run(
     if stage.done:
         return stage.output
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
-    backend = make_backend(cfg.backend, model=model, tokenizer=tok, spec=spec)
+    backend = backend or make_backend(cfg.backend, model=model, tokenizer=tok, spec=spec)
     advance = progress("rollout", problems.height * cfg.n) if progress else None
     df = generate_rollouts(backend, tok, problems, cfg, spec.adapter or spec.path, on_done=advance)
     stage.finish(df, extra={"backend": backend.name, "model": spec.to_json(),

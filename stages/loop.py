@@ -1,0 +1,456 @@
+"""`sgsd loop`: the on-policy loop in one process, the model resident between stages.  DESIGN 2.
+
+Step n (``<run_dir>/step_000n/``)::
+
+    problems.parquet      prompts_per_step problems drawn by a seeded sampler over the training pool
+    rollout               the current policy samples (stages.rollout.run, resident model)
+    score_teachers        sgsd: K skill-conditioned teachers score every rollout (stages.score_teachers.run)
+    polarize              sgsd: verifier + polarity (stages.polarize.run); other objectives: grade only
+    train                 the objective's optimizer steps (stages.train.Trainer.fit) -> checkpoint/
+    eval                  every eval_every steps: the new policy on the [eval] benchmarks (stages.eval.run)
+    skills_update.json    sgsd, every skill_update_every steps: online bank update (stages.update_skills.run)
+
+and a row of ``<run_dir>/metrics.parquet`` (loss, reward, polarity fractions, support, lengths, grad norm,
+lr, tokens/s, wall time per stage).  Every stage keeps its manifest, so a loop killed at any point and
+restarted skips what is complete and continues: the trainer restarts from the newest valid checkpoint of
+the interrupted step (a ``--save-every`` snapshot or its final checkpoint) or else from the previous step's
+final checkpoint, with the optimizer, scheduler, RNG, sampler position and policy step of that moment.
+Sampling seeds are functions of (seed, step), so a restarted run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+
+from stages import checkpoint as ckpt
+from stages.config import build
+from stages.io import InputError, StageRun, atomic_write_json, read_manifest, write_parquet
+
+STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
+LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device")
+
+
+@dataclass
+class LoopConfig:
+    run_dir: str = "runs/sgsd"
+    objective: str = "sgsd"
+    model: str = ""  # the initial policy (HF folder, hub id, .gguf, adapter folder)
+    gguf_file: str | None = None
+    problems: str = "train"  # training pool: benchmark name or problems file (id, problem, answer)
+    data_dir: str | None = None
+    bank: str = "data/demo/skill_bank.json"  # skill bank (sgsd); becomes bank/v0000 when skills are updated
+    steps: int = 200
+    prompts_per_step: int = 16
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "hf"  # generation backend of the loop's rollouts
+    eval_every: int = 0  # 0: no periodic eval
+    skill_update_every: int = 0  # 0: no online skill-bank updates (sgsd only)
+    keep_last: int = 2  # step checkpoints kept (step_N/checkpoint); 0 = all
+    tensorboard: bool = False
+    wandb_project: str = ""
+
+    def check(self) -> None:
+        from stages.train import OBJECTIVES
+
+        for ok, msg in [
+            (self.objective in OBJECTIVES, f"loop.objective must be one of {', '.join(OBJECTIVES)}"),
+            (bool(self.model), "loop.model is required"),
+            (self.steps >= 1, "loop.steps must be at least 1"),
+            (self.prompts_per_step >= 1, "loop.prompts_per_step must be at least 1"),
+            (self.eval_every >= 0 and self.skill_update_every >= 0 and self.keep_last >= 0,
+             "loop.eval_every, loop.skill_update_every and loop.keep_last must be >= 0"),
+        ]:
+            if not ok:
+                raise InputError(None, msg)
+
+
+def step_dir(run_dir: Path, n: int) -> Path:
+    return Path(run_dir) / f"step_{n:04d}"
+
+
+def step_problems(pool: pl.DataFrame, n: int, per_step: int, seed: int) -> pl.DataFrame:
+    """Problems of step n: positions (n-1)P .. nP-1 of a stream of seeded per-epoch permutations."""
+    N = pool.height
+    idx, perms = [], {}
+    for j in range((n - 1) * per_step, n * per_step):
+        epoch, r = divmod(j, N)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, 7, epoch]).permutation(N)
+        idx.append(int(perms[epoch][r]))
+    return pool[idx]
+
+
+def _complete(manifest: Path) -> bool:
+    try:
+        return bool(read_manifest(manifest).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def completed_steps(run_dir: Path, steps: int) -> int:
+    """Largest k such that steps 1..k all finished training (their train manifest is complete)."""
+    k = 0
+    while k < steps and _complete(step_dir(run_dir, k + 1) / "train.manifest.json"):
+        k += 1
+    return k
+
+
+@dataclass
+class Sections:
+    """Every stage's config for the whole run, built once from the resolved TOML sections."""
+
+    loop: LoopConfig
+    rollout: Any
+    score: Any
+    polarize: Any
+    train: Any
+    eval: Any
+    update: Any
+    raw: dict
+
+    def resolved(self) -> dict:
+        out = {"loop": asdict(self.loop), "rollout": asdict(self.rollout), "score_teachers": asdict(self.score),
+               "polarize": asdict(self.polarize), "train": asdict(self.train)}
+        if self.eval is not None:
+            out["eval"] = asdict(self.eval)
+        if self.update is not None:
+            out["update_skills"] = asdict(self.update)
+        return out
+
+
+def build_sections(sections: dict, source: str = "config") -> Sections:
+    from stages.polarize import PolarizeConfig
+    from stages.rollout import RolloutConfig
+    from stages.score_teachers import ScoreConfig
+    from stages.train import TrainConfig
+
+    lc = build(LoopConfig, sections.get("loop", {}), "loop", source)
+    lc.check()
+    common = {"model": lc.model, "gguf_file": lc.gguf_file, "seed": lc.seed, "device": lc.device}
+    ro = build(RolloutConfig, sections.get("rollout", {}), "rollout", source, problems="", backend=lc.backend,
+               data_dir=lc.data_dir, **common)
+    sc_over = {"bank": lc.bank} if "bank" not in sections.get("score_teachers", {}) else {}
+    sc = build(ScoreConfig, sections.get("score_teachers", {}), "score_teachers", source, **sc_over, **common)
+    po = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
+    tr = build(TrainConfig, sections.get("train", {}), "train", source, objective=lc.objective, **common)
+    per_step = tr.steps or (tr.num_iterations if lc.objective == "grpo" else 1)
+    if not tr.schedule_steps and tr.lr_schedule == "cosine":
+        tr = replace(tr, schedule_steps=lc.steps * per_step)
+    ev = None
+    if lc.eval_every:
+        from stages.eval import EvalConfig
+
+        ev = build(EvalConfig, sections.get("eval", {}), "eval", source, data_dir=lc.data_dir, **common)
+        if not ev.benches and not ev.problems:
+            raise InputError(source, "loop.eval_every is set but the eval table names no benches or problems")
+        ev.resolved()  # protocol and sampling values are checked before the first step, not after it
+    up = None
+    if lc.skill_update_every:
+        from stages.update_skills import UpdateConfig
+
+        up = build(UpdateConfig, sections.get("update_skills", {}), "update_skills", source,
+                   last_steps=lc.skill_update_every, **common)
+        up.check()
+    return Sections(lc, ro, sc, po, tr.resolved(), ev, up, sections)
+
+
+def _spec_for(policy: str, gguf_file: str | None):
+    from stages.models import ModelSpec
+
+    spec = ModelSpec.parse(policy, gguf_file)
+    return spec
+
+
+def _wall(manifest: Path) -> float | None:
+    try:
+        return float(read_manifest(manifest).get("wall_time_s"))
+    except (OSError, json.JSONDecodeError, TypeError, ValueError):
+        return None
+
+
+def step_metrics(sd: Path, n: int, objective: str) -> dict:
+    """One row of metrics.parquet from a finished step's tables and manifests."""
+    row: dict[str, Any] = {"step": n, "objective": objective}
+    tr = pl.read_parquet(sd / "train.parquet")
+    row.update({"policy_step": int(tr["policy_step"][-1]), "optimizer_steps": tr.height,
+                "loss": float(tr["loss"].mean()), "grad_norm": float(tr["grad_norm"].mean()),
+                "lr": float(tr["lr"][-1]), "train_tokens": int(tr["tokens"].sum()),
+                "tokens_per_s": float(tr["tokens"].sum() / max(1e-9, tr["wall_s"].sum()))})
+    ro = pl.read_parquet(sd / "rollout.parquet")
+    lens = ro["completion_ids"].list.len()
+    row.update({"rollouts": ro.height, "completion_len_mean": float(lens.mean()), "completion_len_max": int(lens.max()),
+                "truncated_frac": float((ro["finish_reason"] == "length").mean())})
+    if (sd / "polarize_rollouts.parquet").exists():
+        row["reward"] = float(pl.read_parquet(sd / "polarize_rollouts.parquet")["correct"].cast(pl.Float64).mean())
+    if objective == "sgsd" and (sd / "polarize.parquet").exists():
+        from stages.train import CATEGORIES
+
+        pt = pl.read_parquet(sd / "polarize.parquet")
+        for c in CATEGORIES:
+            row[f"frac_{c}"] = float((pt["category"] == c).mean())
+        row["support_mean"] = float(pt["support"].mean())
+        row["support_abs_mean"] = float(pt["support"].abs().mean())
+        row["clipped_frac"] = float(pt["clipped_frac"].mean())
+    man = sd / "train.manifest.json"
+    if man.exists():
+        row["bank_version"] = read_manifest(man).get("bank_version")
+    stage_files = {"rollout": "rollout", "score_teachers": "score_teachers", "polarize": "polarize",
+                   "grade": "polarize_rollouts", "train": "train"}
+    for name, f in stage_files.items():
+        w = _wall(sd / f"{f}.manifest.json")
+        if w is not None:
+            row[f"wall_{name}_s"] = w
+    w = _wall(sd / "eval" / "summary.manifest.json")
+    if w is not None:
+        row["wall_eval_s"] = w
+    if (sd / "eval" / "summary.parquet").exists():
+        summ = pl.read_parquet(sd / "eval" / "summary.parquet")
+        if "avg_at_n" in summ.columns and "bench" in summ.columns:
+            for b, v in zip(summ["bench"].to_list(), summ["avg_at_n"].to_list()):
+                row[f"eval_{b}_avg_at_n"] = v
+    if (sd / "skills_update.json").exists():
+        u = json.loads((sd / "skills_update.json").read_text())
+        row["skills_decision"] = u.get("decision")
+        row["wall_skills_s"] = u.get("wall_s")
+    return row
+
+
+def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
+    rows = [step_metrics(step_dir(run_dir, n), n, objective) for n in range(1, upto + 1)]
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
+
+
+class _Loggers:
+    """Optional tensorboard / wandb sinks (used only when installed and asked for)."""
+
+    def __init__(self, lc: LoopConfig, run_dir: Path, resolved: dict, log: Callable[[str], None]):
+        self.tb = self.wb = None
+        if lc.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log("tensorboard is not installed: metrics go to metrics.parquet only")
+        if lc.wandb_project:
+            try:
+                import hashlib
+
+                import wandb
+
+                rid = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
+                self.wb = wandb.init(project=lc.wandb_project, dir=str(run_dir), config=resolved, id=rid, resume="allow")
+            except ImportError:
+                log("wandb is not installed: metrics go to metrics.parquet only")
+
+    def write(self, row: dict) -> None:
+        nums = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in nums.items():
+                self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()
+        if self.wb is not None:
+            self.wb.log(nums, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
+def _check_run_dir(run_dir: Path, resolved: dict, force: bool) -> None:
+    """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change)."""
+    path = run_dir / "loop_config.json"
+
+    def key(r: dict) -> dict:
+        k = json.loads(json.dumps(r))
+        for f in LOOP_KEY_IGNORED:
+            k["loop"].pop(f, None)
+        for sec in k.values():
+            if isinstance(sec, dict):
+                sec.pop("device", None)
+        k.pop("eval", None)
+        return k
+
+    if path.exists() and not force:
+        old = json.loads(path.read_text())
+        if key(old) != key(resolved):
+            a, b = key(old), key(resolved)
+            diff = sorted(f"{s}.{f}" for s in set(a) | set(b) for f in set(a.get(s, {})) | set(b.get(s, {}))
+                          if a.get(s, {}).get(f) != b.get(s, {}).get(f))
+            raise InputError(path, f"this run directory was started with another config (differs in "
+                                   f"{', '.join(diff[:6])}); use another run directory or pass --force")
+    atomic_write_json(path, resolved)
+
+
+def run(sections: dict, *, source: str = "config", force: bool = False,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        log: Callable[[str], None] | None = None) -> Path:
+    """Run (or continue) the loop described by resolved config sections; returns metrics.parquet."""
+    from stages import polarize, rollout, score_teachers
+    from stages.benchmarks import load_problems
+    from stages.train import Trainer
+
+    say = log or (lambda s: None)
+    S = build_sections(sections, source)
+    lc = S.loop
+    run_dir = Path(lc.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = S.resolved()
+    _check_run_dir(run_dir, resolved, force)
+    pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
+
+    done = completed_steps(run_dir, lc.steps)
+    metrics_path = run_dir / "metrics.parquet"
+    if done == lc.steps:
+        write_parquet(collect_metrics(run_dir, done, lc.objective), metrics_path)
+        say(f"loop: all {lc.steps} steps are complete")
+        return metrics_path
+
+    def policy_name(n: int) -> str:
+        return lc.model if n == 1 else str(step_dir(run_dir, n - 1) / ckpt.FINAL)
+
+    def policy_step_at(n: int) -> int:
+        """Optimizer steps behind the policy that samples step n (fixed, whatever checkpoint a restart used)."""
+        if n == 1:
+            return int(json.loads((Path(lc.model) / ckpt.META).read_text())["policy_step"]) if ckpt.is_checkpoint(lc.model) else 0
+        return int(read_manifest(step_dir(run_dir, n - 1) / "train.manifest.json")["policy_step"])
+
+    # where the trainer starts: the interrupted step's own newest valid checkpoint, else the previous step's
+    start = ckpt.find_resume(step_dir(run_dir, done + 1), "latest-valid", warn=say)
+    if start is None and done > 0:
+        start = step_dir(run_dir, done) / ckpt.FINAL
+        ckpt.validate(start)
+    if start is None and ckpt.is_checkpoint(lc.model):  # continue another run's policy with its optimizer state
+        ckpt.validate(lc.model)
+        start = Path(lc.model)
+    if done or start:
+        say(f"loop: {done} step(s) complete; continuing at step {done + 1}" + (f" from {start}" if start else ""))
+    trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say)
+    trainer.policy.eval()
+    bank_hist = None
+    if lc.skill_update_every and lc.objective == "sgsd":
+        from stages.skill_bank import init_bank_versions, load_bank
+
+        init_bank_versions(run_dir, load_bank(S.score.bank))
+        bank_hist = run_dir
+    loggers = _Loggers(lc, run_dir, resolved, say)
+    try:
+        for n in range(done + 1, lc.steps + 1):
+            sd = step_dir(run_dir, n)
+            sd.mkdir(parents=True, exist_ok=True)
+            policy = policy_name(n)
+            loaded = (trainer.model, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
+            t_step = time.time()
+            probs = sd / "problems.parquet"
+            if not probs.exists():
+                write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
+            rcfg = replace(S.rollout, model=policy, gguf_file=lc.gguf_file if n == 1 else None, problems=str(probs),
+                           policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None)
+            rollout.run(rcfg, sd, progress=progress, loaded=loaded)
+            if lc.objective == "sgsd":
+                bank = S.score.bank
+                if bank_hist is not None:
+                    from stages.skill_bank import latest_bank_version
+
+                    bank = str(latest_bank_version(run_dir).path)
+                scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n)
+                score_teachers.run(scfg, sd, progress=progress, loaded=loaded)
+                polarize.run(replace(S.polarize, model=policy), sd, progress=progress, tokenizer=trainer.tok)
+            else:
+                _grade(sd, S.polarize)
+            trainer.cfg = replace(trainer.cfg, model=policy)
+            trainer.fit(sd, progress=progress)
+            trainer.policy.eval()
+            new_policy = str(sd / ckpt.FINAL)
+            new_loaded = (trainer.model, trainer.tok, _spec_for(new_policy, None))
+            if S.eval is not None and n % lc.eval_every == 0:
+                from stages import eval as eval_stage
+
+                eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress, loaded=new_loaded)
+            if S.update is not None and bank_hist is not None and n % lc.skill_update_every == 0:
+                _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress)
+            metrics = collect_metrics(run_dir, n, lc.objective)
+            write_parquet(metrics, metrics_path)
+            loggers.write(metrics.row(-1, named=True))
+            say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
+                + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
+            if lc.keep_last:
+                for old in range(1, n - lc.keep_last + 1):
+                    shutil.rmtree(step_dir(run_dir, old) / ckpt.FINAL, ignore_errors=True)
+                    shutil.rmtree(step_dir(run_dir, old) / ckpt.INTERMEDIATE, ignore_errors=True)
+    finally:
+        loggers.close()
+    return metrics_path
+
+
+def _grade(sd: Path, pcfg) -> Path:
+    """Grade the step's rollouts (reward for GRPO, accuracy for the metrics): polarize_rollouts.parquet."""
+    from stages.io import read_table
+    from stages.polarize import grade_rollouts
+
+    src = sd / "rollout.parquet"
+    stage = StageRun(sd, "grade", {"verify_timeout_s": pcfg.verify_timeout_s}, inputs={"rollouts": src},
+                     output_name="polarize_rollouts")
+    if stage.done:
+        return stage.output
+    rt = read_table(src, {"rollout_id": str, "completion": str, "answer": str})
+    stage.finish(grade_rollouts(rt, pcfg))
+    return stage.output
+
+
+def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress) -> None:
+    from stages import update_skills
+
+    marker = sd / "skills_update.json"
+    if marker.exists():
+        return
+    t0 = time.time()
+    res = update_skills.run(replace(ucfg, model=policy, gguf_file=None), run_dir, progress=progress, loaded=loaded)
+    atomic_write_json(marker, {"decision": res.decision, "reason": res.reason, "success_rate": res.success_rate,
+                               "version": res.version.label, "wall_s": round(time.time() - t0, 3)})
+
+
+def write_step_problems(pool: str, step: int, per_step: int, seed: int, out: str | Path,
+                        data_dir: str | None = None) -> Path:
+    """The problems the loop gives step ``step`` (used by the shell recipes in scripts/)."""
+    from stages.benchmarks import load_problems
+
+    df = step_problems(load_problems(pool, data_dir=data_dir).sort("id"), step, per_step, seed)
+    return write_parquet(df, out)
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m stages.loop problems --pool P --step N --per-step K --seed S --out FILE``."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m stages.loop", description=_main.__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("problems", help="write the problems of one loop step (the loop's seeded sampler)")
+    p.add_argument("--pool", required=True, help="training pool: benchmark name or problems file")
+    p.add_argument("--step", type=int, required=True)
+    p.add_argument("--per-step", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--data-dir", default=None)
+    a = ap.parse_args(argv)
+    try:
+        print(write_step_problems(a.pool, a.step, a.per_step, a.seed, a.out, a.data_dir))
+    except InputError as e:
+        print(f"error: {e.line()}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    _main()

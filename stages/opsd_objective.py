@@ -1,0 +1,109 @@
+"""The OPSD baseline's loss: clipped full-vocabulary forward KL(teacher || student) per token.  DESIGN 1.5.
+
+Per completion token t (student prompt vs teacher prompt that carries the gold answer)::
+
+    kl_t = sum_v min(p_T(v) (log p_T(v) - log p_S(v)), clip)        clip = 0.05
+
+each vocabulary term is clipped *before* the sum; the rollout loss is the mean of ``kl_t`` over valid
+tokens.  ``top_k > 0`` is the top-k variant: the sum runs over the teacher's k most likely tokens only
+(probabilities from the full softmax, not renormalised).
+
+:func:`chunked_clipped_forward_kl` computes the same numbers from hidden states, ``chunk`` positions at a
+time: each chunk's teacher and student ``[chunk, vocab]`` fp32 logits live only inside the chunk (the
+student chunk is recomputed in backward), so two ``[tokens, vocab]`` fp32 tensors for a whole batch never
+exist at once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from stages.scoring import Segment, pack_batches, split_lm
+
+KL_CLIP = 0.05
+
+
+def clipped_forward_kl(
+    teacher_logits: torch.Tensor, student_logits: torch.Tensor, *, clip: float = KL_CLIP, top_k: int = 0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-position clipped forward KL from ``[N, V]`` logits (teacher without grad).  ``clip <= 0``: no clip."""
+    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if top_k and top_k > 0:
+        idx = torch.topk(t, min(top_k, t.shape[-1]), dim=-1).indices
+        t, s = t.gather(-1, idx), s.gather(-1, idx)
+    terms = t.exp() * (t - s)
+    if clip and clip > 0:
+        terms = terms.clamp(max=clip)
+    return terms.sum(-1)
+
+
+def _chunk_kl(student_head, teacher_head, sh, th, clip, top_k, temperature):
+    with torch.no_grad():
+        t_logits = teacher_head(th)
+    return clipped_forward_kl(t_logits, student_head(sh), clip=clip, top_k=top_k, temperature=temperature)
+
+
+def chunked_clipped_forward_kl(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: torch.nn.Module,
+    teacher_head: torch.nn.Module | None = None,
+    *,
+    clip: float = KL_CLIP,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """:func:`clipped_forward_kl` of ``head(hidden)`` for ``[N, H]`` hidden states, ``chunk`` rows at a time."""
+    teacher_head = student_head if teacher_head is None else teacher_head
+    teacher_hidden = teacher_hidden.detach()
+    needs_grad = torch.is_grad_enabled() and (
+        student_hidden.requires_grad or any(p.requires_grad for p in student_head.parameters()))
+    outs = []
+    for s in range(0, student_hidden.shape[0], chunk):
+        args = (student_head, teacher_head, student_hidden[s : s + chunk], teacher_hidden[s : s + chunk],
+                clip, top_k, temperature)
+        outs.append(checkpoint(_chunk_kl, *args, use_reentrant=False) if needs_grad else _chunk_kl(*args))
+    return torch.cat(outs) if outs else student_hidden.new_zeros(0, dtype=torch.float32)
+
+
+def completion_hidden(model, segments: Sequence[Segment], *, token_budget: int | None = None) -> torch.Tensor:
+    """Final hidden states ``[sum_i len(completion_i), H]`` at the positions that predict each completion token.
+
+    Sequences are packed (position ids restart per sequence, no padding) like the scoring core does;
+    ``token_budget=None`` packs everything into one forward (what FSDP needs: the same number of forwards
+    on every rank).  Rows come back in input order.
+    """
+    body, head = split_lm(model)
+    device = head.weight.device
+    lengths = [len(s) for s in segments]
+    batches = [list(range(len(segments)))] if token_budget is None else pack_batches(lengths, token_budget)
+    pieces: dict[int, torch.Tensor] = {}
+    for batch in batches:
+        ids, pos, sel, spans = [], [], [], []
+        offset = 0
+        for i in batch:
+            s = segments[i]
+            full = s.prompt_ids + s.completion_ids
+            p, c = len(s.prompt_ids), len(s.completion_ids)
+            if p == 0 and c > 0:
+                raise ValueError("a segment needs at least one prompt token")
+            ids.extend(full)
+            pos.extend(range(len(full)))
+            sel.extend(range(offset + p - 1, offset + p - 1 + c))
+            spans.append((i, c))
+            offset += len(full)
+        hidden = body(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                      attention_mask=None, use_cache=False).last_hidden_state[0]
+        hsel = hidden.index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
+        start = 0
+        for i, c in spans:
+            pieces[i] = hsel[start : start + c]
+            start += c
+    return torch.cat([pieces[i] for i in range(len(segments))]) if segments else torch.zeros(0)

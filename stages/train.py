@@ -1,0 +1,1008 @@
+"""`sgsd train`: one optimizer loop for the three objectives (sgsd, opsd, grpo).  DESIGN 1.4-1.5 and 2.
+
+Reads the tables of one run directory (``rollout`` and, for SGSD, ``score_teachers`` + ``polarize``; part
+directories work too), builds one item per rollout and runs ``steps`` optimizer steps over global batches
+of ``batch_size`` rollouts drawn by a seeded sampler.  Each step (the whole of it fits on one screen, see
+:meth:`Trainer.train_step`)::
+
+    seed from (seed, policy step, rank); split my share of the batch into micro-batches
+    for each micro-batch: loss = objective(micro-batch) / batch normaliser * world; loss.backward()
+    clip the grad norm, AdamW step, LR schedule step, EMA teacher update, one metrics row
+
+Scale-out: under ``torchrun`` every rank reads the tables, takes the rows ``batch[rank::world]`` of each
+global batch and wraps the policy in DDP or FSDP2 (``fully_shard`` on each decoder layer and the root), so
+the global batch is ``micro_batch_size x grad_accum x world`` rollouts whatever the world size.  Only rank
+0 writes tables, manifests and the shared checkpoint files.
+
+Outputs in the run directory: ``train.parquet`` (one metrics row per optimizer step) + manifest,
+``checkpoint/`` (model or adapter, optimizer, scheduler, RNG states, sampler position, policy step, skill
+bank version; see :mod:`stages.checkpoint`) and ``checkpoints/step_XXXXXX/`` snapshots (``save_every``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from stages import checkpoint as ckpt
+from stages.grpo_objective import AGGREGATIONS, aggregate, group_advantages, sequence_loss
+from stages.io import InputError, StageRun, atomic_write_json, read_table, stage_table_path, write_parquet
+from stages.opsd_objective import chunked_clipped_forward_kl, completion_hidden
+from stages.scoring import Segment, score_segments, split_lm
+from stages.sgsd_objective import rollout_loss
+
+OBJECTIVES = ("sgsd", "opsd", "grpo")
+TEACHER_MODES = ("live", "fixed", "ema")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
+SCHEDULES = ("constant", "cosine")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "sgsd"
+    model: str = ""  # HF folder, hub id, .gguf, LoRA adapter folder, or a training checkpoint folder
+    gguf_file: str | None = None
+    # optimisation
+    steps: int = 0  # optimizer steps in this run directory; 0 = one pass over the table (x num_iterations)
+    batch_size: int = 16  # global rollouts per optimizer step (capped at the table size)
+    micro_batch_size: int = 4  # rollouts per forward and device; grad_accum = batch / (micro x world)
+    lr: float = 5e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_steps: int = 0  # cosine horizon in policy steps (0: this run's steps)
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 0.1  # <= 0: no clipping (the norm is still logged)
+    precision: str = "auto"  # auto (bf16-mixed on bf16 GPUs, else fp32), fp32, bf16-mixed, bf16
+    gradient_checkpointing: bool = False
+    # LoRA (peft)
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"  # peft target modules: all-linear or a comma list (q_proj,v_proj,...)
+    save_merged: bool = False  # also save the adapter merged into the base weights (checkpoint/merged)
+    # teacher (sgsd: live by default; opsd: fixed by default)
+    teacher_mode: str = ""
+    ema_decay: float = 0.99
+    teacher_model: str = ""  # fixed teacher / GRPO reference for full fine-tuning ("" = the initial weights)
+    # sgsd
+    tau: float = 1.0
+    scoring_temperature: float | None = None  # None: the score-teachers table's (sgsd), the rollout's (grpo), 1 (opsd)
+    # opsd
+    kl_clip: float = 0.05
+    kl_top_k: int = 0
+    kl_chunk: int = 1024
+    # grpo
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    num_iterations: int = 1
+    kl_beta: float = 0.0
+    scale_std: bool = True
+    loss_agg: str = "token-mean"
+    mask_truncated: bool = False
+    # engine
+    token_budget: int = 16384
+    logit_chunk: int = 2048
+    distributed: str = "auto"
+    seed: int = 0
+    # not part of the stage key (they do not change the result)
+    device: str = "auto"
+    save_every: int = 0
+    keep_last: int = 2
+
+    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed")
+
+    def resolved(self) -> "TrainConfig":
+        cfg = replace(self)
+        if not cfg.teacher_mode:
+            cfg.teacher_mode = "fixed" if cfg.objective == "opsd" else "live"
+        checks = [
+            (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got '{cfg.objective}'"),
+            (bool(cfg.model), "a model is required (--model)"),
+            (cfg.teacher_mode in TEACHER_MODES, f"teacher mode must be one of {', '.join(TEACHER_MODES)}"),
+            (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (cfg.lr_schedule in SCHEDULES, f"lr schedule must be one of {', '.join(SCHEDULES)}"),
+            (cfg.loss_agg in AGGREGATIONS, f"loss aggregation must be one of {', '.join(AGGREGATIONS)}"),
+            (cfg.distributed in DISTRIBUTED, f"distributed must be one of {', '.join(DISTRIBUTED)}"),
+            (cfg.steps >= 0, "steps must be >= 0"),
+            (cfg.batch_size >= 0, "batch size must be >= 0 (0 = the whole table)"),
+            (cfg.micro_batch_size >= 1, "micro batch size must be at least 1"),
+            (cfg.num_iterations >= 1, "num_iterations must be at least 1"),
+            (cfg.lr >= 0, "lr must be >= 0"),
+            (0.0 <= cfg.ema_decay < 1.0, "ema decay must be in [0, 1)"),
+            (cfg.kl_chunk >= 1 and cfg.token_budget >= 1 and cfg.logit_chunk >= 1, "chunk sizes must be positive"),
+            (cfg.lora_r >= 1, "lora r must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(None, msg)
+        return cfg
+
+    def key(self) -> dict:
+        """The part of the config that determines the result (the stage manifest's key)."""
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed plumbing
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process created the process group (and destroys it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); one process: Dist()."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    owns = not tdist.is_initialized()
+    if owns:
+        if use_cuda:
+            torch.cuda.set_device(local)
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=local, owns_group=owns)
+
+
+def seed_all(seed: int, step: int, rank: int) -> None:
+    """Every random draw of an optimizer step (dropout, ...) is a function of (seed, policy step, rank)."""
+    s = (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+    torch.manual_seed(s)
+    np.random.seed(s % (2**32))
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# data: one item per rollout
+
+
+@dataclass
+class Teach:
+    prompt_ids: tuple[int, ...]
+    logprobs: list[float]
+    weight: float
+    rho: int
+    category: str = "neutral"
+    support: float = 0.0
+
+
+@dataclass
+class Item:
+    rid: str
+    group: str
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    mask: list[bool]
+    correct: bool | None = None
+    teachers: list[Teach] = field(default_factory=list)  # sgsd
+    teacher_prompt_ids: tuple[int, ...] = ()  # opsd
+    old_logprobs: list[float] | None = None  # grpo
+    advantage: float = 0.0
+    reward: float = 0.0
+
+    @property
+    def segment(self) -> Segment:
+        return Segment.of(self.prompt_ids, self.completion_ids)
+
+
+@dataclass
+class Data:
+    items: list[Item]
+    inputs: dict[str, Path]
+    info: dict[str, Any]
+    temperature: float = 1.0
+
+
+def input_paths(objective: str, run_dir: Path) -> dict[str, Path]:
+    paths = {"rollout": stage_table_path(run_dir, "rollout")}
+    if objective == "sgsd":
+        paths["score_teachers"] = stage_table_path(run_dir, "score_teachers")
+        paths["polarize"] = stage_table_path(run_dir, "polarize")
+    if objective == "grpo" and (run_dir / "polarize_rollouts.parquet").exists():
+        paths["grades"] = run_dir / "polarize_rollouts.parquet"
+    return paths
+
+
+def _unique_temperature(df: pl.DataFrame, col: str, path: Path, override: float | None, default: float) -> float:
+    if override is not None:
+        return float(override)
+    if col not in df.columns:
+        return default
+    vals = sorted(set(float(v) for v in df[col].drop_nulls().to_list()))
+    if len(vals) > 1:
+        raise InputError(path, f"rows use several {col} values {vals}; pass --scoring-temperature")
+    t = vals[0] if vals else default
+    return t if t > 0 else 1.0  # greedy rollouts: log-probs at T = 1
+
+
+def _check_len(path: Path, rid: str, what: str, n: int, want: int) -> None:
+    if n != want:
+        raise InputError(path, f"rollout '{rid}': {what} has {n} entries but the completion has {want} tokens")
+
+
+def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
+    paths = input_paths("sgsd", run_dir)
+    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
+    st = read_table(paths["score_teachers"], {"rollout_id": str, "teacher_rank": int, "teacher_prompt_ids": list,
+                                             "teacher_logprobs": list})
+    pt = read_table(paths["polarize"], {"rollout_id": str, "teacher_rank": int, "weight": float, "polarity": int,
+                                       "token_mask": list})
+    extra = [c for c in ("category", "support", "correct") if c in pt.columns]
+    joined = pt.select("rollout_id", "teacher_rank", "weight", "polarity", "token_mask", *extra).join(
+        st.select("rollout_id", "teacher_rank", "teacher_prompt_ids", "teacher_logprobs"),
+        on=["rollout_id", "teacher_rank"], how="left")
+    missing = joined.filter(pl.col("teacher_prompt_ids").is_null())
+    if missing.height:
+        r = missing.row(0, named=True)
+        raise InputError(paths["score_teachers"], f"{missing.height} polarize rows have no score-teachers row "
+                                                  f"(first: rollout '{r['rollout_id']}' teacher {r['teacher_rank']})")
+    per = {r["rollout_id"]: r for r in rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()}
+    items: dict[str, Item] = {}
+    for r in joined.sort(["rollout_id", "teacher_rank"]).to_dicts():
+        rid = r["rollout_id"]
+        if rid not in per:
+            raise InputError(paths["polarize"], f"rollout '{rid}' is not in the rollout table {paths['rollout']}")
+        if rid not in items:
+            ro = per[rid]
+            n = len(ro["completion_ids"])
+            _check_len(paths["polarize"], rid, "token_mask", len(r["token_mask"]), n)
+            items[rid] = Item(rid, ro["problem_id"], tuple(ro["prompt_ids"]), tuple(ro["completion_ids"]),
+                              [bool(x) for x in r["token_mask"]], correct=r.get("correct"))
+        it = items[rid]
+        _check_len(paths["score_teachers"], rid, "teacher_logprobs", len(r["teacher_logprobs"]), len(it.completion_ids))
+        it.teachers.append(Teach(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
+                                 int(r["polarity"]), r.get("category") or "neutral", float(r.get("support") or 0.0)))
+    bank = sorted(set(st["bank_version"].drop_nulls().to_list())) if "bank_version" in st.columns else []
+    temp = _unique_temperature(st, "scoring_temperature", paths["score_teachers"], cfg.scoring_temperature, 1.0)
+    info = {"bank_version": ",".join(bank) if bank else None, "rollouts": len(items),
+            "teachers_per_rollout": max((len(i.teachers) for i in items.values()), default=0)}
+    return Data(sorted(items.values(), key=lambda i: i.rid), paths, info, temp)
+
+
+def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
+    from stages.prompts import chat_prompt_ids, opsd_teacher_prompt
+
+    paths = input_paths("opsd", run_dir)
+    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
+                                       "prompt_ids": list, "completion_ids": list})
+    thinking = rt["thinking"].to_list() if "thinking" in rt.columns else [False] * rt.height
+    finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
+    cache: dict[tuple[str, str, bool], tuple[int, ...]] = {}
+    items = []
+    for r, th, fin in zip(rt.select("rollout_id", "problem_id", "problem", "answer", "prompt_ids",
+                                    "completion_ids").to_dicts(), thinking, finish):
+        key = (r["problem"], r["answer"], bool(th))
+        if key not in cache:
+            cache[key] = tuple(chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), bool(th)))
+        n = len(r["completion_ids"])
+        keep = not (cfg.mask_truncated and fin == "length")
+        items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
+                          [keep] * n, teacher_prompt_ids=cache[key]))
+    temp = cfg.scoring_temperature if cfg.scoring_temperature is not None else 1.0
+    return Data(sorted(items, key=lambda i: i.rid), paths, {"rollouts": len(items)}, temp)
+
+
+def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
+    paths = input_paths("grpo", run_dir)
+    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
+    if "grades" in paths:
+        gr = read_table(paths["grades"], {"rollout_id": str, "correct": bool})
+        rewards = dict(zip(gr["rollout_id"].to_list(), [1.0 if c else 0.0 for c in gr["correct"].to_list()]))
+        missing = [r for r in rt["rollout_id"].to_list() if r not in rewards]
+        if missing:
+            raise InputError(paths["grades"], f"{len(missing)} rollouts have no grade (first: '{missing[0]}')")
+        source = "polarize_rollouts"
+    elif "reward" in rt.columns:
+        rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
+        source = "rollout.reward"
+    else:
+        from stages.verify import grade_many
+
+        read_table(paths["rollout"], {"completion": str, "answer": str})
+        grades = grade_many(list(zip(rt["completion"].to_list(), rt["answer"].to_list())))
+        rewards = dict(zip(rt["rollout_id"].to_list(), [1.0 if g.correct else 0.0 for g in grades]))
+        source = "verifier"
+    temp = _unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
+    finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
+    slp = rt["sample_logprobs"].to_list() if "sample_logprobs" in rt.columns else [None] * rt.height
+    items = []
+    for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
+        n = len(r["completion_ids"])
+        keep = not (cfg.mask_truncated and fin == "length")
+        old = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
+        items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
+                          [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
+                          reward=rewards[r["rollout_id"]]))
+    items.sort(key=lambda i: i.rid)
+    adv = group_advantages(torch.tensor([i.reward for i in items]), [i.group for i in items], scale_std=cfg.scale_std)
+    for it, a in zip(items, adv.tolist()):
+        it.advantage = a
+    sizes = {}
+    for it in items:
+        sizes[it.group] = sizes.get(it.group, 0) + 1
+    info = {"rollouts": len(items), "reward_source": source, "group_sizes": sorted(set(sizes.values())),
+            "missing_sample_logprobs": sum(i.old_logprobs is None for i in items)}
+    return Data(items, paths, info, temp)
+
+
+LOADERS = {"sgsd": load_sgsd, "opsd": load_opsd, "grpo": load_grpo}
+
+
+class Sampler:
+    """Global batches of row indices: a fresh seeded permutation per epoch, partial last batch dropped."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int):
+        self.n, self.B, self.seed = n_rows, batch_size, seed
+        self.per_epoch = max(1, n_rows // batch_size)
+
+    def batch(self, b: int) -> list[int]:
+        epoch, j = divmod(b, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return [int(x) for x in perm[j * self.B : (j + 1) * self.B]]
+
+    def state(self, position: int) -> dict:
+        return {"rows": self.n, "batch_size": self.B, "seed": self.seed, "batches_per_epoch": self.per_epoch,
+                "position": position, "epoch": position // self.per_epoch}
+
+
+# --------------------------------------------------------------------------------------------------
+# the policy as one module (so DDP / FSDP see every forward)
+
+
+class Policy(torch.nn.Module):
+    """Wraps an HF causal LM; ``forward(kind, segments, ...)`` runs the packed scoring core.
+
+    kind ``logprobs``: fp32 log-probs of every segment's completion tokens, concatenated;
+    ``hidden``: final hidden states at those positions; ``opsd``: clipped forward KL per token against
+    ``teacher_hidden`` (through ``teacher_head``).
+    """
+
+    def __init__(self, model, token_budget: int, logit_chunk: int):
+        super().__init__()
+        self.model = model
+        self.token_budget, self.logit_chunk = token_budget, logit_chunk
+
+    def forward(self, kind: str, segments: list[Segment], temperature: float = 1.0, teacher_hidden=None,
+                teacher_head=None, kl: dict | None = None):
+        if kind == "logprobs":
+            lps = score_segments(self.model, segments, temperature=temperature, token_budget=self.token_budget,
+                                 logit_chunk=self.logit_chunk, grad=torch.is_grad_enabled())
+            return torch.cat(lps)
+        budget = None if self.token_budget >= sys.maxsize else self.token_budget
+        hidden = completion_hidden(self.model, segments, token_budget=budget)
+        if kind == "hidden":
+            return hidden
+        if kind == "opsd":
+            head = split_lm(self.model)[1]
+            return chunked_clipped_forward_kl(hidden, teacher_hidden, head, teacher_head or head,
+                                              temperature=temperature, **(kl or {}))
+        raise ValueError(kind)
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def _decoder_layers(model):
+    inner = model.get_base_model() if _is_peft(model) else model
+    body = split_lm(inner)[0]
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find the decoder layers of {type(inner).__name__} for FSDP")
+    return layers
+
+
+def _lr_lambda(cfg: TrainConfig, horizon: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Model, optimizer, scheduler, teacher and objective; :meth:`fit` trains on one run directory.
+
+    ``start``: a checkpoint folder to continue from (weights, optimizer, scheduler, policy step; when
+    it belongs to the run directory given to :meth:`fit`, also the sampler position, metrics and RNG).
+    ``loaded``: (model, tokenizer, spec) already in memory (the loop); otherwise the model is loaded from
+    ``start`` or ``cfg.model``.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, start: Path | None = None, dist: Dist | None = None, loaded=None,
+                 log: Callable[[str], None] | None = None):
+        from stages.models import ModelSpec, load_model, pick_device
+
+        self.cfg = cfg = cfg.resolved()
+        self.dist = dist or Dist()
+        self.log = log or (lambda s: None)
+        self.device = pick_device(cfg.device)
+        if self.dist.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.precision == "auto":
+            bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+            self.precision = "bf16-mixed" if bf16 else "fp32"
+        else:
+            self.precision = cfg.precision
+        load_dtype = "bf16" if self.precision == "bf16" else "fp32"
+        self.mode = "none" if self.dist.world == 1 else ("ddp" if cfg.distributed in ("auto", "ddp", "none") else "fsdp")
+
+        self.start = Path(start) if start else None
+        self.start_state = ckpt.validate(self.start) if self.start else None
+        self.start_meta = json.loads((self.start / ckpt.META).read_text()) if self.start else None
+        if loaded is not None:
+            model, tok, spec = loaded
+        elif self.start:
+            model, tok, spec = load_model(str(self.start), device=self.device, dtype=load_dtype, trainable=True)
+        else:
+            model, tok, spec = load_model(cfg.model, cfg.gguf_file, device=self.device, dtype=load_dtype, trainable=True)
+        if self.start_meta:
+            self.base_spec = ModelSpec(**self.start_meta["base_model"])
+            self.teacher_init = self.start_meta.get("teacher_init")
+        else:
+            self.base_spec = ModelSpec(spec.path, spec.gguf_file)
+            self.teacher_init = cfg.teacher_model or (spec.adapter or spec.path)
+        self.tok, self.spec = tok, spec
+        self.bank_version = self.start_meta.get("bank_version") if self.start_meta else None
+        self.policy_step = int(self.start_state["policy_step"]) if self.start_state else 0
+
+        if cfg.lora and not _is_peft(model):
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(cfg.seed)
+            target = cfg.lora_target if cfg.lora_target == "all-linear" else [t.strip() for t in cfg.lora_target.split(",")]
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                     target_modules=target, task_type="CAUSAL_LM"))
+        self.lora = _is_peft(model)
+        if not self.lora:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            inner = model.get_base_model() if self.lora else model
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            inner.config.use_cache = False
+        model.to(self.device)
+        self.model = model
+
+        # teacher / reference copy: EMA, or fixed initial weights under full fine-tuning
+        needs_copy = cfg.teacher_mode == "ema" or (not self.lora and (
+            (cfg.objective in ("sgsd", "opsd") and cfg.teacher_mode == "fixed") or (cfg.objective == "grpo" and cfg.kl_beta > 0)))
+        if cfg.objective == "sgsd" and cfg.teacher_mode == "fixed":
+            needs_copy = False  # fixed SGSD teachers are the stored score-teachers log-probs
+        self.teacher_model = None
+        if needs_copy:
+            if cfg.teacher_mode != "ema" and self.start is not None and self.teacher_init:
+                self.teacher_model = load_model(self.teacher_init, device=self.device, dtype=load_dtype)[0]
+            else:
+                self.teacher_model = copy.deepcopy(model)
+            self.teacher_model.eval().requires_grad_(False)
+            if cfg.teacher_mode == "ema" and self.start is not None and (self.start / "ema.pt").exists():
+                ema = torch.load(self.start / "ema.pt", map_location=self.device, weights_only=True)
+                self.teacher_model.load_state_dict(ema, strict=False)
+
+        budget = sys.maxsize if self.mode == "fsdp" else cfg.token_budget  # FSDP: one forward per call on every rank
+        self.policy = Policy(model, budget, cfg.logit_chunk)
+        self.teacher_policy = Policy(self.teacher_model, budget, cfg.logit_chunk) if self.teacher_model is not None else None
+        self.wrapped = self._wrap()
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        horizon = cfg.schedule_steps or cfg.steps or 1
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, horizon))
+        if self.start is not None:
+            self._load_optimizer(self.start)
+        self._start_consumed = False
+
+    # ---- wrapping, contexts
+
+    def _wrap(self):
+        if self.mode == "none":
+            return self.policy
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DDP(self.policy, device_ids=ids)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.precision == "bf16-mixed" else MixedPrecisionPolicy()
+        for pol in (self.policy, self.teacher_policy):
+            if pol is None:
+                continue
+            for layer in _decoder_layers(pol.model):
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(pol, mp_policy=mp)
+        return self.policy
+
+    def _amp(self):
+        if self.precision == "bf16-mixed" and self.mode != "fsdp" and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sync(self, sync: bool):
+        if self.mode == "ddp" and not sync:
+            return self.wrapped.no_sync()
+        if self.mode == "fsdp":
+            self.wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was = self.policy.training
+        self.policy.eval()
+        try:
+            yield
+        finally:
+            self.policy.train(was)
+
+    # ---- forwards
+
+    def student(self, kind: str, segs: list[Segment], temperature: float, **kw) -> torch.Tensor:
+        """Forward with gradients through DDP / FSDP."""
+        with self._amp():
+            return self.wrapped(kind, segs, temperature, **kw)
+
+    def frozen(self, kind: str, segs: list[Segment], temperature: float, role: str = "teacher") -> torch.Tensor:
+        """No-grad forward of the teacher (live / fixed / EMA) or of the GRPO reference."""
+        cfg = self.cfg
+        mode = cfg.teacher_mode if role == "teacher" else "fixed"
+        with torch.no_grad(), self._amp():
+            if mode == "live":
+                with self._eval():
+                    return self.policy(kind, segs, temperature)
+            if self.teacher_policy is not None:
+                return self.teacher_policy(kind, segs, temperature)
+            if self.lora:  # fixed: the base weights, adapter disabled
+                with self._eval(), self.model.disable_adapter():
+                    return self.policy(kind, segs, temperature)
+            raise RuntimeError("no frozen teacher configured")
+
+    def teacher_head(self):
+        if self.cfg.teacher_mode != "live" and self.teacher_model is not None:
+            return split_lm(self.teacher_model)[1]
+        return None
+
+    # ---- objectives: (loss already divided by the batch normaliser, stats sums)
+
+    def normaliser(self, items: list[Item]) -> float:
+        cfg = self.cfg
+        if cfg.objective == "sgsd" or (cfg.objective == "grpo" and cfg.loss_agg == "sequence-mean"):
+            return float(len(items))
+        return float(sum(sum(i.mask) for i in items))
+
+    def micro_loss(self, items: list[Item], weights: list[float], norm: float) -> tuple[torch.Tensor, dict]:
+        return {"sgsd": self._sgsd_loss, "opsd": self._opsd_loss, "grpo": self._grpo_loss}[self.cfg.objective](
+            items, weights, norm)
+
+    def _base_stats(self, items, weights) -> dict:
+        real = [it for it, w in zip(items, weights) if w > 0]
+        return {"rollouts": len(real), "tokens": sum(len(i.completion_ids) for i in real),
+                "mask_tokens": sum(sum(i.mask) for i in real),
+                "correct": sum(1 for i in real if i.correct)}
+
+    def _sgsd_loss(self, items, weights, norm):
+        T = self.data.temperature
+        s_all = self.student("logprobs", [it.segment for it in items], T)
+        s_parts = torch.split(s_all, [len(it.completion_ids) for it in items])
+        if self.cfg.teacher_mode == "fixed":
+            t_rows = [[torch.tensor(t.logprobs, dtype=torch.float32, device=s_all.device) for t in it.teachers] for it in items]
+        else:  # recompute, skipping neutral teachers (rho = 0 adds nothing)
+            active = [(i, k) for i, it in enumerate(items) for k, t in enumerate(it.teachers) if t.rho != 0 and weights[i] > 0]
+            segs = [Segment.of(items[i].teachers[k].prompt_ids, items[i].completion_ids) for i, k in active]
+            if not segs and self.mode == "fsdp":
+                segs = [items[0].segment]  # every rank must run the same number of forwards
+            lp = self.frozen("logprobs", segs, T) if segs else s_all.new_zeros(0)
+            parts = torch.split(lp, [len(s.completion_ids) for s in segs]) if segs else []
+            t_rows = [[s_all.new_zeros(len(it.completion_ids)) for _ in it.teachers] for it in items]
+            for (i, k), p in zip(active, parts):
+                t_rows[i][k] = p.float()
+        loss = s_all.new_zeros(())
+        st = self._base_stats(items, weights)
+        st.update({f"n_{c}": 0 for c in CATEGORIES})
+        st.update({"teachers": 0, "support": 0.0, "abs_delta": 0.0, "delta_tokens": 0})
+        for it, w, s, trow in zip(items, weights, s_parts, t_rows):
+            if not it.teachers:
+                continue
+            teachers = torch.stack(trow)
+            mask = torch.tensor(it.mask, device=s.device)
+            wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
+            rho = torch.tensor([t.rho for t in it.teachers], device=s.device)
+            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.cfg.tau)
+            if w > 0:
+                live = rho != 0
+                d = (teachers - s.detach())[live][:, mask] if bool(live.any()) else s.new_zeros(0)
+                st["abs_delta"] += float(d.abs().sum())
+                st["delta_tokens"] += int(d.numel())
+                st["teachers"] += len(it.teachers)
+                st["support"] += sum(t.support for t in it.teachers)
+                for t in it.teachers:
+                    if t.category in CATEGORIES:
+                        st[f"n_{t.category}"] += 1
+        st["loss"] = float(loss.detach()) / norm
+        return loss / norm, st
+
+    def _opsd_loss(self, items, weights, norm):
+        T = self.data.temperature
+        th = self.frozen("hidden", [Segment.of(it.teacher_prompt_ids, it.completion_ids) for it in items], T)
+        kl = self.student("opsd", [it.segment for it in items], T, teacher_hidden=th, teacher_head=self.teacher_head(),
+                          kl={"clip": self.cfg.kl_clip, "top_k": self.cfg.kl_top_k, "chunk": self.cfg.kl_chunk})
+        m = torch.tensor([float(b) * w for it, w in zip(items, weights) for b in it.mask], device=kl.device)
+        total = (kl * m).sum()
+        st = self._base_stats(items, weights)
+        st["loss"] = float(total.detach()) / norm
+        st["kl_sum"] = float(total.detach())
+        return total / norm, st
+
+    def _grpo_loss(self, items, weights, norm):
+        cfg, T = self.cfg, self.data.temperature
+        segs = [it.segment for it in items]
+        lp = self.student("logprobs", segs, T)
+        ref = self.frozen("logprobs", segs, T, role="reference") if cfg.kl_beta > 0 else None
+        lens = [len(it.completion_ids) for it in items]
+        lp_parts = torch.split(lp, lens)
+        ref_parts = torch.split(ref, lens) if ref is not None else [None] * len(items)
+        sums, nvalid = [], []
+        st = self._base_stats(items, weights)
+        st.update({"clipped": 0.0, "ratio": 0.0, "kl": 0.0, "reward": 0.0, "advantage_abs": 0.0})
+        for it, w, l, r in zip(items, weights, lp_parts, ref_parts):
+            old = torch.tensor(it.old_logprobs, dtype=torch.float32, device=l.device)
+            mask = torch.tensor(it.mask, device=l.device)
+            s, stats = sequence_loss(l, old, it.advantage, mask, eps_low=cfg.clip_eps, eps_high=cfg.clip_eps_high,
+                                     beta=cfg.kl_beta, ref_logp=r)
+            sums.append(s * w)
+            nvalid.append(int(mask.sum()))
+            if w > 0:
+                for k in ("clipped", "ratio", "kl"):
+                    st[k] += stats[k]
+                st["reward"] += it.reward
+                st["advantage_abs"] += abs(it.advantage)
+        loss = aggregate(sums, nvalid, cfg.loss_agg, norm)
+        st["loss"] = float(loss.detach())
+        return loss, st
+
+    # ---- GRPO: sampling log-probs the backend did not return
+
+    def _fill_old_logprobs(self, run_dir: Path) -> None:
+        items = self.data.items
+        missing = [i for i, it in enumerate(items) if it.old_logprobs is None]
+        if not missing:
+            return
+        cache = run_dir / "train_old_logprobs.parquet"
+        if cache.exists():
+            got = dict(zip(*pl.read_parquet(cache).select("rollout_id", "old_logprobs").to_dict(as_series=False).values()))
+            if all(items[i].rid in got for i in missing):
+                for i in missing:
+                    items[i].old_logprobs = got[items[i].rid]
+                return
+        self.log(f"recomputing sampling log-probs of {len(missing)} rollouts (the backend did not return them)")
+        mb = self.cfg.micro_batch_size
+        for s in range(0, len(missing), mb):
+            idx = missing[s : s + mb]
+            with torch.no_grad(), self._amp(), self._eval():
+                lp = self.policy("logprobs", [items[i].segment for i in idx], self.data.temperature)
+            for i, p in zip(idx, torch.split(lp, [len(items[i].completion_ids) for i in idx])):
+                items[i].old_logprobs = p.float().cpu().tolist()
+        if self.dist.main:
+            write_parquet(pl.DataFrame({"rollout_id": [items[i].rid for i in missing],
+                                        "old_logprobs": [items[i].old_logprobs for i in missing]}), cache)
+        self.dist.barrier()
+
+    # ---- one optimizer step
+
+    def train_step(self, batch: list[int], local_step: int, epoch: int) -> dict:
+        cfg, d = self.cfg, self.dist
+        seed_all(cfg.seed, self.policy_step, d.rank)
+        t0 = time.time()
+        items = [self.data.items[i] for i in batch]
+        norm = self.normaliser(items)
+        mine = items[d.rank :: d.world]
+        n_micro = max(1, math.ceil(math.ceil(len(items) / d.world) / cfg.micro_batch_size))
+        self.policy.train()
+        sums: dict[str, float] = {}
+        for j in range(n_micro):
+            mb = mine[j * cfg.micro_batch_size : (j + 1) * cfg.micro_batch_size]
+            weights = [1.0] * len(mb)
+            if not mb:  # this rank ran out of rows: a zero-weight forward keeps the collectives in step
+                mb, weights = [items[0]], [0.0]
+            with self._sync(j == n_micro - 1):
+                loss, st = self.micro_loss(mb, weights, norm)
+                (loss * d.world).backward()
+            for k, v in st.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.teacher_mode == "ema" and self.teacher_model is not None:
+            self._ema_update()
+        self.policy_step += 1
+        keys = sorted(sums)
+        sums = dict(zip(keys, d.all_sum([sums[k] for k in keys])))
+        wall = time.time() - t0
+        return self._row(sums, local_step, epoch, gn, lr, wall)
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        t_params = dict(self.teacher_policy.named_parameters())
+        for n, p in self.policy.named_parameters():
+            if p.requires_grad:
+                t_params[n].lerp_(p.detach().to(t_params[n].dtype), 1.0 - self.cfg.ema_decay)
+
+    def _row(self, s: dict, local_step: int, epoch: int, gn: float, lr: float, wall: float) -> dict:
+        n = max(1.0, s.get("rollouts", 0.0))
+        row = {
+            "policy_step": self.policy_step, "step": local_step + 1, "epoch": epoch, "objective": self.cfg.objective,
+            "loss": s["loss"], "grad_norm": gn, "lr": lr, "rollouts": int(s.get("rollouts", 0)),
+            "tokens": int(s.get("tokens", 0)), "completion_len": s.get("tokens", 0.0) / n,
+            "accuracy": s.get("correct", 0.0) / n, "wall_s": wall, "tokens_per_s": s.get("tokens", 0.0) / max(wall, 1e-9),
+        }
+        if self.cfg.objective == "sgsd":
+            nt = max(1.0, s["teachers"])
+            row.update({f"frac_{c}": s[f"n_{c}"] / nt for c in CATEGORIES})
+            row["mean_support"] = s["support"] / nt
+            row["mean_abs_delta"] = s["abs_delta"] / max(1.0, s["delta_tokens"])
+        elif self.cfg.objective == "opsd":
+            row["kl_per_token"] = s["kl_sum"] / max(1.0, s["mask_tokens"])
+        else:
+            mt = max(1.0, s["mask_tokens"])
+            row.update({"reward": s["reward"] / n, "clip_frac": s["clipped"] / mt, "ratio_mean": s["ratio"] / mt,
+                        "kl": s["kl"] / mt, "advantage_abs": s["advantage_abs"] / n})
+        return row
+
+    # ---- checkpoints
+
+    def _load_optimizer(self, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False) if self.mode == "fsdp" else StateDictOptions()
+        set_optimizer_state_dict(self.wrapped, self.opt, osd, options=opts)
+        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+
+    def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler) -> Path:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+        from stages.models import save_model
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        osd = get_optimizer_state_dict(self.wrapped, self.opt, options=full)
+        model_sd = get_model_state_dict(self.wrapped, options=full) if self.mode == "fsdp" else None
+        ema = None
+        if self.cfg.teacher_mode == "ema" and self.teacher_policy is not None:
+            names = set(self.trainable_names)
+            tsd = get_model_state_dict(self.teacher_policy, options=full) if self.mode == "fsdp" else self.teacher_policy.state_dict()
+            ema = {k[len("model."):]: v.detach().cpu() for k, v in tsd.items() if k in names}
+        cfg = self.cfg
+        state = {
+            "policy_step": self.policy_step, "local_step": local_step, "run_dir": str(Path(run_dir).resolve()),
+            "sampler": sampler.state(local_step // (cfg.num_iterations if cfg.objective == "grpo" else 1)),
+            "world_size": self.dist.world, "config_key": cfg.key(), "config": asdict(cfg),
+            "precision": self.precision, "distributed": self.mode,
+        }
+        meta = {
+            "format": ckpt.FORMAT, "policy_step": self.policy_step, "objective": cfg.objective,
+            "bank_version": self.bank_version, "base_model": self.base_spec.to_json(), "adapter": self.lora,
+            "teacher_mode": cfg.teacher_mode, "teacher_init": self.teacher_init,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+
+        def fill(tmp: Path) -> None:
+            (tmp / "rng").mkdir(exist_ok=True)
+            torch.save(rng_state(), tmp / "rng" / f"rank_{self.dist.rank:05d}.pt")
+            if not self.dist.main:
+                return
+            # the checkpoint folder is itself a model folder (HF or LoRA adapter): --model CKPT loads it
+            if model_sd is None:
+                save_model(self.model, self.tok, tmp / "model", base_spec=self.base_spec)
+            else:
+                seen, tied = set(), set()
+                for n, p in self.policy.named_parameters(remove_duplicate=False):
+                    (tied.add(n) if id(p) in seen else seen.add(id(p)))
+                sd = {k[len("model."):]: v for k, v in model_sd.items() if k not in tied}
+                self.model.save_pretrained(tmp / "model", state_dict=sd, safe_serialization=True)
+                self.tok.save_pretrained(tmp / "model")
+                if self.lora:
+                    (tmp / "model" / "sgsd_base.json").write_text(json.dumps(self.base_spec.to_json()))
+            for f in (tmp / "model").iterdir():
+                os.replace(f, tmp / f.name)
+            (tmp / "model").rmdir()
+            if cfg.save_merged and self.lora and model_sd is None:
+                merged = copy.deepcopy(self.model).merge_and_unload()
+                save_model(merged, self.tok, tmp / "merged")
+                del merged
+            torch.save(osd, tmp / "optimizer.pt")
+            torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
+            if ema is not None:
+                torch.save(ema, tmp / "ema.pt")
+            if rows:
+                write_parquet(pl.DataFrame(rows), tmp / "metrics.parquet")
+            atomic_write_json(tmp / ckpt.STATE, state)
+            atomic_write_json(tmp / ckpt.META, meta)
+
+        return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier)
+
+    # ---- training on one run directory
+
+    def fit(self, run_dir: str | Path, *, force: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+        cfg, d = self.cfg, self.dist
+        run_dir = Path(run_dir)
+        self.data = LOADERS[cfg.objective](run_dir, cfg, self.tok)
+        if not self.data.items:
+            raise InputError(run_dir, "no rollouts to train on")
+        if cfg.objective == "sgsd" and self.data.info.get("bank_version"):
+            self.bank_version = self.data.info["bank_version"]
+        stage = StageRun(run_dir, "train", cfg.key(), inputs=self.data.inputs, force=force, seed=cfg.seed)
+        if stage.done:
+            return stage.output
+        if cfg.objective == "grpo":
+            self._fill_old_logprobs(run_dir)
+        n = len(self.data.items)
+        B = min(cfg.batch_size or n, n)
+        if B < cfg.batch_size:
+            self.log(f"batch size {cfg.batch_size} > {n} rollouts in the table: using {B}")
+        sampler = Sampler(n, B, cfg.seed)
+        iters = cfg.num_iterations if cfg.objective == "grpo" else 1
+        n_steps = cfg.steps or sampler.per_epoch * iters
+
+        start_local, rows = 0, []
+        st = self.start_state
+        if st and not self._start_consumed and st.get("run_dir") == str(run_dir.resolve()):
+            if st.get("config_key") != cfg.key():
+                raise ckpt.CheckpointError(self.start, "the training config changed since this checkpoint was written; "
+                                                       "pass --force to start over or --resume never")
+            if st["sampler"]["rows"] != n or st["sampler"]["batch_size"] != B:
+                raise ckpt.CheckpointError(self.start, f"checkpoint was written for {st['sampler']['rows']} rows / batch "
+                                                       f"{st['sampler']['batch_size']}, the tables now give {n} / {B}")
+            start_local = int(st["local_step"])
+            if (self.start / "metrics.parquet").exists():
+                rows = pl.read_parquet(self.start / "metrics.parquet").to_dicts()
+            rng = self.start / "rng" / f"rank_{d.rank:05d}.pt"
+            if rng.exists():
+                set_rng_state(torch.load(rng, weights_only=False))
+            self.log(f"resuming from {self.start} at step {start_local}/{n_steps} (policy step {self.policy_step})")
+        elif force and d.main:
+            import shutil
+
+            for p in ckpt.candidates(run_dir):
+                shutil.rmtree(p, ignore_errors=True)
+        self._start_consumed = True
+        d.barrier()
+
+        advance = progress("train", n_steps) if progress and d.main else None
+        if advance and start_local:
+            advance(start_local)
+        for local in range(start_local, n_steps):
+            b = local // iters
+            rows.append(self.train_step(sampler.batch(b), local, b // sampler.per_epoch))
+            if d.main:
+                r = rows[-1]
+                self.log(f"step {r['policy_step']}: loss {r['loss']:.6f} grad_norm {r['grad_norm']:.4f} lr {r['lr']:.3g}")
+            if advance:
+                advance(1)
+            if cfg.save_every and (local + 1) % cfg.save_every == 0 and local + 1 < n_steps:
+                self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler)
+                if d.main:
+                    ckpt.prune(run_dir, cfg.keep_last)
+        final = run_dir / ckpt.FINAL
+        if not (self.start is not None and self.start.resolve() == final.resolve() and start_local == n_steps):
+            self.save(final, run_dir, n_steps, rows, sampler)
+        self.policy.eval()
+        if d.main:
+            extra = {
+                "resolved_config": asdict(cfg), "checkpoint": str(final), "policy_step": self.policy_step,
+                "bank_version": self.bank_version, "world_size": d.world, "distributed": self.mode,
+                "precision": self.precision, "global_batch": B, "grad_accum": math.ceil(math.ceil(B / d.world) / cfg.micro_batch_size),
+                "steps": n_steps, "data": self.data.info, "scoring_temperature": self.data.temperature,
+                "teacher_mode": cfg.teacher_mode, "lora": self.lora,
+            }
+            stage.finish(pl.DataFrame(rows), extra=extra)
+        d.barrier()
+        return stage.output
+
+    def release(self) -> None:
+        """Drop the DDP / FSDP wrappers' references (the loop keeps the model itself)."""
+        self.wrapped = None
+
+
+def resolve_start(run_dir: Path, cfg: TrainConfig, resume: str = "auto", warn: Callable[[str], None] | None = None) -> Path | None:
+    """Checkpoint to start from: one inside ``run_dir`` (resume) or ``cfg.model`` when it is a checkpoint."""
+    found = ckpt.find_resume(run_dir, resume, warn)
+    if found is not None:
+        return found
+    if cfg.model and ckpt.is_checkpoint(cfg.model):
+        ckpt.validate(cfg.model)
+        return Path(cfg.model)
+    return None
+
+
+def run(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", force: bool = False,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        log: Callable[[str], None] | None = None) -> Path:
+    """Stage entry point (CLI, torchrun): returns ``<run_dir>/train.parquet``."""
+    cfg = cfg.resolved()
+    run_dir = Path(run_dir)
+    dist = init_distributed(cfg.device)
+    say = log if (log and dist.main) else (lambda s: None)
+    # a finished stage with the same config and inputs is skipped before any model is loaded
+    pre = StageRun(run_dir, "train", cfg.key(), inputs=input_paths(cfg.objective, run_dir), force=force, seed=cfg.seed)
+    if pre.done:
+        say(f"train: {pre.output} is up to date")
+        return pre.output
+    start = resolve_start(run_dir, cfg, "never" if force and resume in ckpt.RESUME_MODES else resume, warn=say)
+    trainer = Trainer(cfg, start=start, dist=dist, log=say)
+    try:
+        return trainer.fit(run_dir, force=force, progress=progress)
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

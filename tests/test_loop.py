@@ -1,0 +1,243 @@
+"""`sgsd loop` on the tiny model: the three objectives, periodic eval, online skill updates, metrics,
+config files and overrides, run-directory protection.  (Kill-and-restart equality: tests/test_resume.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from conftest import DEMO_BANK, DEMO_PROBLEMS
+
+BASE = """
+[loop]
+run_dir = "{run_dir}"
+objective = "{objective}"
+model = "{model}"
+problems = "{problems}"
+bank = "{bank}"
+steps = {steps}
+prompts_per_step = 2
+device = "cpu"
+
+[rollout]
+n = {n}
+max_new_tokens = 6
+dtype = "fp32"
+
+[score_teachers]
+k = 2
+dtype = "fp32"
+
+[polarize]
+workers = 1
+
+[train]
+batch_size = 0
+micro_batch_size = 2
+lr = 1e-3
+max_grad_norm = 1.0
+precision = "fp32"
+"""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(tmp_path: Path, model: Path, objective="sgsd", steps=2, n=1, extra="", name="run") -> Path:
+    p = tmp_path / f"{name}.toml"
+    p.write_text(BASE.format(run_dir=tmp_path / name, objective=objective, model=model, problems=DEMO_PROBLEMS,
+                             bank=DEMO_BANK, steps=steps, n=n) + extra)
+    return p
+
+
+def _run(cfg: Path, sets=()):
+    from stages import loop
+    from stages.config import resolve
+
+    sections, source = resolve(cfg, list(sets))
+    return loop.run(sections, source=source)
+
+
+def test_sgsd_loop_with_eval_and_skill_updates(tmp_path, tiny_model_dir):
+    extra = """
+[eval]
+protocol = "quick"
+problems = ["{problems}"]
+limit = 2
+n = 1
+max_new_tokens = 4
+grade_workers = 1
+
+[update_skills]
+success_threshold = 1.0
+
+[update_skills.writer]
+max_new_tokens = 8
+batch_size = 4
+""".format(problems=DEMO_PROBLEMS)
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=2, extra=extra)
+    metrics = _run(cfg, ["loop.eval_every=2", "loop.skill_update_every=1"])
+    run = tmp_path / "run"
+    m = pl.read_parquet(metrics)
+    assert m["step"].to_list() == [1, 2] and m["policy_step"].to_list() == [1, 2]
+    for col in ("loss", "reward", "frac_helpful", "frac_warning", "frac_misleading", "frac_over_suppressive",
+                "frac_neutral", "support_mean", "completion_len_mean", "grad_norm", "lr", "tokens_per_s",
+                "wall_rollout_s", "wall_score_teachers_s", "wall_polarize_s", "wall_train_s"):
+        assert col in m.columns, col
+    assert m["wall_eval_s"].to_list()[1] is not None and (run / "step_0002" / "eval" / "summary.parquet").exists()
+    # every step keeps its tables; the rollout of step 2 comes from step 1's checkpoint
+    for n in (1, 2):
+        for t in ("problems", "rollout", "score_teachers", "polarize", "polarize_rollouts", "train"):
+            assert (run / f"step_{n:04d}" / f"{t}.parquet").exists()
+    r2 = pl.read_parquet(run / "step_0002" / "rollout.parquet")
+    assert r2["policy_step"].unique().to_list() == [1]
+    assert r2["model"][0] == str(run / "step_0001" / "checkpoint")
+    # skill updates: bank history started, one decision recorded per step
+    assert (run / "bank" / "v0000.json").exists()
+    for n in (1, 2):
+        u = json.loads((run / f"step_{n:04d}" / "skills_update.json").read_text())
+        assert u["decision"] in ("updated", "unchanged", "skipped")
+    man = json.loads((run / "step_0002" / "score_teachers.manifest.json").read_text())
+    assert "/bank/v" in man["config"]["bank"]
+    ck = json.loads((run / "step_0002" / "checkpoint" / "sgsd_checkpoint.json").read_text())
+    assert ck["bank_version"] and ck["policy_step"] == 2
+    # the resolved config of every stage is recorded in each manifest
+    tman = json.loads((run / "step_0001" / "train.manifest.json").read_text())
+    assert tman["resolved_config"]["objective"] == "sgsd"
+    resolved = json.loads((run / "loop_config.json").read_text())
+    assert resolved["loop"]["eval_every"] == 2 and resolved["rollout"]["max_new_tokens"] == 6
+    # rerun: everything is complete, nothing is redone
+    before = (run / "step_0002" / "train.parquet").stat().st_mtime
+    _run(cfg, ["loop.eval_every=2", "loop.skill_update_every=1"])
+    assert (run / "step_0002" / "train.parquet").stat().st_mtime == before
+
+
+@pytest.mark.parametrize("objective,n", [("grpo", 2), ("opsd", 1)])
+def test_baseline_objectives_in_the_loop(tmp_path, tiny_model_dir, objective, n):
+    cfg = _cfg(tmp_path, tiny_model_dir, objective=objective, steps=1, n=n)
+    m = pl.read_parquet(_run(cfg))
+    run = tmp_path / "run"
+    assert m.height == 1 and m["objective"][0] == objective
+    assert (run / "step_0001" / "polarize_rollouts.parquet").exists()
+    assert not (run / "step_0001" / "score_teachers.parquet").exists()
+    tr = pl.read_parquet(run / "step_0001" / "train.parquet")
+    assert ("reward" if objective == "grpo" else "kl_per_token") in tr.columns
+    if objective == "grpo":
+        assert pl.read_parquet(run / "step_0001" / "rollout.parquet").height == 4  # 2 prompts x G=2
+
+
+def test_loop_extends_and_refuses_a_changed_config(tmp_path, tiny_model_dir):
+    from stages.io import InputError
+
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
+    _run(cfg)
+    m = pl.read_parquet(_run(cfg, ["loop.steps=2"]))  # more steps: continues
+    assert m["step"].to_list() == [1, 2]
+    with pytest.raises(InputError, match="train.lr"):
+        _run(cfg, ["loop.steps=3", "train.lr=0.5"])
+
+
+def test_config_errors_and_cli(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from sgsd_cli.common import app
+    from sgsd_cli.main import _register
+    from stages.config import parse_value
+
+    _register()
+    assert parse_value("1e-5") == 1e-5 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
+    assert parse_value("runs/x") == "runs/x"
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
+    runner = CliRunner()
+    r = runner.invoke(app, ["loop", "--config", str(cfg), "--set", "train.lr=2e-4", "--print-config"])
+    assert r.exit_code == 0, r.output
+    printed = json.loads(r.output)
+    assert printed["train"]["lr"] == 2e-4 and printed["train"]["objective"] == "sgsd"
+    assert printed["rollout"]["max_new_tokens"] == 6
+    bad = tmp_path / "bad.toml"
+    bad.write_text(cfg.read_text().replace("micro_batch_size = 2", "micro_batch = 2"))
+    r = runner.invoke(app, ["loop", "--config", str(bad)])
+    assert r.exit_code == 2 and "bad.toml" in r.output and "unknown option 'train.micro_batch'" in r.output
+    r = runner.invoke(app, ["loop", "--config", str(cfg), "--set", "rollout.max_new_tokens=many"])
+    assert r.exit_code == 2 and "rollout.max_new_tokens: expected an integer" in r.output
+    r = runner.invoke(app, ["loop", "--config", str(cfg), "--set", "trian.lr=1"])
+    assert r.exit_code == 2 and "unknown config section 'trian'" in r.output
+    bad.write_text("[loop\nsteps = 1")
+    r = runner.invoke(app, ["loop", "--config", str(bad)])
+    assert r.exit_code == 2 and "invalid TOML" in r.output
+
+
+def test_shipped_recipes_resolve(tmp_path):
+    """Every config in configs/ builds every stage's config (no unknown keys, right types)."""
+    from stages import loop
+    from stages.config import load_toml
+
+    root = Path(__file__).resolve().parent.parent / "configs"
+    recipes = sorted(root.glob("*.toml"))
+    assert {p.name for p in recipes} >= {"sgsd_qwen3_1.7b.toml", "opsd_qwen3_1.7b.toml", "grpo_qwen3_1.7b.toml",
+                                          "smoke_cpu.toml"}
+    for p in recipes:
+        s = loop.build_sections(load_toml(p), str(p))
+        r = s.resolved()
+        assert r["train"]["objective"] == r["loop"]["objective"]
+        if p.name.startswith("sgsd"):
+            assert r["train"]["lora"] and r["train"]["lora_r"] == 64 and r["train"]["lora_alpha"] == 128
+            assert r["train"]["lr"] == 5e-6 and r["train"]["max_grad_norm"] == 0.1 and r["loop"]["steps"] == 200
+            assert r["train"]["teacher_mode"] == "live" and r["score_teachers"]["k"] == 8
+        if p.name.startswith("grpo"):
+            assert r["rollout"]["n"] == 8 and r["train"]["kl_beta"] == 0.0 and r["train"]["clip_eps"] == 0.2
+            assert r["rollout"]["temperature"] == 1.2
+        if p.name.startswith("opsd"):
+            assert r["train"]["teacher_mode"] == "fixed" and r["train"]["kl_clip"] == 0.05
+
+
+def _command_options() -> dict[str, set[str]]:
+    import typer
+
+    from sgsd_cli.common import app
+    from sgsd_cli.main import _register
+
+    _register()
+    group = typer.main.get_command(app)
+    return {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} for name, cmd in group.commands.items()}
+
+
+@pytest.mark.parametrize("recipe", ["sgsd", "opsd", "grpo"])
+def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
+    """bash -n; --dry-run prints one resolved command per stage, each using only options its command has."""
+    import shlex
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / f"recipe_{recipe}.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {"PATH": __import__("os").environ["PATH"], "STEPS": "2", "EVAL_EVERY": "2", "SKILLS_EVERY": "1"}
+    r = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "run")], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    assert not (tmp_path / "run").exists()  # nothing ran
+    stages = [words[1] for words in lines if words[0] == "sgsd"]
+    want = {"sgsd": ["rollout", "score-teachers", "polarize", "train", "update-skills"] * 2,
+            "opsd": ["rollout", "train"] * 2, "grpo": ["rollout", "train"] * 2}[recipe]
+    assert [s for s in stages if s != "eval"] == want
+    assert stages.count("eval") == 1
+    opts = _command_options()
+    for words in lines:
+        if words[0] != "sgsd":
+            assert words[:3] == ["python", "-m", "stages.loop"]
+            continue
+        used = {w for w in words[2:] if w.startswith("--")}
+        assert used <= opts[words[1]], (words[1], used - opts[words[1]])
+    train = next(w for w in lines if w[:2] == ["sgsd", "train"])
+    assert train[train.index("--objective") + 1] == recipe
+    second_rollout = [w for w in lines if w[:2] == ["sgsd", "rollout"]][1]
+    assert second_rollout[second_rollout.index("--model") + 1].endswith("step_0001/checkpoint")
