@@ -1,0 +1,667 @@
+"""`sgsd eval`: the paper's evaluation protocol and its metrics (DESIGN 1.6).
+
+Protocol (``paper`` preset): Qwen3 thinking mode on, T=1.0, top_p 0.95, n=12 samples per problem, up to
+38,912 new tokens, the student prompt ``Problem: {problem}\\n\\nPlease reason step by step, and put your
+final answer within \\boxed{}.`` through the chat template; completions graded by ``stages.verify`` (the
+same grader as training: last ``\\boxed{}``, math-verify, hard timeouts).
+
+Metrics per benchmark (and their macro mean over benchmarks):
+
+* ``avg_at_n``  mean over problems of (correct samples / n): the headline number; ``avg_at_n_se`` is its
+  standard error across problems (sample std of the per-problem accuracies / sqrt(#problems)).
+* ``pass_at_1``, ``pass_at_n``  the unbiased estimator 1 - C(n-c, k) / C(n, k) averaged over problems
+  (Chen et al. 2021); pass@1 equals avg@n.
+* ``maj_at_n``  majority vote over the normalised extracted answers of the n samples (samples without an
+  answer do not vote; a problem with no vote scores 0).  A tie between several top answers scores the
+  share of tied answers that are correct, i.e. the expected score of a uniformly random tie-break.
+* ``format_rate``  share of samples with an extracted answer; ``truncation_rate`` share that hit
+  max_new_tokens; ``mean_tokens`` mean completion length; ``timeout_rate`` share whose grading timed out.
+
+Outputs under ``<run_dir>/eval/``: ``<bench>.parquet`` (one row per (problem, sample)) with its manifest,
+``summary.parquet`` (one row per benchmark plus a ``mean`` row) with its manifest.  Generation runs in
+chunks of problems; each finished chunk is written atomically to ``<bench>.parts/part-XXXXX.parquet``, so a
+killed run resumes where it stopped.  Each chunk's sampling seed is derived from (seed, benchmark, the
+chunk's problem ids), so a chunk produces the same samples whatever ran before it.
+
+Fault injection for tests: ``SGSD_EVAL_CRASH_AFTER=K`` makes the stage raise :class:`InjectedCrash` once
+K rows have been generated in this process, before the chunk holding the K-th row is written (what a
+kill in the middle of that chunk leaves behind).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import polars as pl
+
+from stages import benchmarks
+from stages.generation import GenerationBackend, SamplingConfig, make_backend, vllm_available
+from stages.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
+from stages.prompts import chat_prompt_ids, load_template, student_prompt
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    # DESIGN 1.6: the paper's evaluation settings
+    "paper": dict(n=12, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38912, thinking=True),
+    # smoke runs: two short non-thinking samples per problem, same prompt and grader
+    "quick": dict(n=2, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=512, thinking=False),
+}
+
+CRASH_ENV = "SGSD_EVAL_CRASH_AFTER"
+
+ROW_SCHEMA = {
+    "bench": pl.String,
+    "problem_id": pl.String,
+    "sample_index": pl.Int64,
+    "problem": pl.String,
+    "answer": pl.String,
+    "completion": pl.String,
+    "extracted_answer": pl.String,
+    "normalized_answer": pl.String,
+    "correct": pl.Boolean,
+    "status": pl.String,
+    "tokens": pl.Int64,
+    "finish_reason": pl.String,
+    "chunk": pl.Int64,
+    "seed": pl.Int64,
+}
+
+METRIC_COLUMNS = ["avg_at_n", "avg_at_n_se", "pass_at_1", "pass_at_n", "maj_at_n", "format_rate",
+                  "truncation_rate", "mean_tokens", "timeout_rate"]
+
+SUMMARY_SCHEMA = {
+    "bench": pl.String,
+    "n": pl.Int64,
+    "problems": pl.Int64,
+    "samples": pl.Int64,
+    **{m: pl.Float64 for m in METRIC_COLUMNS},
+    "model": pl.String,
+    "protocol": pl.String,
+    "source": pl.String,
+}
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by the SGSD_EVAL_CRASH_AFTER fault injection (tests of resume)."""
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    benches: list[str] = field(default_factory=list)  # registry names, aliases or "all"
+    problems: list[str] = field(default_factory=list)  # JSONL/Parquet files with id, problem, answer
+    protocol: str = "paper"
+    # None: take the protocol preset's value
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+    thinking: bool | None = None
+    seed: int = 0
+    backend: str = "auto"
+    batch_size: int = 32
+    chunk_problems: int | None = None  # problems per resumable chunk (None: from backend, batch size, n)
+    limit: int | None = None  # first N problems of each benchmark
+    grade_timeout_s: float = 5.0
+    grade_workers: int | None = None
+    gguf_file: str | None = None
+    data_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def resolved(self) -> "EvalConfig":
+        """The config with the protocol preset filled in for every unset sampling option, validated."""
+        if self.protocol not in PROTOCOLS:
+            raise InputError(None, f"unknown protocol '{self.protocol}' (use {' or '.join(PROTOCOLS)})")
+        preset = PROTOCOLS[self.protocol]
+        cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        checks = [
+            (cfg.n >= 1, f"--n must be at least 1, got {cfg.n}"),
+            (cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}"),
+            (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+            (cfg.top_k >= -1, f"--top-k must be >= 0 (0 = off), got {cfg.top_k}"),
+            (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
+            (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+            (cfg.chunk_problems is None or cfg.chunk_problems >= 1, "--chunk-problems must be at least 1"),
+            (cfg.limit is None or cfg.limit >= 1, f"--limit must be at least 1, got {cfg.limit}"),
+            (cfg.grade_timeout_s > 0, "--grade-timeout must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(None, msg)
+        return cfg
+
+    def sampling(self, seed: int) -> SamplingConfig:
+        return SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_new_tokens=self.max_new_tokens, seed=seed, batch_size=self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
+    if k < 1 or k > n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(answers: Sequence[str | None], correct: Sequence[bool]) -> float:
+    """maj@n of one problem: the top-voted normalised answer's correctness, ties scored by their share.
+
+    ``answers`` are normalised extracted answers (None: no answer, no vote).  A group of equal answers is
+    correct when any of its samples was graded correct (equal answers can differ only by a grading
+    timeout).
+    """
+    votes: dict[str, list[int]] = {}
+    for a, c in zip(answers, correct, strict=True):
+        if a is None:
+            continue
+        v = votes.setdefault(a, [0, 0])
+        v[0] += 1
+        v[1] |= bool(c)
+    if not votes:
+        return 0.0
+    top = max(v[0] for v in votes.values())
+    tied = [v[1] for v in votes.values() if v[0] == top]
+    return sum(tied) / len(tied)
+
+
+def per_problem(rows: pl.DataFrame) -> pl.DataFrame:
+    """One row per problem (in first-seen order): n, c, maj, acc."""
+    base = rows.group_by("problem_id", maintain_order=True).agg(
+        n=pl.len(), c=pl.col("correct").sum().cast(pl.Int64),
+    )
+    votes = (
+        rows.filter(pl.col("normalized_answer").is_not_null())
+        .group_by("problem_id", "normalized_answer")
+        .agg(count=pl.len(), correct=pl.col("correct").any())
+    )
+    maj = (
+        votes.filter(pl.col("count") == pl.col("count").max().over("problem_id"))
+        .group_by("problem_id")
+        .agg(maj=pl.col("correct").cast(pl.Float64).mean())
+    )
+    return (
+        base.join(maj, on="problem_id", how="left", maintain_order="left")
+        .with_columns(pl.col("maj").fill_null(0.0), acc=pl.col("c") / pl.col("n"))
+    )
+
+
+def bench_metrics(rows: pl.DataFrame) -> dict[str, Any]:
+    """Metrics of one benchmark's rows (columns problem_id, correct, normalized_answer, extracted_answer,
+    finish_reason, tokens, status)."""
+    if rows.height == 0:
+        raise ValueError("no rows to summarise")
+    pp = per_problem(rows)
+    ns = pp["n"].unique().to_list()
+    if len(ns) != 1:
+        raise ValueError(f"problems have different sample counts {sorted(ns)}; avg@n needs the same n")
+    n = int(ns[0])
+    P = pp.height
+    acc = pp["acc"]
+    se = float(acc.std(ddof=1)) / math.sqrt(P) if P > 1 else float("nan")
+    nc = list(zip(pp["n"].to_list(), pp["c"].to_list()))
+    return {
+        "n": n,
+        "problems": P,
+        "samples": rows.height,
+        "avg_at_n": float(acc.mean()),
+        "avg_at_n_se": se,
+        "pass_at_1": sum(pass_at_k(a, b, 1) for a, b in nc) / P,
+        "pass_at_n": sum(pass_at_k(a, b, n) for a, b in nc) / P,
+        "maj_at_n": float(pp["maj"].mean()),
+        "format_rate": float(rows["extracted_answer"].is_not_null().mean()),
+        "truncation_rate": float((rows["finish_reason"] == "length").mean()),
+        "mean_tokens": float(rows["tokens"].mean()),
+        "timeout_rate": float((rows["status"] == "timeout").mean()),
+    }
+
+
+def mean_row(summary: pl.DataFrame) -> dict[str, Any]:
+    """Macro mean over benchmark rows (each benchmark weighs the same, as in the paper's "Avg." column)."""
+    B = summary.height
+    ns = summary["n"].unique().to_list()
+    row: dict[str, Any] = {
+        "bench": "mean",
+        "n": int(ns[0]) if len(ns) == 1 else None,
+        "problems": int(summary["problems"].sum()),
+        "samples": int(summary["samples"].sum()),
+    }
+    for m in METRIC_COLUMNS:
+        row[m] = float(summary[m].mean())
+    # the benchmarks are independent samples: se of their mean = sqrt(sum se^2) / B
+    row["avg_at_n_se"] = math.sqrt(float((summary["avg_at_n_se"] ** 2).sum())) / B
+    for c in ("model", "protocol"):
+        vals = summary[c].unique().to_list()
+        row[c] = vals[0] if len(vals) == 1 else "mixed"
+    row["source"] = ",".join(summary["bench"].to_list())
+    return row
+
+
+def summarize(tables: dict[str, pl.DataFrame], model: str, protocol: str,
+              sources: dict[str, str] | None = None) -> pl.DataFrame:
+    """Summary table: one row per benchmark, then a ``mean`` row when there are several."""
+    rows = []
+    for name, df in tables.items():
+        rows.append({"bench": name, **bench_metrics(df), "model": model, "protocol": protocol,
+                     "source": (sources or {}).get(name, "")})
+    summary = pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
+    if summary.height > 1:
+        summary = pl.concat([summary, pl.DataFrame([mean_row(summary)], schema=SUMMARY_SCHEMA)])
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# model identity, seeds, chunking
+
+
+def model_fingerprint(spec) -> str:
+    """Identifies the weights behind a model spec, so a retrained model in the same folder is not mistaken
+    for the old one.  Files up to 64 MiB are hashed whole; larger ones by size and three 1 MiB windows."""
+    h = hashlib.sha256()
+    local = False
+    for root in (spec.path, spec.adapter):
+        if not root:
+            continue
+        p = Path(root)
+        if not p.exists():
+            h.update(f"hub:{root}".encode())
+            continue
+        local = True
+        files = [p] if p.is_file() else sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith("."))
+        if spec.gguf_file and p.is_dir():  # a folder of several quantisations: only the chosen one counts
+            files = [f for f in files if f.suffix != ".gguf" or f.name == spec.gguf_file]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                if size <= 64 << 20:
+                    h.update(fh.read())
+                else:
+                    for off in (0, size // 2, size - (1 << 20)):
+                        fh.seek(off)
+                        h.update(fh.read(1 << 20))
+    return ("local:" if local else "") + h.hexdigest()[:32]
+
+
+def chunk_seed(seed: int, bench: str, problem_ids: Sequence[str]) -> int:
+    """Sampling seed of one chunk: a function of the run seed, the benchmark and the chunk's problems only."""
+    h = hashlib.sha256(f"{seed}\x00{bench}\x00".encode() + "\x00".join(problem_ids).encode())
+    return int.from_bytes(h.digest()[:4], "little") & 0x7FFFFFFF
+
+
+def resolve_backend_kind(kind: str, spec) -> str:
+    if kind not in ("hf", "vllm", "auto"):
+        raise InputError(None, f"unknown backend '{kind}' (use hf, vllm or auto)")
+    if kind == "auto":
+        # as make_backend("auto"): vLLM for HF folders, hub ids and LoRA adapters; GGUF goes through transformers
+        return "vllm" if vllm_available() and not spec.gguf_file else "hf"
+    return kind
+
+
+def default_chunk_problems(kind: str, batch_size: int, n: int) -> int:
+    """Problems per chunk: one decode batch for transformers; ~256 sequences for vLLM (it batches itself)."""
+    per = 256 if kind == "vllm" else batch_size
+    return max(1, per // n)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+class _Generator:
+    """Loads the model and builds the backend on first use (a fully resumed run loads nothing)."""
+
+    def __init__(self, cfg: EvalConfig, spec, kind: str, loaded=None, backend: GenerationBackend | None = None):
+        self.cfg, self.spec, self.kind = cfg, spec, kind
+        self.model, self.tok = (loaded[0], loaded[1]) if loaded else (None, None)
+        self.backend = backend
+
+    def get(self) -> tuple[GenerationBackend, Any]:
+        if self.backend is None or self.tok is None:
+            if self.kind == "vllm" and self.model is None:
+                from stages.models import load_tokenizer
+
+                self.tok = self.tok or load_tokenizer(self.spec)
+                self.backend = self.backend or make_backend("vllm", tokenizer=self.tok, spec=self.spec,
+                                                            dtype=self.cfg.dtype, seed=self.cfg.seed)
+            else:
+                if self.model is None:
+                    from stages.models import load_model
+
+                    self.model, self.tok, _ = load_model(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
+                self.backend = self.backend or make_backend(self.kind, model=self.model, tokenizer=self.tok,
+                                                            spec=self.spec)
+        return self.backend, self.tok
+
+
+def bench_key(cfg: EvalConfig, ps: benchmarks.Problems, spec, fingerprint: str, kind: str, chunk: int) -> dict:
+    """Everything that decides the rows of one benchmark: the manifest config and the resume key."""
+    return {
+        "bench": ps.name,
+        "problems_source": ps.source,
+        "problems_hash": ps.content_hash(),
+        "problems": ps.df.height,
+        "model": spec.to_json(),
+        "model_fingerprint": fingerprint,
+        "protocol": cfg.protocol,
+        "n": cfg.n,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "top_k": cfg.top_k,
+        "max_new_tokens": cfg.max_new_tokens,
+        "thinking": cfg.thinking,
+        "seed": cfg.seed,
+        "prompt_template": load_template("student"),
+        "backend": kind,
+        "chunk_problems": chunk,
+        "dtype": cfg.dtype,
+        "grade_timeout_s": cfg.grade_timeout_s,
+    }
+
+
+def _crash_after() -> int | None:
+    v = os.environ.get(CRASH_ENV)
+    return int(v) if v else None
+
+
+@dataclass
+class _Counter:
+    rows: int = 0
+
+
+def _grade(texts: list[str], golds: list[str], cfg: EvalConfig):
+    from stages.verify import grade_many, normalize_answer
+
+    grades = grade_many(list(zip(texts, golds)), timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
+    norm = [normalize_answer(g.pred) if g.pred is not None else None for g in grades]
+    return grades, norm
+
+
+def generate_chunk(gen: _Generator, cfg: EvalConfig, bench: str, chunk_df: pl.DataFrame, chunk_index: int,
+                   on_done: Callable[[int], None] | None, counter: _Counter) -> pl.DataFrame:
+    backend, tok = gen.get()
+    ids, probs, golds = (chunk_df[c].to_list() for c in ("id", "problem", "answer"))
+    prompts = [chat_prompt_ids(tok, student_prompt(p), cfg.thinking) for p in probs]
+    seed = chunk_seed(cfg.seed, bench, ids)
+    comps = backend.generate(prompts, cfg.sampling(seed), on_done=on_done)
+    counter.rows += len(comps)
+    limit = _crash_after()
+    if limit is not None and counter.rows >= limit:
+        raise InjectedCrash(f"{CRASH_ENV}={limit}: crashed after {counter.rows} generated rows")
+    grades, norm = _grade([c.text for c in comps], [golds[c.prompt_index] for c in comps], cfg)
+    return pl.DataFrame({
+        "bench": [bench] * len(comps),
+        "problem_id": [ids[c.prompt_index] for c in comps],
+        "sample_index": [c.sample_index for c in comps],
+        "problem": [probs[c.prompt_index] for c in comps],
+        "answer": [golds[c.prompt_index] for c in comps],
+        "completion": [c.text for c in comps],
+        "extracted_answer": [g.pred for g in grades],
+        "normalized_answer": norm,
+        "correct": [bool(g.correct) for g in grades],
+        "status": [g.status for g in grades],
+        "tokens": [len(c.token_ids) for c in comps],
+        "finish_reason": [c.finish_reason for c in comps],
+        "chunk": [chunk_index] * len(comps),
+        "seed": [seed] * len(comps),
+    }, schema=ROW_SCHEMA)
+
+
+def _part_ok(path: Path, chunk_df: pl.DataFrame, n: int) -> bool:
+    """A part file is usable when it reads and holds exactly (chunk problems x n samples)."""
+    try:
+        part = pl.read_parquet(path)
+    except Exception:
+        return False
+    want = {(i, s) for i in chunk_df["id"].to_list() for s in range(n)}
+    have = set(zip(part["problem_id"].to_list(), part["sample_index"].to_list()))
+    return part.height == len(want) and have == want and part.schema == pl.Schema(ROW_SCHEMA)
+
+
+def prepare_parts(ps: benchmarks.Problems, key: dict, eval_dir: Path, force: bool) -> Path:
+    """The part-file folder of one benchmark, checked against the settings that wrote it (resume key)."""
+    parts_dir = eval_dir / f"{ps.name}.parts"
+    key_path = parts_dir / "key.json"
+    key_json = to_jsonable(key)
+    if parts_dir.exists():
+        old = None
+        try:
+            old = json.loads(key_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+        if old != key_json:
+            if not force and old is not None:
+                diff = sorted(k for k in set(old) | set(key_json) if old.get(k) != key_json.get(k))
+                raise InputError(parts_dir, f"partial results of an eval with other settings ({', '.join(diff)}); "
+                                            "pass --force to discard them")
+            shutil.rmtree(parts_dir)
+        elif force:
+            shutil.rmtree(parts_dir)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(key_path, key_json)
+    return parts_dir
+
+
+def evaluate_bench(gen: _Generator, cfg: EvalConfig, ps: benchmarks.Problems, key: dict, parts_dir: Path,
+                   progress: ProgressFactory | None, counter: _Counter) -> pl.DataFrame:
+    """Generate and grade every (problem, sample) of one benchmark, resuming from finished part files."""
+    step = key["chunk_problems"]
+    df = ps.df
+    chunks = [df.slice(i, step) for i in range(0, df.height, step)]
+    advance = progress(f"eval {ps.name}", df.height * cfg.n) if progress else None
+    tables = []
+    for ci, chunk_df in enumerate(chunks):
+        part = parts_dir / f"part-{ci:05d}.parquet"
+        if part.exists() and _part_ok(part, chunk_df, cfg.n):
+            tables.append(pl.read_parquet(part))
+            if advance:
+                advance(chunk_df.height * cfg.n)
+            continue
+        t = generate_chunk(gen, cfg, ps.name, chunk_df, ci, advance, counter)
+        write_parquet(t, part)
+        tables.append(t)
+    return pl.concat(tables)
+
+
+def run(
+    cfg: EvalConfig,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    progress: ProgressFactory | None = None,
+    loaded=None,
+    backend: GenerationBackend | None = None,
+) -> Path:
+    """Stage entry point.  Returns the path of ``<run_dir>/eval/summary.parquet``.
+
+    ``progress(description, total)`` returns an advance callback (the CLI passes rich bars); ``loaded`` =
+    (model, tokenizer, spec) reuses a resident model and ``backend`` a built generation backend (the loop).
+    """
+    from stages.models import ModelSpec
+
+    cfg = cfg.resolved()
+    if loaded is not None:
+        spec = loaded[2]
+    else:
+        spec = ModelSpec.parse(cfg.model, cfg.gguf_file)
+        spec.check()
+    # load every problem set first: bad input fails before any model is loaded or file written
+    sets: list[benchmarks.Problems] = []
+    names = benchmarks.expand_bench_names(cfg.benches) if cfg.benches else []
+    sets += [benchmarks.load_benchmark(b, data_dir=cfg.data_dir) for b in names]
+    sets += [benchmarks.load(Path(p)) for p in cfg.problems]
+    if not sets:
+        raise InputError(None, "nothing to evaluate: pass --bench NAME (" + ", ".join(benchmarks.known_benchmarks())
+                               + ", all) or --problems FILE")
+    seen: dict[str, str] = {}
+    for ps in sets:
+        if ps.name in seen:
+            raise InputError(ps.source, f"benchmark name '{ps.name}' is used twice (also {seen[ps.name]}); "
+                                        "rename the problems file")
+        if ps.name == "summary":
+            raise InputError(ps.source, "'summary' is reserved for the summary table; rename the problems file")
+        seen[ps.name] = ps.source
+        if cfg.limit is not None:
+            ps.df = ps.df.head(cfg.limit)
+
+    kind = backend.name if backend is not None else resolve_backend_kind(cfg.backend, spec)
+    if backend is None and kind == "vllm":
+        if not vllm_available():
+            raise InputError(None, "backend 'vllm' requested but vllm is not installed (pip install 'sgsd[vllm]')")
+        if spec.gguf_file:
+            raise InputError(spec.path, "the vllm backend does not load GGUF files (use --backend hf)")
+    chunk = cfg.chunk_problems or default_chunk_problems(kind, cfg.batch_size, cfg.n)
+    fingerprint = model_fingerprint(spec)
+    model_name = spec.adapter or (f"{spec.path}/{spec.gguf_file}" if spec.gguf_file else spec.path)
+    eval_dir = Path(run_dir) / "eval"
+    gen = _Generator(cfg, spec, kind, loaded=loaded, backend=backend)
+    counter = _Counter()
+
+    # check every benchmark's manifest and partial results before generating anything
+    plans = []
+    for ps in sets:
+        key = bench_key(cfg, ps, spec, fingerprint, kind, chunk)
+        stage = StageRun(eval_dir, "eval", config=key, inputs={"problems": ps.path}, force=force, seed=cfg.seed,
+                         output_name=ps.name)
+        plans.append((ps, key, stage, None if stage.done else prepare_parts(ps, key, eval_dir, force)))
+
+    tables: dict[str, pl.DataFrame] = {}
+    sources: dict[str, str] = {}
+    for ps, key, stage, parts_dir in plans:
+        if parts_dir is None:
+            rows = pl.read_parquet(stage.output)
+        else:
+            rows = evaluate_bench(gen, cfg, ps, key, parts_dir, progress, counter)
+            stage.finish(rows, extra={"metrics": bench_metrics(rows), "backend": kind, "model_name": model_name})
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        tables[ps.name] = rows
+        sources[ps.name] = ps.source
+
+    # earlier benchmarks of this run directory evaluated with the same model and settings join the summary
+    for name, (rows, src) in _compatible_earlier(eval_dir, cfg, fingerprint, kind, chunk, exclude=set(tables)).items():
+        tables[name], sources[name] = rows, src
+    summary = summarize(tables, model_name, cfg.protocol, sources)
+    inputs = {name: eval_dir / f"{name}.parquet" for name in tables}
+    sum_stage = StageRun(eval_dir, "eval-summary", config={"benches": list(tables), "model": model_name,
+                                                            "protocol": cfg.protocol},
+                         inputs=inputs, force=True, seed=cfg.seed, output_name="summary")
+    sum_stage.finish(summary, extra={"settings": {k: key[k] for k in _SETTINGS_KEYS}})
+    return sum_stage.output
+
+
+_SETTINGS_KEYS = ("model", "model_fingerprint", "protocol", "n", "temperature", "top_p", "top_k", "max_new_tokens",
+                  "thinking", "seed", "prompt_template", "backend", "dtype", "grade_timeout_s")
+
+
+def _compatible_earlier(eval_dir: Path, cfg: EvalConfig, fingerprint: str, kind: str, chunk: int,
+                        exclude: set[str]) -> dict[str, tuple[pl.DataFrame, str]]:
+    out: dict[str, tuple[pl.DataFrame, str]] = {}
+    if not eval_dir.is_dir():
+        return out
+    want = {"model_fingerprint": fingerprint, "protocol": cfg.protocol, "n": cfg.n, "temperature": cfg.temperature,
+            "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "thinking": cfg.thinking,
+            "seed": cfg.seed, "prompt_template": load_template("student"), "dtype": cfg.dtype,
+            "grade_timeout_s": cfg.grade_timeout_s}
+    for mpath in sorted(eval_dir.glob("*.manifest.json")):
+        name = mpath.name[: -len(".manifest.json")]
+        if name in exclude or name == "summary":
+            continue
+        try:
+            m = read_manifest(mpath)
+        except (OSError, json.JSONDecodeError):
+            continue
+        conf = m.get("config") or {}
+        table = eval_dir / f"{name}.parquet"
+        if m.get("stage") != "eval" or not m.get("complete") or not table.exists():
+            continue
+        if any(conf.get(k) != v for k, v in to_jsonable(want).items()):
+            continue
+        out[name] = (pl.read_parquet(table), conf.get("problems_source", ""))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# reading results back (compare)
+
+
+def read_summary(run: str | Path) -> pl.DataFrame:
+    """The summary table of a run directory (``RUN/eval/summary.parquet``), its eval folder, or the file."""
+    p = Path(run)
+    for cand in (p / "eval" / "summary.parquet", p / "summary.parquet", p):
+        if cand.is_file():
+            from stages.io import read_table
+
+            return read_table(cand, required={"bench": str, "avg_at_n": float})
+    raise InputError(p, "no eval summary here (expected RUN/eval/summary.parquet; run `sgsd eval` first)")
+
+
+def paper_results(path: str | Path | None = None) -> tuple[dict, pl.DataFrame]:
+    """(meta, table) of the paper's published rows in data/paper_results.toml; values are fractions."""
+    import tomllib
+
+    from stages.io import DATA_DIR
+
+    p = Path(path) if path else DATA_DIR / "paper_results.toml"
+    try:
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise InputError(p, f"cannot read paper results ({e})") from None
+    meta = data.get("meta", {})
+    scale = 100.0 if meta.get("units") == "percent" else 1.0
+    benches = list(meta.get("benches", []))
+    rows = []
+    for r in data.get("rows", []):
+        vals = {b: (r[b] / scale if b in r else None) for b in benches}
+        present = [v for v in vals.values() if v is not None]
+        rows.append({"method": r["method"], **vals, "mean": sum(present) / len(present) if present else None})
+    schema = {"method": pl.String, **{b: pl.Float64 for b in benches}, "mean": pl.Float64}
+    return meta, pl.DataFrame(rows, schema=schema)
+
+
+def compare_table(runs: Sequence[str | Path], metric: str = "avg_at_n", with_paper: bool = True
+                  ) -> tuple[list[str], list[tuple[str, int | None, list[float | None], str]]]:
+    """Benchmarks (columns) and rows (label, n, values, kind) of a side-by-side comparison.
+
+    The last column is the mean over the paper's benchmarks (aime24, aime25, hmmt25) when the paper rows
+    are shown, else over every column; a row missing one of them has no mean.
+    """
+    summaries = [(Path(r), read_summary(r)) for r in runs]
+    for r, s in summaries:
+        if metric not in s.columns:
+            raise InputError(r, f"summary has no metric '{metric}' (has: {', '.join(s.columns)})")
+    meta, paper = paper_results() if with_paper else ({}, None)
+    benches: list[str] = list(meta.get("benches", [])) if with_paper else []
+    for _, s in summaries:
+        benches += [b for b in s["bench"].to_list() if b != "mean" and b not in benches]
+    mean_over = list(meta.get("benches", [])) if with_paper else benches
+    rows: list[tuple[str, int | None, dict[str, float | None], str]] = []
+    if paper is not None and metric == "avg_at_n":
+        for r in paper.iter_rows(named=True):
+            rows.append((f"paper {meta.get('model', '')} {r['method']}".replace("  ", " "), meta.get("n"),
+                         {b: r.get(b) for b in benches}, "paper"))
+    for path, s in summaries:
+        d = dict(zip(s["bench"].to_list(), s[metric].to_list()))
+        ns = [x for x in s.filter(pl.col("bench") != "mean")["n"].unique().to_list() if x is not None]
+        rows.append((str(path), ns[0] if len(ns) == 1 else None, {b: d.get(b) for b in benches}, "run"))
+    out = []
+    for label, n, vals, kind in rows:
+        sel = [vals.get(b) for b in mean_over]
+        mean = sum(sel) / len(sel) if sel and all(v is not None for v in sel) else None
+        out.append((label, n, [vals.get(b) for b in benches] + [mean], kind))
+    return benches + ["mean"], out
