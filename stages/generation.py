@@ -3,8 +3,9 @@
 A backend takes tokenized prompts and a :class:`SamplingConfig` and returns one :class:`Completion` per
 (prompt, sample) with the completion token ids, the *sampling log-prob* of each token and the finish
 reason.  The sampling log-prob is ``log_softmax(logits / temperature)`` at the sampled token, before
-top-k / top-p truncation (vLLM's ``processed_logprobs`` at T, transformers: computed in the decode loop
-below); at temperature 1 it is the model's own log-prob, which the scoring core reproduces.
+top-k / top-p truncation (vLLM: ``processed_logits`` plus the normaliser in stages/vllm_backend.py;
+transformers: computed in the decode loop below); at temperature 1 it is the model's own log-prob, which the
+scoring core reproduces.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def vllm_available() -> bool:
 
 
 def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwargs) -> GenerationBackend:
-    """``kind``: hf | vllm | auto (vLLM when importable and the model is not a GGUF/adapter, else hf)."""
+    """``kind``: hf | vllm | auto (vLLM when importable and the model is not a GGUF file, else hf)."""
     if kind not in ("hf", "vllm", "auto"):
         raise InputError(None, f"unknown backend '{kind}' (use hf, vllm or auto)")
     if kind == "auto":

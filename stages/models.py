@@ -229,9 +229,11 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return tok
 
 
-def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 64, layers: int = 2,
+def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 128, layers: int = 2,
                     vocab_size: int = 512) -> Path:
-    """Write a tiny random Qwen3-architecture model + locally trained tokenizer + Qwen3-style chat template."""
+    """Write a tiny random Qwen3-architecture model + locally trained tokenizer + Qwen3-style chat template.
+
+    hidden 128 with 4 heads gives head_dim 32, the smallest that vLLM's CPU attention accepts."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_tiny_tokenizer(vocab_size)

@@ -6,6 +6,7 @@ each completion token, the finish reason, the gold answer, the model and the pol
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -129,12 +130,15 @@ def run(
     ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop); ``backend`` a resident
     generation engine (e.g. one vLLM engine kept across loop steps, refreshed with ``update_weights``).
     """
-    from stages.benchmarks import load_problems
+    from stages import benchmarks
     from stages.models import load_model
 
-    problems = select_problems(load_problems(cfg.problems, data_dir=cfg.data_dir), cfg.limit, cfg.shard)
-    problem_src = Path(cfg.problems) if Path(cfg.problems).exists() else None
-    stage = StageRun(run_dir, "rollout", cfg, inputs={"problems": problem_src}, force=force, seed=cfg.seed,
+    src = benchmarks.load(cfg.problems, data_dir=cfg.data_dir)
+    problems = select_problems(src.df, cfg.limit, cfg.shard)
+    key = {"config": cfg, "problems_source": src.source}
+    if src.path is None:  # from the hub: no file to hash, so hash the table itself
+        key["problems_hash"] = hashlib.sha256(src.df.write_csv().encode()).hexdigest()
+    stage = StageRun(run_dir, "rollout", key, inputs={"problems": src.path}, force=force, seed=cfg.seed,
                      output_name=shard_output_name("rollout", cfg.shard))
     if stage.done:
         return stage.output

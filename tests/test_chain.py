@@ -17,14 +17,9 @@ runner = CliRunner()
 
 def sgsd(*args):
     from sgsd_cli.common import app
-    import importlib
-    from sgsd_cli.main import COMMAND_MODULES
-    for m in COMMAND_MODULES:  # TEMP-TOLERANT
-        try:
-            importlib.import_module(m)
-        except ModuleNotFoundError as e:
-            if e.name != m:
-                raise
+    from sgsd_cli.main import _register
+
+    _register()
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
