@@ -84,7 +84,7 @@ def eval_cmd(
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Maximum completion tokens (paper: 38,912).", show_default=False)] = None,
     thinking: Annotated[bool | None, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode of the chat template (paper: on).", show_default=False)] = None,
     seed: Seed = 0,
-    backend: Annotated[str, typer.Option("--backend", help="Generation backend: auto (vLLM if installed, except for GGUF files), vllm, hf.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="Generation backend: auto (vLLM if installed, except for GGUF files; else hf-fast on CUDA, else hf), vllm, hf-fast, hf.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (transformers backend).")] = 32,
     chunk_problems: Annotated[int | None, typer.Option("--chunk-problems", help="Problems per resumable chunk (default: one decode batch for transformers, ~256 sequences for vLLM).", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Evaluate only the first N problems of each benchmark.", show_default=False)] = None,

@@ -23,7 +23,7 @@ def rollout_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Maximum completion tokens.")] = 1024,
     thinking: Annotated[bool, typer.Option("--thinking/--no-thinking", help="Qwen3 thinking mode of the chat template (the student uses non-thinking mode by default).")] = False,
     seed: Seed = 0,
-    backend: Annotated[str, typer.Option("--backend", help="Generation backend: auto (vLLM if installed), vllm, hf.")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="Generation backend: auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast (static-cache engine with slot refill), hf.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (transformers backend).")] = 32,
     limit: Annotated[int | None, typer.Option("--limit", help="Use only the first N problems.")] = None,
     policy_step: Annotated[int, typer.Option("--policy-step", help="Policy step recorded in every row.")] = 0,

@@ -306,11 +306,16 @@ def chunk_seed(seed: int, bench: str, problem_ids: Sequence[str]) -> int:
 
 
 def resolve_backend_kind(kind: str, spec) -> str:
-    if kind not in ("hf", "vllm", "auto"):
-        raise InputError(None, f"unknown backend '{kind}' (use hf, vllm or auto)")
+    if kind not in ("hf", "hf-fast", "vllm", "auto"):
+        raise InputError(None, f"unknown backend '{kind}' (use auto, vllm, hf-fast or hf)")
     if kind == "auto":
-        # as make_backend("auto"): vLLM for HF folders, hub ids and LoRA adapters; GGUF goes through transformers
-        return "vllm" if vllm_available() and not spec.gguf_file else "hf"
+        # as make_backend("auto"): vLLM for HF folders, hub ids and LoRA adapters; GGUF goes through transformers,
+        # with the static-cache slot-refilling engine on CUDA
+        if vllm_available() and not spec.gguf_file:
+            return "vllm"
+        import torch
+
+        return "hf-fast" if torch.cuda.is_available() else "hf"
     return kind
 
 

@@ -17,7 +17,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stages.io import InputError
 
 
 @dataclass
@@ -112,7 +111,7 @@ class HFBackend(GenerationBackend):
         self.model = model
         self.tokenizer = tokenizer
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-        eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+        eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             eos_ids.append(tokenizer.eos_token_id)
         self.eos_ids = sorted(set(int(e) for e in eos_ids))
@@ -200,11 +199,23 @@ def vllm_available() -> bool:
 
 
 def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwargs) -> GenerationBackend:
-    """``kind``: hf | vllm | auto (vLLM when importable and the model is not a GGUF file, else hf)."""
-    if kind not in ("hf", "vllm", "auto"):
-        raise InputError(None, f"unknown backend '{kind}' (use hf, vllm or auto)")
+    """``kind``: auto | vllm | hf-fast | hf.
+
+    auto: vLLM when importable and the model is not a GGUF file; else the slot-refilling static-cache engine
+    (``hf-fast``, stages/fast_generation.py) on CUDA; else the plain transformers decode loop (``hf``).
+    """
+    from stages.io import InputError  # lazy: stages.io imports polars, which the GPU bench machine lacks
+
+    kinds = ("auto", "vllm", "hf-fast", "hf")
+    if kind not in kinds:
+        raise InputError(None, f"unknown backend '{kind}' (use {', '.join(kinds)})")
     if kind == "auto":
-        kind = "vllm" if vllm_available() and spec is not None and not spec.gguf_file else "hf"
+        if vllm_available() and spec is not None and not spec.gguf_file:
+            kind = "vllm"
+        elif model is not None and next(model.parameters()).device.type == "cuda":
+            kind = "hf-fast"
+        else:
+            kind = "hf"
     if kind == "vllm":
         if not vllm_available():
             raise InputError(None, "backend 'vllm' requested but vllm is not installed (pip install 'sgsd[vllm]')")
@@ -212,5 +223,9 @@ def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwa
 
         return VLLMBackend(spec, tokenizer=tokenizer, **vllm_kwargs)
     if model is None or tokenizer is None:
-        raise ValueError("the hf backend needs a loaded model and tokenizer")
+        raise ValueError(f"the {kind} backend needs a loaded model and tokenizer")
+    if kind == "hf-fast":
+        from stages.fast_generation import FastHFBackend
+
+        return FastHFBackend(model, tokenizer)
     return HFBackend(model, tokenizer)

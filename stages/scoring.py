@@ -18,6 +18,7 @@ Every stage that needs log-probs (score-teachers, train, GRPO's old log-probs, c
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -118,8 +119,12 @@ def score_segments(
         uniq.setdefault(s, len(uniq))
     useg = list(uniq)
     results: list[torch.Tensor | None] = [None] * len(useg)
+    # Without gradients, attention runs per packed sequence (no [T, T] block mask; see varlen_attention).
+    # With gradients the block-mask path is kept: gradient checkpointing re-runs attention in backward,
+    # outside this call (wrap forward *and* backward in `varlen_attention(model)` to use it there).
     ctx = torch.enable_grad() if grad else torch.no_grad()
-    with ctx:
+    attn = contextlib.nullcontext() if grad or _varlen_active(model) else varlen_attention(model)
+    with ctx, attn:
         for batch in pack_batches([len(s) for s in useg], token_budget):
             ids, pos, sel, tgt, spans = [], [], [], [], []
             offset = 0
@@ -149,6 +154,11 @@ def score_segments(
     return [results[uniq[s]] for s in segments]  # type: ignore[misc]
 
 
+def _varlen_active(model) -> bool:
+    body, _ = split_lm(model)
+    return getattr(body.config, "_attn_implementation", None) == VARLEN_ATTN
+
+
 def score_naive(model, segments: Sequence[Segment], *, temperature: float = 1.0, pad_id: int = 0) -> list[torch.Tensor]:
     """Reference: right-padded batch, full [B, T, V] fp32 logits, log_softmax, gather."""
     device = next(model.parameters()).device
@@ -168,3 +178,82 @@ def score_naive(model, segments: Sequence[Segment], *, temperature: float = 1.0,
         tgt = torch.tensor(s.completion_ids, device=device)
         out.append(logp[b, p - 1 : p - 1 + c].gather(-1, tgt.unsqueeze(-1)).squeeze(-1))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# packed scoring without the [T, T] mask: per-sequence attention inside a packed row
+
+VARLEN_ATTN = "sgsd_varlen_sdpa"
+_bounds_cache: dict = {}
+
+
+def _segment_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] of the sequences packed in row 0 of ``position_ids`` (a sequence starts at position 0).
+    Computed once per forward (every layer gets the same tensor)."""
+    key = (position_ids.data_ptr(), tuple(position_ids.shape), position_ids._version)
+    hit = _bounds_cache.get(key)
+    if hit is not None:
+        return hit
+    T = position_ids.shape[-1]
+    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    bounds = list(zip(starts, starts[1:] + [T]))
+    _bounds_cache.clear()
+    _bounds_cache[key] = bounds
+    return bounds
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function: causal SDPA per packed sequence (flash kernel on CUDA, no mask).
+
+    Used only inside :func:`varlen_attention`, for unpadded single-row packed inputs without a cache
+    (``score_segments``); anything else goes to transformers' own SDPA function."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    if pos is None or query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:
+        key = key.repeat_interleave(rep, dim=1)
+        value = value.repeat_interleave(rep, dim=1)
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       dropout_p=dropout if module.training else 0.0, scale=scaling)
+        for s, e in _segment_bounds(pos)
+    ]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+class varlen_attention:
+    """Context manager: while active, ``model``'s attention runs per packed sequence instead of over the
+    whole packed row with a block-diagonal ``[T, T]`` mask (transformers' SDPA path for packed position
+    ids computes every cross-sequence block and materialises the mask).  With ``grad=True`` keep the
+    backward pass inside the context too: gradient checkpointing re-runs attention there.
+
+        with varlen_attention(model):
+            lps = score_segments(model, segs, grad=True)
+            loss(lps).backward()
+    """
+
+    def __init__(self, model):
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(VARLEN_ATTN, varlen_sdpa_attention)
+        body, _ = split_lm(model)
+        self.configs = [c for c in {id(c): c for c in (body.config, getattr(model, "config", None)) if c is not None}.values()]
+        self.old: list = []
+
+    def __enter__(self):
+        self.old = [c._attn_implementation for c in self.configs]
+        for c in self.configs:
+            c._attn_implementation = VARLEN_ATTN
+        return self
+
+    def __exit__(self, *exc):
+        for c, o in zip(self.configs, self.old):
+            c._attn_implementation = o
+        _bounds_cache.clear()
+        return False
