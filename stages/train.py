@@ -41,7 +41,7 @@ from stages import checkpoint as ckpt
 from stages.grpo_objective import AGGREGATIONS, aggregate, group_advantages, sequence_loss
 from stages.io import InputError, StageRun, atomic_write_json, read_table, stage_table_path, write_parquet
 from stages.opsd_objective import chunked_clipped_forward_kl, completion_hidden
-from stages.scoring import Segment, score_segments, split_lm
+from stages.scoring import Segment, score_segments, split_lm, varlen_attention
 from stages.sgsd_objective import rollout_loss
 
 OBJECTIVES = ("sgsd", "opsd", "grpo")
@@ -772,7 +772,8 @@ class Trainer:
             weights = [1.0] * len(mb)
             if not mb:  # this rank ran out of rows: a zero-weight forward keeps the collectives in step
                 mb, weights = [items[0]], [0.0]
-            with self._sync(j == n_micro - 1):
+            # attention per packed sequence in forward *and* backward (checkpointing re-runs it there)
+            with self._sync(j == n_micro - 1), varlen_attention(self.model):
                 loss, st = self.micro_loss(mb, weights, norm)
                 (loss * d.world).backward()
             for k, v in st.items():

@@ -122,7 +122,7 @@ def test_sgsd_direction_rho_plus_raises_rho_minus_lowers(tmp_path, tiny, tiny_mo
         run = make_run(tmp_path / f"rho{sign}", tiny, n_problems=2, K=2, T=6, rho=lambda i, k, s=sign: s,
                        teacher_shift=1.0)
         before = student_logprobs(tiny_model_dir, run)
-        train.run(train_cfg(tiny_model_dir, objective="sgsd", teacher_mode="fixed", steps=3, lr=3e-3), run)
+        train.run(train_cfg(tiny_model_dir, objective="sgsd", teacher_mode="fixed", steps=3, lr=1e-3), run)
         after = student_logprobs(run / "checkpoint", run)
         results[sign] = [float((after[r] - before[r]).mean()) for r in before]
     assert all(d > 0 for d in results[1]), results
