@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stages.io import InputError, _fsync_dir, atomic_write_text, write_parquet
+from stages.io import InputError, atomic_write_bytes, atomic_write_text, write_parquet
 from stages.prompts import strip_wrappers
 
 SKILL_FIELDS = ("skill_id", "title", "principle", "when_to_apply")
@@ -228,24 +227,11 @@ def write_bank(bank: SkillBank, path: str | os.PathLike) -> Path:
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
-    """Atomic write that refuses to replace an existing file (temp file + fsync + hard link)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Atomic write that refuses to replace an existing file."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise InputError(path, "bank version already exists; bank versions are never overwritten") from None
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(path.parent)
+        atomic_write_bytes(path, data, exclusive=True)
+    except FileExistsError:
+        raise InputError(path, "bank version already exists; bank versions are never overwritten") from None
 
 
 # --------------------------------------------------------------------------------------------------
