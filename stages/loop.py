@@ -32,6 +32,7 @@ import polars as pl
 
 from stages import checkpoint as ckpt
 from stages.config import build
+from stages.generation import make_backend
 from stages.io import InputError, StageRun, atomic_write_json, read_manifest, write_parquet
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
@@ -345,6 +346,7 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
         init_bank_versions(run_dir, load_bank(S.score.bank))
         bank_hist = run_dir
     loggers = _Loggers(lc, run_dir, resolved, say)
+    engine = None  # a resident generation engine (vllm / hf-fast), refreshed with update_weights each step
     try:
         for n in range(done + 1, lc.steps + 1):
             sd = step_dir(run_dir, n)
@@ -357,7 +359,12 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
                 write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
             rcfg = replace(S.rollout, model=policy, gguf_file=lc.gguf_file if n == 1 else None, problems=str(probs),
                            policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None)
-            rollout.run(rcfg, sd, progress=progress, loaded=loaded)
+            if lc.backend in ("vllm", "hf-fast"):
+                if engine is None:
+                    engine = make_backend(lc.backend, model=trainer.model, tokenizer=trainer.tok, spec=loaded[2])
+                else:
+                    engine.update_weights(trainer.model)
+            rollout.run(rcfg, sd, progress=progress, loaded=loaded, backend=engine)
             if lc.objective == "sgsd":
                 bank = S.score.bank
                 if bank_hist is not None:
@@ -391,6 +398,8 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
                     shutil.rmtree(step_dir(run_dir, old) / ckpt.INTERMEDIATE, ignore_errors=True)
     finally:
         loggers.close()
+        if engine is not None:
+            engine.close()
     return metrics_path
 
 

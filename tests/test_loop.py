@@ -241,3 +241,28 @@ def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
     assert train[train.index("--objective") + 1] == recipe
     second_rollout = [w for w in lines if w[:2] == ["sgsd", "rollout"]][1]
     assert second_rollout[second_rollout.index("--model") + 1].endswith("step_0001/checkpoint")
+
+
+def test_loop_keeps_one_resident_engine_and_refreshes_its_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """backend hf-fast: one engine for the whole loop, update_weights after every training step."""
+    from stages import fast_generation, loop
+
+    built, updates = [], []
+    orig_init, orig_update = fast_generation.FastHFBackend.__init__, fast_generation.FastHFBackend.update_weights
+
+    def init(self, *a, **k):
+        built.append(1)
+        orig_init(self, *a, **k)
+
+    def update(self, model):
+        updates.append(1)
+        orig_update(self, model)
+
+    monkeypatch.setattr(fast_generation.FastHFBackend, "__init__", init)
+    monkeypatch.setattr(fast_generation.FastHFBackend, "update_weights", update)
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=3)
+    _run(cfg, ['loop.backend="hf-fast"'])
+    assert len(built) == 1 and len(updates) == 2
+    for n in (1, 2, 3):
+        ro = pl.read_parquet(tmp_path / "run" / f"step_{n:04d}" / "rollout.parquet")
+        assert set(ro["backend"]) == {"hf-fast"} and set(ro["policy_step"]) == {n - 1}
