@@ -12,7 +12,9 @@ PROBLEMS="${SGSD_SMOKE_PROBLEMS:-data/demo/problems.jsonl}"
 BANK="${SGSD_SMOKE_BANK:-data/demo/skill_bank.json}"
 LIMIT="${SGSD_SMOKE_LIMIT:-16}"
 MAXTOK="${SGSD_SMOKE_MAX_NEW_TOKENS:-48}"
-SGSD="${SGSD_BIN:-sgsd}"
+if [ -n "${SGSD_BIN:-}" ]; then SGSD="$SGSD_BIN"
+elif command -v sgsd >/dev/null 2>&1; then SGSD=sgsd
+else SGSD="python3 -m sgsd_cli.main"; fi   # console script not on PATH (e.g. pyenv before a rehash)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
 
