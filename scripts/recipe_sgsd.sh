@@ -6,7 +6,7 @@
 #
 #   scripts/recipe_sgsd.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
 #
-# Environment overrides (paper values by default): MODEL STEPS PROMPTS SEED PROBLEMS BANK RETRIEVAL ENCODER K
+# Environment overrides (paper values by default): BACKEND MODEL STEPS PROMPTS SEED PROBLEMS BANK RETRIEVAL ENCODER K
 # MAX_NEW_TOKENS LR EVAL_EVERY SKILLS_EVERY DEVICE SGSD (the sgsd command) PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,7 @@ LR="${LR:-5e-6}"
 EVAL_EVERY="${EVAL_EVERY:-50}"
 SKILLS_EVERY="${SKILLS_EVERY:-25}"
 DEVICE="${DEVICE:-auto}"
+BACKEND="${BACKEND:-auto}"   # auto: vLLM if installed, else hf-fast on CUDA, else hf
 SGSD="${SGSD:-sgsd}"
 PYTHON="${PYTHON:-python}"
 
@@ -44,7 +45,7 @@ POLICY="$MODEL"
 for ((n = 1; n <= STEPS; n++)); do
   S=$(printf '%s/step_%04d' "$RUN" "$n")
   run "$PYTHON" -m stages.loop problems --pool "$PROBLEMS" --step "$n" --per-step "$PROMPTS" --seed "$SEED" --out "$S/problems.parquet"
-  run $SGSD rollout --run-dir "$S" --model "$POLICY" --problems "$S/problems.parquet" --n 1 --temperature 1.1 --top-p 0.95 --top-k 20 --max-new-tokens "$MAX_NEW_TOKENS" --no-thinking --seed $((SEED * 100003 + n)) --policy-step $((n - 1)) --backend hf --device "$DEVICE"
+  run $SGSD rollout --run-dir "$S" --model "$POLICY" --problems "$S/problems.parquet" --n 1 --temperature 1.1 --top-p 0.95 --top-k 20 --max-new-tokens "$MAX_NEW_TOKENS" --no-thinking --seed $((SEED * 100003 + n)) --policy-step $((n - 1)) --backend "$BACKEND" --device "$DEVICE"
   run $SGSD score-teachers --run-dir "$S" --model "$POLICY" --bank "$(bank_now)" --retrieval "$RETRIEVAL" --encoder "$ENCODER" --k "$K" --scoring-temperature 1.0 --seed $((SEED + n)) --device "$DEVICE"
   run $SGSD polarize --run-dir "$S" --verify-timeout 5
   run $SGSD train --run-dir "$S" --objective sgsd --model "$POLICY" --steps 1 --batch-size 0 --micro-batch-size 4 --lr "$LR" --max-grad-norm 0.1 --lora --lora-r 64 --lora-alpha 128 --lora-target all-linear --teacher-mode live --gradient-checkpointing --seed "$SEED" --device "$DEVICE"

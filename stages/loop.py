@@ -346,7 +346,7 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
         init_bank_versions(run_dir, load_bank(S.score.bank))
         bank_hist = run_dir
     loggers = _Loggers(lc, run_dir, resolved, say)
-    engine = None  # a resident generation engine (vllm / hf-fast), refreshed with update_weights each step
+    engine = None  # the resident generation engine (vllm / hf-fast / hf), refreshed with update_weights each step
     try:
         for n in range(done + 1, lc.steps + 1):
             sd = step_dir(run_dir, n)
@@ -359,11 +359,10 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
                 write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
             rcfg = replace(S.rollout, model=policy, gguf_file=lc.gguf_file if n == 1 else None, problems=str(probs),
                            policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None)
-            if lc.backend in ("vllm", "hf-fast"):
-                if engine is None:
-                    engine = make_backend(lc.backend, model=trainer.model, tokenizer=trainer.tok, spec=loaded[2])
-                else:
-                    engine.update_weights(trainer.model)
+            if engine is None:  # built once ("auto" resolved here), then refreshed in place
+                engine = make_backend(lc.backend, model=trainer.model, tokenizer=trainer.tok, spec=loaded[2])
+            else:
+                engine.update_weights(trainer.model)
             rollout.run(rcfg, sd, progress=progress, loaded=loaded, backend=engine)
             if lc.objective == "sgsd":
                 bank = S.score.bank
