@@ -11,30 +11,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
-RUN="${1:-runs/sgsd_qwen3_1.7b_sh}"
-MODEL="${MODEL:-Qwen/Qwen3-1.7B}"
-STEPS="${STEPS:-200}"
-PROMPTS="${PROMPTS:-16}"
-SEED="${SEED:-0}"
-PROBLEMS="${PROBLEMS:-train}"
+RECIPE_RUN="runs/sgsd_qwen3_1.7b_sh"
+source scripts/recipe_common.sh "$@"
 BANK="${BANK:-../shared/data/skill_banks/sgsd_qwen3_1.7b.json}"
 RETRIEVAL="${RETRIEVAL:-embedding}"
 ENCODER="${ENCODER:-Qwen/Qwen3-Embedding-0.6B}"
 K="${K:-8}"
-MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-1024}"
-LR="${LR:-5e-6}"
-EVAL_EVERY="${EVAL_EVERY:-50}"
 SKILLS_EVERY="${SKILLS_EVERY:-25}"
-DEVICE="${DEVICE:-auto}"
-BACKEND="${BACKEND:-auto}"   # auto: vLLM if installed, else hf-fast on CUDA, else hf
-SGSD="${SGSD:-sgsd}"
-PYTHON="${PYTHON:-python}"
 
-run() {  # print (dry run) or execute one command
-  if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
-}
 bank_now() {  # the run's latest bank version once updates started, else the initial bank
   local latest
   latest=$(ls "$RUN"/bank/v*.json 2>/dev/null | sort | tail -n 1 || true)
@@ -50,9 +34,7 @@ for ((n = 1; n <= STEPS; n++)); do
   run $SGSD polarize --run-dir "$S" --verify-timeout 5
   run $SGSD train --run-dir "$S" --objective sgsd --model "$POLICY" --steps 1 --batch-size 0 --micro-batch-size 4 --lr "$LR" --max-grad-norm 0.1 --lora --lora-r 64 --lora-alpha 128 --lora-target all-linear --teacher-mode live --gradient-checkpointing --seed "$SEED" --device "$DEVICE"
   POLICY="$S/checkpoint"  # model (or adapter) + optimizer state: the next train continues it, rollout loads it
-  if [ "$EVAL_EVERY" -gt 0 ] && [ $((n % EVAL_EVERY)) -eq 0 ]; then
-    run $SGSD eval --run-dir "$S" --model "$POLICY" --bench aime24 --bench aime25 --bench hmmt25 --protocol paper --device "$DEVICE"
-  fi
+  eval_if_due "$n" "$S" "$POLICY"
   if [ "$SKILLS_EVERY" -gt 0 ] && [ $((n % SKILLS_EVERY)) -eq 0 ]; then
     run $SGSD update-skills --run-dir "$RUN" --bank "$(bank_now)" --last-steps "$SKILLS_EVERY" --threshold 0.8 --max-new 5 --capacity 30 --model "$POLICY" --device "$DEVICE"
   fi

@@ -42,7 +42,7 @@ from typing import Any, Callable, Sequence
 import polars as pl
 
 from stages import benchmarks
-from stages.generation import GenerationBackend, SamplingConfig, make_backend, vllm_available
+from stages.generation import GenerationBackend, SamplingConfig, make_backend, resolve_backend, vllm_available
 from stages.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
 from stages.prompts import chat_prompt_ids, load_template, student_prompt
 
@@ -306,17 +306,10 @@ def chunk_seed(seed: int, bench: str, problem_ids: Sequence[str]) -> int:
 
 
 def resolve_backend_kind(kind: str, spec) -> str:
-    if kind not in ("hf", "hf-fast", "vllm", "auto"):
-        raise InputError(None, f"unknown backend '{kind}' (use auto, vllm, hf-fast or hf)")
-    if kind == "auto":
-        # as make_backend("auto"): vLLM for HF folders, hub ids and LoRA adapters; GGUF goes through transformers,
-        # with the static-cache slot-refilling engine on CUDA
-        if vllm_available() and not spec.gguf_file:
-            return "vllm"
-        import torch
+    """make_backend's choice, made before any model is loaded (a fully resumed eval loads nothing)."""
+    import torch
 
-        return "hf-fast" if torch.cuda.is_available() else "hf"
-    return kind
+    return resolve_backend(kind, spec, cuda=torch.cuda.is_available())
 
 
 def default_chunk_problems(kind: str, batch_size: int, n: int) -> int:

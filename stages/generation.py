@@ -198,24 +198,29 @@ def vllm_available() -> bool:
     return True
 
 
-def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwargs) -> GenerationBackend:
-    """``kind``: auto | vllm | hf-fast | hf.
+BACKENDS = ("auto", "vllm", "hf-fast", "hf")
 
-    auto: vLLM when importable and the model is not a GGUF file; else the slot-refilling static-cache engine
-    (``hf-fast``, stages/fast_generation.py) on CUDA; else the plain transformers decode loop (``hf``).
-    """
+
+def resolve_backend(kind: str, spec=None, *, cuda: bool) -> str:
+    """The concrete backend of ``kind``; auto: vLLM when importable and the model is not a GGUF file, else the
+    slot-refilling static-cache engine (``hf-fast``) on CUDA, else the plain transformers loop (``hf``)."""
     from stages.io import InputError  # lazy: stages.io imports polars, which the GPU bench machine lacks
 
-    kinds = ("auto", "vllm", "hf-fast", "hf")
-    if kind not in kinds:
-        raise InputError(None, f"unknown backend '{kind}' (use {', '.join(kinds)})")
-    if kind == "auto":
-        if vllm_available() and spec is not None and not spec.gguf_file:
-            kind = "vllm"
-        elif model is not None and next(model.parameters()).device.type == "cuda":
-            kind = "hf-fast"
-        else:
-            kind = "hf"
+    if kind not in BACKENDS:
+        raise InputError(None, f"unknown backend '{kind}' (use {', '.join(BACKENDS)})")
+    if kind != "auto":
+        return kind
+    if vllm_available() and spec is not None and not spec.gguf_file:
+        return "vllm"
+    return "hf-fast" if cuda else "hf"
+
+
+def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwargs) -> GenerationBackend:
+    """``kind``: auto | vllm | hf-fast | hf (see :func:`resolve_backend`)."""
+    from stages.io import InputError
+
+    on_cuda = model is not None and next(model.parameters()).device.type == "cuda"
+    kind = resolve_backend(kind, spec, cuda=on_cuda)
     if kind == "vllm":
         if not vllm_available():
             raise InputError(None, "backend 'vllm' requested but vllm is not installed (pip install 'sgsd[vllm]')")
