@@ -56,10 +56,10 @@ for p in (str(REPO), str(BENCH)):
         sys.path.insert(0, p)
 
 import score_bench as sb  # noqa: E402
-from stages.scoring import Segment, score_naive, score_segments  # noqa: E402
+from stages.engine.scoring import Segment, score_naive, score_segments  # noqa: E402
 
 try:  # stages.generation imports stages.io (polars); without polars only the FastHF / varlen ways are lost
-    from stages.fast_generation import score_segments_varlen, varlen_attention
+    from stages.engine.scoring import score_segments_varlen, varlen_attention
     FAST_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine
     score_segments_varlen = varlen_attention = None
@@ -322,8 +322,8 @@ def _make_static_cache(model, B, max_cache_len, device):
 
 
 def section_generation(model, prof, device, args, t_end: float) -> dict:
-    from stages.fast_generation import FastHFBackend
-    from stages.generation import SamplingConfig
+    from stages.engine.generation.fast import FastHFBackend
+    from stages.engine.generation.base import SamplingConfig
 
     cuda = torch.device(device).type == "cuda"
     rng = random.Random(args.seed + 3)
@@ -412,8 +412,8 @@ def section_generation(model, prof, device, args, t_end: float) -> dict:
 def section_check(device: str, seed: int) -> dict:
     """Greedy FastHFBackend (CUDA graphs on CUDA, eager compile off) == model.generate token for token, and
     sampled log-probs at T=1 == score_segments, on the tiny-shaped model in fp32 (exact enough to compare)."""
-    from stages.fast_generation import FastHFBackend
-    from stages.generation import SamplingConfig
+    from stages.engine.generation.fast import FastHFBackend
+    from stages.engine.generation.base import SamplingConfig
 
     model = sb.build_model("tiny", device, torch.float32, seed=seed)
     rng = random.Random(seed)

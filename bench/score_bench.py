@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from stages.scoring import Segment, score_naive, score_segments  # noqa: E402  (no polars on this path)
+from stages.engine.scoring import Segment, score_naive, score_segments  # noqa: E402  (no polars on this path)
 
 SHAPES = {
     # tiny tokenizer's vocabulary (stages.models.make_tiny_model: 512), hidden 256: big enough to time on CPU
@@ -224,7 +224,7 @@ def run_methods(model, segs, device: str, repeats: int, token_budget: int, logit
         "ours": lambda: score_segments(model, segs, token_budget=token_budget, logit_chunk=logit_chunk),
     }
     try:  # the same packing with per-sequence attention (stages.fast_generation; imports stages.io -> polars)
-        from stages.fast_generation import score_segments_varlen
+        from stages.engine.scoring import score_segments_varlen
 
         m["ours_varlen"] = lambda: score_segments_varlen(model, segs, token_budget=token_budget, logit_chunk=logit_chunk)
     except ImportError:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sgsd_cli.common import PIPELINE, Force, RunDir, app, cli_errors, out, progress_bars
-from stages.skill_bank import DEFAULT_ENCODER
+from stages.engine.skills.encoders import DEFAULT_ENCODER
 
 
 @app.command("build-index", rich_help_panel=PIPELINE)
@@ -24,12 +24,14 @@ def build_index_cmd(
 ) -> None:
     """Embed every bank item once; writes RUN_DIR/index.parquet recording the bank version and encoder."""
     from stages import build_index
-    from stages.models import pick_device
+    from stages.engine.models import pick_device
 
     dev = str(pick_device(device))
-    cfg = build_index.IndexConfig(bank=bank, encoder=encoder, mode=mode, batch_size=batch_size, device=dev,
+    cfg = build_index.BuildIndexConfig(bank=bank, encoder=encoder, mode=mode, batch_size=batch_size, device=dev,
                                   encoder_backend=encoder_backend)
     with progress_bars() as bars:
         path = build_index.run(cfg, run_dir, force=force, progress=bars)
-    idx = build_index.read_index(path)
+    from stages.engine.skills.index import read_index
+
+    idx = read_index(path)
     out.print(f"index: {path} (bank version {idx.bank_version}, mode {idx.mode}, encoder {idx.encoder or '-'})")

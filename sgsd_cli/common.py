@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stages.io import InputError  # noqa: E402
+from stages.engine.io import InputError  # noqa: E402
 
 console = Console(stderr=True)
 out = Console()

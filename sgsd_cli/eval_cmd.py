@@ -11,7 +11,7 @@ from rich.table import Table
 
 from sgsd_cli.common import PIPELINE, Device, Dtype, Force, GgufFile, Seed, app, cli_errors, out, progress_bars
 from stages import eval as ev
-from stages.io import InputError
+from stages.engine.io import InputError
 
 _BENCH_HELP = ("Benchmark name, repeatable: aime24, aime25, hmmt25, math500 (local files or hub), amc23, minerva "
                "(hub only), train, or 'all' (aime24, aime25, hmmt25, math500).")
@@ -65,7 +65,7 @@ def print_compare(runs: list[Path], metric: str, paper: bool) -> None:
     if paper and metric == "avg_at_n":
         over = ", ".join(meta.get("benches", []))
         out.print(f"mean = mean over {over} (rows missing one have none); paper rows: {meta.get('model')} "
-                  f"avg@{meta.get('n')} as published (DESIGN 1.6)")
+                  f"avg@{meta.get('n')} as published (docs/DESIGN.md 1.6)")
 
 
 @app.command("eval", rich_help_panel=PIPELINE)

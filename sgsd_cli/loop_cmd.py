@@ -10,7 +10,7 @@ import typer
 
 from sgsd_cli.common import PIPELINE, app, cli_errors, console, out, progress_bars
 from stages import loop
-from stages.config import resolve
+from stages.engine.config import resolve
 
 
 @app.command("loop", rich_help_panel=PIPELINE)

@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from sgsd_cli.common import PIPELINE, Device, Dtype, Force, GgufFile, RunDir, Seed, app, cli_errors, out, progress_bars
-from stages.io import InputError
-from stages.mine_skills import MineConfig, MiningParams
-from stages.writer import WriterConfig
+from stages.engine.io import InputError
+from stages.mine_skills import MineSkillsConfig
+from stages.engine.skills.mining import MiningParams
+from stages.engine.skills.writer import WriterConfig
 
 WriterUrl = Annotated[str | None, typer.Option("--writer-url", help="OpenAI-compatible endpoint of the writer (base URL like http://host:8000/v1, or its /chat/completions URL). Unset: a local writer model.")]
 WriterModel = Annotated[str | None, typer.Option("--writer-model", help="Writer model: the endpoint's model name, or a local model (HF folder, hub id, .gguf). Default: the policy --model (reference).")]
@@ -94,7 +95,7 @@ def mine_skills_cmd(
                          writer_max_new_tokens, writer_extra, writer_backend, writer_batch_size, device, dtype)
     params = MiningParams(max_items_per_attempt=max_items, excerpt_chars=excerpt_chars, merge_group_size=group_size,
                           merge_patience=patience, near_duplicate_threshold=near_duplicate, verify_timeout_s=verify_timeout)
-    cfg = MineConfig(writer=wcfg, params=params, model=model, gguf_file=gguf_file, problems=problems,
+    cfg = MineSkillsConfig(writer=wcfg, params=params, model=model, gguf_file=gguf_file, problems=problems,
                      n_problems=n_problems, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                      thinking=thinking, backend=backend, batch_size=batch_size, device=device, dtype=dtype, seed=seed)
     with progress_bars() as bars:

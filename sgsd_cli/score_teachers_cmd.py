@@ -35,8 +35,8 @@ def score_teachers_cmd(
     force: Force = False,
 ) -> None:
     """Score every rollout under the student prompt and K skill-conditioned teacher prompts."""
-    cfg = score_teachers.ScoreConfig(
-        model=model, bank=bank or score_teachers.ScoreConfig.bank, gguf_file=gguf_file, index=index, retrieval=retrieval, encoder=encoder, k=k,
+    cfg = score_teachers.ScoreTeachersConfig(
+        model=model, bank=bank or score_teachers.ScoreTeachersConfig.bank, gguf_file=gguf_file, index=index, retrieval=retrieval, encoder=encoder, k=k,
         weight_temperature=weight_temperature, scoring_temperature=scoring_temperature, token_budget=token_budget,
         logit_chunk=logit_chunk, rollouts_per_batch=rollouts_per_batch, seed=seed, shard=parse_shard(shard),
         device=device, dtype=dtype,

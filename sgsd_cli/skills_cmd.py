@@ -29,8 +29,8 @@ from sgsd_cli.mine_skills_cmd import (
     WriterUrl,
     writer_config,
 )
-from stages.io import InputError
-from stages.mine_skills import MiningParams
+from stages.engine.io import InputError
+from stages.engine.skills.mining import MiningParams
 
 skills_app = typer.Typer(help="Inspect skill banks: print one, diff two versions, retrieval statistics.",
                          no_args_is_help=True, rich_markup_mode="rich")
@@ -84,7 +84,7 @@ def update_skills_cmd(
                          writer_max_new_tokens, writer_extra, writer_backend, writer_batch_size, device, dtype)
     params = MiningParams(max_items_per_attempt=max_items, excerpt_chars=excerpt_chars, merge_group_size=group_size,
                           merge_patience=patience, near_duplicate_threshold=near_duplicate, verify_timeout_s=verify_timeout)
-    cfg = update_skills.UpdateConfig(
+    cfg = update_skills.UpdateSkillsConfig(
         writer=wcfg, params=params, success_threshold=threshold, max_new_items=max_new, capacity=capacity,
         last_steps=last_steps, model=model, gguf_file=gguf_file, backend=backend, device=device, dtype=dtype,
         gate_split=gate_split, gate_tolerance=gate_tolerance, gate_max_problems=gate_max_problems, gate_k=gate_k,
@@ -109,7 +109,8 @@ def update_skills_cmd(
 
 
 def _resolve_bank(spec: str, run_dir: Path | None):
-    from stages.skill_bank import bank_dir, load_bank
+    from stages.engine.skills.versions import bank_dir
+    from stages.engine.skills.bank import load_bank
 
     if run_dir is not None and re.fullmatch(r"v\d{4,}", spec):
         return load_bank(bank_dir(run_dir) / f"{spec}.json")
@@ -156,7 +157,7 @@ def show_cmd(
 @cli_errors
 def diff_cmd(old: BankArg, new: BankArg, run_dir: RunDirOpt = None) -> None:
     """Items added, removed, changed or renamed between two banks (e.g. two versions of a run)."""
-    from stages.skill_bank import diff_banks
+    from stages.engine.skills.diff import diff_banks
 
     a, b = _resolve_bank(old, run_dir), _resolve_bank(new, run_dir)
     rows = diff_banks(a, b)
@@ -196,9 +197,9 @@ def stats_cmd(
     """Which items are retrieved how often over a problem set."""
     import polars as pl
 
-    from stages.benchmarks import load_problems
-    from stages.io import write_parquet
-    from stages.skill_bank import make_retriever, retrieval_stats
+    from stages.engine.benchmarks import load_problems
+    from stages.engine.io import write_parquet
+    from stages.engine.skills.retrieval import make_retriever, retrieval_stats
 
     b = _resolve_bank(bank, run_dir)
     probs = load_problems(problems, data_dir=data_dir)["problem"].to_list()

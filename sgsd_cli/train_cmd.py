@@ -9,8 +9,8 @@ import typer
 
 from sgsd_cli.common import PIPELINE, RunDir, app, cli_errors, console, out, progress_bars
 from stages import train
-from stages.config import build, parse_sets, resolve
-from stages.io import InputError
+from stages.engine.config import build, parse_sets, resolve
+from stages.engine.io import InputError
 
 D = train.TrainConfig()  # defaults shown in --help
 

@@ -20,7 +20,7 @@ def make_tiny_model_cmd(
     vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size of the locally trained tokenizer.")] = 512,
 ) -> None:
     """Write a tiny random Qwen3-architecture model (local tokenizer, Qwen3-style chat template) for tests and smoke runs."""
-    from stages.models import make_tiny_model
+    from stages.engine.models import make_tiny_model
 
     path = make_tiny_model(out_dir, seed=seed, hidden_size=hidden_size, layers=layers, vocab_size=vocab_size)
     out.print(f"tiny model: {path}")

@@ -1,4 +1,4 @@
-"""`sgsd eval`: the paper's evaluation protocol and its metrics (DESIGN 1.6).
+"""`sgsd eval`: the paper's evaluation protocol and its metrics (docs/DESIGN.md 1.6).
 
 Protocol (``paper`` preset): Qwen3 thinking mode on, T=1.0, top_p 0.95, n=12 samples per problem, up to
 38,912 new tokens, the student prompt ``Problem: {problem}\\n\\nPlease reason step by step, and put your
@@ -41,15 +41,16 @@ from typing import Any, Callable, Sequence
 
 import polars as pl
 
-from stages import benchmarks
-from stages.generation import GenerationBackend, SamplingConfig, make_backend, resolve_backend, vllm_available
-from stages.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
-from stages.prompts import chat_prompt_ids, load_template, student_prompt
+from stages.engine import benchmarks
+from stages.engine.generation.base import GenerationBackend, SamplingConfig
+from stages.engine.generation.factory import make_backend, resolve_backend, vllm_available
+from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
+from stages.engine.prompts import chat_prompt_ids, load_template, student_prompt
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    # DESIGN 1.6: the paper's evaluation settings
+    # docs/DESIGN.md 1.6: the paper's evaluation settings
     "paper": dict(n=12, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=38912, thinking=True),
     # smoke runs: two short non-thinking samples per problem, same prompt and grader
     "quick": dict(n=2, temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=512, thinking=False),
@@ -333,14 +334,14 @@ class _Generator:
     def get(self) -> tuple[GenerationBackend, Any]:
         if self.backend is None or self.tok is None:
             if self.kind == "vllm" and self.model is None:
-                from stages.models import load_tokenizer
+                from stages.engine.models import load_tokenizer
 
                 self.tok = self.tok or load_tokenizer(self.spec)
                 self.backend = self.backend or make_backend("vllm", tokenizer=self.tok, spec=self.spec,
                                                             dtype=self.cfg.dtype, seed=self.cfg.seed)
             else:
                 if self.model is None:
-                    from stages.models import load_model
+                    from stages.engine.models import load_model
 
                     self.model, self.tok, _ = load_model(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
                 self.backend = self.backend or make_backend(self.kind, model=self.model, tokenizer=self.tok,
@@ -384,7 +385,7 @@ class _Counter:
 
 
 def _grade(texts: list[str], golds: list[str], cfg: EvalConfig):
-    from stages.verify import grade_many, normalize_answer
+    from stages.engine.verify import grade_many, normalize_answer
 
     grades = grade_many(list(zip(texts, golds)), timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
     norm = [normalize_answer(g.pred) if g.pred is not None else None for g in grades]
@@ -491,7 +492,7 @@ def run(
     ``progress(description, total)`` returns an advance callback (the CLI passes rich bars); ``loaded`` =
     (model, tokenizer, spec) reuses a resident model and ``backend`` a built generation backend (the loop).
     """
-    from stages.models import ModelSpec
+    from stages.engine.models import ModelSpec
 
     cfg = cfg.resolved()
     if loaded is not None:
@@ -603,7 +604,7 @@ def read_summary(run: str | Path) -> pl.DataFrame:
     p = Path(run)
     for cand in (p / "eval" / "summary.parquet", p / "summary.parquet", p):
         if cand.is_file():
-            from stages.io import read_table
+            from stages.engine.io import read_table
 
             return read_table(cand, required={"bench": str, "avg_at_n": float})
     raise InputError(p, "no eval summary here (expected RUN/eval/summary.parquet; run `sgsd eval` first)")
@@ -613,7 +614,7 @@ def paper_results(path: str | Path | None = None) -> tuple[dict, pl.DataFrame]:
     """(meta, table) of the paper's published rows in data/paper_results.toml; values are fractions."""
     import tomllib
 
-    from stages.io import DATA_DIR
+    from stages.engine.io import DATA_DIR
 
     p = Path(path) if path else DATA_DIR / "paper_results.toml"
     try:

@@ -1,4 +1,4 @@
-"""`sgsd loop`: the on-policy loop in one process, the model resident between stages.  DESIGN 2.
+"""`sgsd loop`: the on-policy loop in one process, the model resident between stages.  docs/DESIGN.md 2.
 
 Step n (``<run_dir>/step_000n/``)::
 
@@ -30,10 +30,10 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
-from stages import checkpoint as ckpt
-from stages.config import build
-from stages.generation import make_backend
-from stages.io import InputError, StageRun, atomic_write_json, read_manifest, write_parquet
+from stages.engine import checkpoint as ckpt
+from stages.engine.config import build
+from stages.engine.generation.factory import make_backend
+from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, write_parquet
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
 LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device")
@@ -131,7 +131,7 @@ class Sections:
 def build_sections(sections: dict, source: str = "config") -> Sections:
     from stages.polarize import PolarizeConfig
     from stages.rollout import RolloutConfig
-    from stages.score_teachers import ScoreConfig
+    from stages.score_teachers import ScoreTeachersConfig
     from stages.train import TrainConfig
 
     lc = build(LoopConfig, sections.get("loop", {}), "loop", source)
@@ -140,7 +140,7 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
     ro = build(RolloutConfig, sections.get("rollout", {}), "rollout", source, problems="", backend=lc.backend,
                data_dir=lc.data_dir, **common)
     sc_over = {"bank": lc.bank} if "bank" not in sections.get("score_teachers", {}) else {}
-    sc = build(ScoreConfig, sections.get("score_teachers", {}), "score_teachers", source, **sc_over, **common)
+    sc = build(ScoreTeachersConfig, sections.get("score_teachers", {}), "score_teachers", source, **sc_over, **common)
     po = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
     tr = build(TrainConfig, sections.get("train", {}), "train", source, objective=lc.objective, **common)
     per_step = tr.steps or (tr.num_iterations if lc.objective == "grpo" else 1)
@@ -156,16 +156,16 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
         ev.resolved()  # protocol and sampling values are checked before the first step, not after it
     up = None
     if lc.skill_update_every:
-        from stages.update_skills import UpdateConfig
+        from stages.update_skills import UpdateSkillsConfig
 
-        up = build(UpdateConfig, sections.get("update_skills", {}), "update_skills", source,
+        up = build(UpdateSkillsConfig, sections.get("update_skills", {}), "update_skills", source,
                    last_steps=lc.skill_update_every, **common)
         up.check()
     return Sections(lc, ro, sc, po, tr.resolved(), ev, up, sections)
 
 
 def _spec_for(policy: str, gguf_file: str | None):
-    from stages.models import ModelSpec
+    from stages.engine.models import ModelSpec
 
     spec = ModelSpec.parse(policy, gguf_file)
     return spec
@@ -193,7 +193,7 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
     if (sd / "polarize_rollouts.parquet").exists():
         row["reward"] = float(pl.read_parquet(sd / "polarize_rollouts.parquet")["correct"].cast(pl.Float64).mean())
     if objective == "sgsd" and (sd / "polarize.parquet").exists():
-        from stages.train import CATEGORIES
+        from stages.engine.objectives.sgsd import CATEGORIES
 
         pt = pl.read_parquet(sd / "polarize.parquet")
         for c in CATEGORIES:
@@ -299,7 +299,7 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
         log: Callable[[str], None] | None = None) -> Path:
     """Run (or continue) the loop described by resolved config sections; returns metrics.parquet."""
     from stages import polarize, rollout, score_teachers
-    from stages.benchmarks import load_problems
+    from stages.engine.benchmarks import load_problems
     from stages.train import Trainer
 
     say = log or (lambda s: None)
@@ -341,7 +341,8 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
     trainer.policy.eval()
     bank_hist = None
     if lc.skill_update_every and lc.objective == "sgsd":
-        from stages.skill_bank import init_bank_versions, load_bank
+        from stages.engine.skills.versions import init_bank_versions
+        from stages.engine.skills.bank import load_bank
 
         init_bank_versions(run_dir, load_bank(S.score.bank))
         bank_hist = run_dir
@@ -367,14 +368,14 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
             if lc.objective == "sgsd":
                 bank = S.score.bank
                 if bank_hist is not None:
-                    from stages.skill_bank import latest_bank_version
+                    from stages.engine.skills.versions import latest_bank_version
 
                     bank = str(latest_bank_version(run_dir).path)
                 scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n)
                 score_teachers.run(scfg, sd, progress=progress, loaded=loaded)
                 polarize.run(replace(S.polarize, model=policy), sd, progress=progress, tokenizer=trainer.tok)
             else:
-                _grade(sd, S.polarize)
+                polarize.grade(S.polarize, sd)
             trainer.cfg = replace(trainer.cfg, model=policy)
             trainer.fit(sd, progress=progress)
             trainer.policy.eval()
@@ -402,21 +403,6 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
     return metrics_path
 
 
-def _grade(sd: Path, pcfg) -> Path:
-    """Grade the step's rollouts (reward for GRPO, accuracy for the metrics): polarize_rollouts.parquet."""
-    from stages.io import read_table
-    from stages.polarize import grade_rollouts
-
-    src = sd / "rollout.parquet"
-    stage = StageRun(sd, "grade", {"verify_timeout_s": pcfg.verify_timeout_s}, inputs={"rollouts": src},
-                     output_name="polarize_rollouts")
-    if stage.done:
-        return stage.output
-    rt = read_table(src, {"rollout_id": str, "completion": str, "answer": str})
-    stage.finish(grade_rollouts(rt, pcfg))
-    return stage.output
-
-
 def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress) -> None:
     from stages import update_skills
 
@@ -432,7 +418,7 @@ def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress)
 def write_step_problems(pool: str, step: int, per_step: int, seed: int, out: str | Path,
                         data_dir: str | None = None) -> Path:
     """The problems the loop gives step ``step`` (used by the shell recipes in scripts/)."""
-    from stages.benchmarks import load_problems
+    from stages.engine.benchmarks import load_problems
 
     df = step_problems(load_problems(pool, data_dir=data_dir).sort("id"), step, per_step, seed)
     return write_parquet(df, out)

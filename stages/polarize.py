@@ -1,4 +1,4 @@
-"""`sgsd polarize`: verify each rollout and turn each teacher's log-prob gap into a polarity.  DESIGN 1.4.
+"""`sgsd polarize`: verify each rollout and turn each teacher's log-prob gap into a polarity.  docs/DESIGN.md 1.4.
 
 Per (rollout, teacher): Delta = teacher - student log-probs, token mask m, support a_k, stance sigma_k,
 outcome o (verifier), polarity rho_k = o * sigma_k, its category (helpful / warning / misleading /
@@ -15,10 +15,10 @@ from typing import Callable
 import polars as pl
 import torch
 
-from stages.io import InputError, StageRun, read_table, stage_table_path, write_parquet
-from stages.sgsd_objective import CLIP, category, maskable_token_ids, polarity, stance, support_score, token_mask
-
-CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
+from stages.engine.grading import grade_rollouts
+from stages.engine.io import InputError, StageRun, read_table, stage_table_path, write_parquet
+from stages.engine.objectives.sgsd import (CATEGORIES, CLIP, category, clipped_fraction, delta, maskable_token_ids,
+                                          polarity, stance, support_score, token_mask)
 
 POLARIZE_SCHEMA = {
     "rollout_id": pl.String,
@@ -46,21 +46,6 @@ class PolarizeConfig:
     stance_threshold: float = 0.05
 
 
-def grade_rollouts(rollouts: pl.DataFrame, cfg: PolarizeConfig, on_done=None) -> pl.DataFrame:
-    from stages.verify import grade_many
-
-    grades = grade_many(list(zip(rollouts["completion"].to_list(), rollouts["answer"].to_list())),
-                        timeout_s=cfg.verify_timeout_s, workers=cfg.workers)
-    if on_done:
-        on_done(len(grades))
-    return pl.DataFrame({
-        "rollout_id": rollouts["rollout_id"],
-        "correct": [g.correct for g in grades],
-        "status": [g.status for g in grades],
-        "pred": [g.pred for g in grades],
-    }, schema={"rollout_id": pl.String, "correct": pl.Boolean, "status": pl.String, "pred": pl.String})
-
-
 def polarize_tables(
     rollouts: pl.DataFrame,
     scores: pl.DataFrame,
@@ -69,7 +54,7 @@ def polarize_tables(
     on_done: Callable[[int], None] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per (rollout, teacher) table, per rollout table)."""
-    grades = grade_rollouts(rollouts, cfg)
+    grades = grade_rollouts(rollouts, timeout_s=cfg.verify_timeout_s, workers=cfg.workers)
     special, newline = maskable_token_ids(tokenizer)
     masks = {r: token_mask(ids, special, newline)
              for r, ids in zip(rollouts["rollout_id"].to_list(), rollouts["completion_ids"].to_list())}
@@ -84,8 +69,8 @@ def polarize_tables(
         t = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
         if not (len(s) == len(t) == len(m)):
             raise InputError(None, f"rollout '{rid}': {len(m)} completion tokens but {len(s)}/{len(t)} log-probs")
-        delta = t - s
-        a = float(support_score(delta, m, cfg.clip))
+        d = delta(t, s)
+        a = float(support_score(d, m, cfg.clip))
         sig = int(stance(a, cfg.stance_threshold))
         o = 1 if correct[rid] else -1
         n_mask = int(m.sum())
@@ -100,7 +85,7 @@ def polarize_tables(
         rows["category"].append(category(o, sig))
         rows["token_mask"].append(masks[rid])
         rows["n_mask"].append(n_mask)
-        rows["clipped_frac"].append(float(((delta.abs() > cfg.clip) & m).sum()) / max(1, n_mask))
+        rows["clipped_frac"].append(float(clipped_fraction(d, m, cfg.clip)))
     per_teacher = pl.DataFrame(rows, schema=POLARIZE_SCHEMA)
     counts = (
         per_teacher.group_by("rollout_id")
@@ -125,7 +110,7 @@ def run(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     tokenizer=None,
 ) -> Path:
-    from stages.models import ModelSpec, load_tokenizer
+    from stages.engine.models import ModelSpec, load_tokenizer
 
     r_src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     s_src = Path(scores) if scores else stage_table_path(run_dir, "score_teachers")
@@ -148,4 +133,18 @@ def run(
         "grade_status": {k: int(v) for k, v in per_rollout["status"].value_counts().iter_rows()},
     }
     stage.finish(per_teacher, extra={"summary": summary, "rollout_table": "polarize_rollouts.parquet"})
+    return stage.output
+
+
+def grade(cfg: PolarizeConfig, run_dir: str | Path, *, rollouts: str | Path | None = None, force: bool = False,
+          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+    """Grade-only polarize (objectives without teachers): ``polarize_rollouts.parquet`` and no teacher table."""
+    src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
+    stage = StageRun(run_dir, "grade", {"verify_timeout_s": cfg.verify_timeout_s}, inputs={"rollouts": src},
+                     output_name="polarize_rollouts", force=force)
+    if stage.done:
+        return stage.output
+    rt = read_table(src, {"rollout_id": str, "completion": str, "answer": str})
+    advance = progress("grade", rt.height) if progress else None
+    stage.finish(grade_rollouts(rt, timeout_s=cfg.verify_timeout_s, workers=cfg.workers, on_done=advance))
     return stage.output

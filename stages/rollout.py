@@ -1,4 +1,4 @@
-"""`sgsd rollout`: sample student completions for a problem set.  DESIGN 1.2-1.3.
+"""`sgsd rollout`: sample student completions for a problem set.  docs/DESIGN.md 1.2-1.3.
 
 One row per (problem, sample) with prompt and completion text and token ids, the sampling log-prob of
 each completion token, the finish reason, the gold answer, the model and the policy step.
@@ -13,9 +13,10 @@ from typing import Callable
 
 import polars as pl
 
-from stages.generation import GenerationBackend, SamplingConfig, make_backend
-from stages.io import DATA_DIR, StageRun, shard_output_name
-from stages.prompts import chat_prompt_text, student_prompt
+from stages.engine.generation.base import GenerationBackend, SamplingConfig
+from stages.engine.generation.factory import make_backend
+from stages.engine.io import DATA_DIR, StageRun, shard_output_name
+from stages.engine.prompts import chat_prompt_text, student_prompt
 
 ROLLOUT_SCHEMA = {
     "rollout_id": pl.String,
@@ -130,8 +131,8 @@ def run(
     ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop); ``backend`` a resident
     generation engine (e.g. one vLLM engine kept across loop steps, refreshed with ``update_weights``).
     """
-    from stages import benchmarks
-    from stages.models import load_model
+    from stages.engine import benchmarks
+    from stages.engine.models import load_model
 
     src = benchmarks.load(cfg.problems, data_dir=cfg.data_dir)
     problems = select_problems(src.df, cfg.limit, cfg.shard)

@@ -1,6 +1,6 @@
 """`sgsd score-teachers`: log-probs of each rollout's tokens under the student and K skill-conditioned teachers.
 
-For every rollout the teacher pool is retrieved from the skill bank (DESIGN 1.2), K teacher prompts are
+For every rollout the teacher pool is retrieved from the skill bank (docs/DESIGN.md 1.2), K teacher prompts are
 built, and the scoring core computes fp32 log-probs of the student's completion tokens under the student
 prompt (one forward per rollout, shared by all its teachers) and under each teacher prompt.  Output: one
 row per (rollout, teacher).
@@ -14,10 +14,12 @@ from typing import Callable
 
 import polars as pl
 
-from stages.io import DATA_DIR, StageRun, read_table, shard_output_name, stage_table_path
-from stages.prompts import chat_prompt_text, teacher_prompt
-from stages.scoring import Segment, score_segments
-from stages.skill_bank import bank_version_of, load_bank, make_retriever, retrieve_many
+from stages.engine.io import DATA_DIR, StageRun, read_table, shard_output_name, stage_table_path
+from stages.engine.prompts import chat_prompt_text, teacher_prompt
+from stages.engine.scoring import Segment, score_segments
+from stages.engine.skills.versions import bank_version_of
+from stages.engine.skills.bank import load_bank
+from stages.engine.skills.retrieval import make_retriever, retrieve_many
 
 ROLLOUT_COLUMNS = {"rollout_id": str, "problem_id": str, "problem": str, "prompt_ids": list, "completion_ids": list}
 
@@ -41,7 +43,7 @@ SCORE_SCHEMA = {
 
 
 @dataclass
-class ScoreConfig:
+class ScoreTeachersConfig:
     model: str
     bank: str = str(DATA_DIR / "demo" / "skill_bank.json")
     gguf_file: str | None = None
@@ -65,7 +67,7 @@ def score_table(
     tokenizer,
     rollouts: pl.DataFrame,
     retriever,
-    cfg: ScoreConfig,
+    cfg: ScoreTeachersConfig,
     on_done: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """In-process scoring of a rollout table; the loop calls this with its resident model."""
@@ -119,7 +121,7 @@ def score_table(
 
 
 def run(
-    cfg: ScoreConfig,
+    cfg: ScoreTeachersConfig,
     run_dir: str | Path,
     *,
     rollouts: str | Path | None = None,
@@ -127,7 +129,7 @@ def run(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     loaded=None,
 ) -> Path:
-    from stages.models import load_model
+    from stages.engine.models import load_model
 
     src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     table = read_table(src, ROLLOUT_COLUMNS)

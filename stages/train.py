@@ -1,4 +1,4 @@
-"""`sgsd train`: one optimizer loop for the three objectives (sgsd, opsd, grpo).  DESIGN 1.4-1.5 and 2.
+"""`sgsd train`: one optimizer loop for the three objectives (sgsd, opsd, grpo).  docs/DESIGN.md 1.4-1.5 and 2.
 
 Reads the tables of one run directory (``rollout`` and, for SGSD, ``score_teachers`` + ``polarize``; part
 directories work too), builds one item per rollout and runs ``steps`` optimizer steps over global batches
@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,19 +36,19 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages import checkpoint as ckpt
-from stages.grpo_objective import AGGREGATIONS, aggregate, group_advantages, sequence_loss
-from stages.io import InputError, StageRun, atomic_write_json, read_table, stage_table_path, write_parquet
-from stages.opsd_objective import chunked_clipped_forward_kl, completion_hidden
-from stages.scoring import Segment, score_segments, split_lm, varlen_attention
-from stages.sgsd_objective import rollout_loss
+from stages.engine import checkpoint as ckpt
+from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
+from stages.engine.io import InputError, StageRun, atomic_write_json, read_table, stage_table_path, write_parquet
+from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
+from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
+from stages.engine.objectives.sgsd import CATEGORIES, rollout_loss
+from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
 
 OBJECTIVES = ("sgsd", "opsd", "grpo")
 TEACHER_MODES = ("live", "fixed", "ema")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
 SCHEDULES = ("constant", "cosine")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
-CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
 
 
 @dataclass
@@ -142,81 +141,9 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
 
 
-# --------------------------------------------------------------------------------------------------
-# distributed plumbing
-
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # this process created the process group (and destroys it at the end)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        if torch.distributed.get_backend() == "nccl":
-            t = t.cuda()
-        torch.distributed.all_reduce(t)
-        return t.cpu().tolist()
-
-
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA); one process: Dist()."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as tdist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
-    owns = not tdist.is_initialized()
-    if owns:
-        if use_cuda:
-            torch.cuda.set_device(local)
-        tdist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=local, owns_group=owns)
-
-
-def seed_all(seed: int, step: int, rank: int) -> None:
-    """Every random draw of an optimizer step (dropout, ...) is a function of (seed, policy step, rank)."""
-    s = (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
-    torch.manual_seed(s)
-    np.random.seed(s % (2**32))
-    random.seed(s)
-
-
-def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-# --------------------------------------------------------------------------------------------------
-# data: one item per rollout
-
-
-@dataclass
-class Teach:
+class TeacherTarget:
     prompt_ids: tuple[int, ...]
     logprobs: list[float]
     weight: float
@@ -233,7 +160,7 @@ class Item:
     completion_ids: tuple[int, ...]
     mask: list[bool]
     correct: bool | None = None
-    teachers: list[Teach] = field(default_factory=list)  # sgsd
+    teachers: list[TeacherTarget] = field(default_factory=list)  # sgsd
     teacher_prompt_ids: tuple[int, ...] = ()  # opsd
     old_logprobs: list[float] | None = None  # grpo
     advantage: float = 0.0
@@ -309,7 +236,7 @@ def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
                               [bool(x) for x in r["token_mask"]], correct=r.get("correct"))
         it = items[rid]
         _check_len(paths["score_teachers"], rid, "teacher_logprobs", len(r["teacher_logprobs"]), len(it.completion_ids))
-        it.teachers.append(Teach(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
+        it.teachers.append(TeacherTarget(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
                                  int(r["polarity"]), r.get("category") or "neutral", float(r.get("support") or 0.0)))
     bank = sorted(set(st["bank_version"].drop_nulls().to_list())) if "bank_version" in st.columns else []
     temp = _unique_temperature(st, "scoring_temperature", paths["score_teachers"], cfg.scoring_temperature, 1.0)
@@ -319,7 +246,7 @@ def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
 
 
 def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-    from stages.prompts import chat_prompt_ids, opsd_teacher_prompt
+    from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt
 
     paths = input_paths("opsd", run_dir)
     rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
@@ -355,7 +282,7 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
         rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
         source = "rollout.reward"
     else:
-        from stages.verify import grade_many
+        from stages.engine.verify import grade_many
 
         read_table(paths["rollout"], {"completion": str, "answer": str})
         grades = grade_many(list(zip(rt["completion"].to_list(), rt["answer"].to_list())))
@@ -477,7 +404,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, start: Path | None = None, dist: Dist | None = None, loaded=None,
                  log: Callable[[str], None] | None = None):
-        from stages.models import ModelSpec, load_model, pick_device
+        from stages.engine.models import ModelSpec, load_model, pick_device
 
         self.cfg = cfg = cfg.resolved()
         self.dist = dist or Dist()
@@ -834,7 +761,7 @@ class Trainer:
     def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-        from stages.models import save_model
+        from stages.engine.models import save_model
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         osd = get_optimizer_state_dict(self.wrapped, self.opt, options=full)

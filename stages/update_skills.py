@@ -1,4 +1,4 @@
-"""`sgsd update-skills` (and the loop's ``--skill-update-every N``): online bank updates.  DESIGN 1.1 step 4.
+"""`sgsd update-skills` (and the loop's ``--skill-update-every N``): online bank updates.  docs/DESIGN.md 1.1 step 4.
 
 From *all* rollouts of a window (the last N steps, not only the last batch): when their success rate is
 below ``success_threshold`` (default 0.8), mine new candidates from them (successes -> skills, failures ->
@@ -29,38 +29,20 @@ from typing import Callable, Sequence
 
 import polars as pl
 
-from stages.io import InputError, atomic_write_text, read_table, stage_table_path
-from stages.mine_skills import (
-    ROLLOUT_REQUIRED,
-    MiningParams,
-    build_memories,
-    candidate_counts,
-    candidate_items,
-    extract_candidates,
-    grade_table,
-    merge_kind,
-)
-from stages.skill_bank import (
-    KINDS,
-    BankVersion,
-    SkillBank,
-    bank_dir,
-    init_bank_versions,
-    latest_bank_version,
-    load_bank,
-    make_retriever,
-    retrieve_many,
-    save_bank_version,
-    version_label,
-)
-from stages.writer import Writer, WriterConfig, make_writer
+from stages.engine.io import InputError, atomic_write_text, read_table, stage_table_path
+from stages.engine.grading import grades_for
+from stages.engine.skills.mining import ROLLOUT_REQUIRED, MiningParams, build_memories, candidate_counts, candidate_items, extract_candidates, merge_kind
+from stages.engine.skills.bank import KINDS, SkillBank, load_bank
+from stages.engine.skills.versions import BankVersion, bank_dir, init_bank_versions, latest_bank_version, save_bank_version, version_label
+from stages.engine.skills.retrieval import make_retriever, retrieve_many
+from stages.engine.skills.writer import Writer, WriterConfig, make_writer
 
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 _STEP_RX = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
-class UpdateConfig:
+class UpdateSkillsConfig:
     writer: WriterConfig = field(default_factory=WriterConfig)
     params: MiningParams = field(default_factory=MiningParams)
     success_threshold: float = 0.8
@@ -130,7 +112,7 @@ def window_memories(paths: Sequence[Path], params: MiningParams, on_table: Calla
     for p in paths:
         t = read_table(p, ROLLOUT_REQUIRED)
         sibling = p.parent / "polarize_rollouts.parquet"  # step_N/rollout.parquet or step_N/rollout/
-        grades = grade_table(t, params.verify_timeout_s, sibling if sibling.exists() else None)
+        grades = grades_for(t, timeout_s=params.verify_timeout_s, grades_path=sibling if sibling.exists() else None)
         parts.append(build_memories(t, params, grades=grades))
         if on_table:
             on_table(1)
@@ -150,7 +132,7 @@ def _content(kind: str, item: dict) -> tuple:
     return tuple(" ".join(str(item.get(f, "")).split()).lower() for f in KINDS[kind][1][1:])
 
 
-def update_kind(bank: SkillBank, kind: str, new_candidates: list[dict], writer: Writer, cfg: UpdateConfig,
+def update_kind(bank: SkillBank, kind: str, new_candidates: list[dict], writer: Writer, cfg: UpdateSkillsConfig,
                 label: str) -> tuple[list[dict], dict]:
     """The new dynamic items of one kind and the stats of their merge."""
     idf, fields = KINDS[kind][1][0], KINDS[kind][1]
@@ -191,7 +173,7 @@ def update_kind(bank: SkillBank, kind: str, new_candidates: list[dict], writer: 
                  "merge_with_dynamic": s2 if dyn else None}
 
 
-def propose_update(bank: SkillBank, memories: pl.DataFrame, writer: Writer, cfg: UpdateConfig, label: str,
+def propose_update(bank: SkillBank, memories: pl.DataFrame, writer: Writer, cfg: UpdateSkillsConfig, label: str,
                    on_done: Callable[[int], None] | None = None) -> tuple[SkillBank, dict]:
     """Mine the memories and return (candidate new bank, stats); static items keep their place."""
     cands = extract_candidates(memories, writer, cfg.params, on_done=on_done)
@@ -222,9 +204,9 @@ class TeacherSuccessGate:
         self._cache: dict[str, bool] = {}  # teacher prompt (it embeds the problem) -> correct
 
     def score(self, bank: SkillBank) -> float:
-        from stages.generation import SamplingConfig
-        from stages.prompts import chat_prompt_ids, teacher_prompt
-        from stages.verify import grade_many
+        from stages.engine.generation.base import SamplingConfig
+        from stages.engine.prompts import chat_prompt_ids, teacher_prompt
+        from stages.engine.verify import grade_many
 
         probs, golds = self.problems["problem"].to_list(), [str(a) for a in self.problems["answer"].to_list()]
         pools = retrieve_many(make_retriever(bank, self.retrieval, encoder=self.encoder, seed=self.seed), probs, k=self.k)
@@ -251,7 +233,7 @@ class TeacherSuccessGate:
 def load_gate_problems(path: str, max_problems: int, seed: int = 0) -> pl.DataFrame:
     """Held-out problems: a problems file / benchmark name (id, problem, answer) or a rollout table
     (one row per problem is kept)."""
-    from stages.benchmarks import load_problems
+    from stages.engine.benchmarks import load_problems
 
     p = Path(path)
     if p.exists() and p.suffix == ".parquet" or p.is_dir():
@@ -275,7 +257,7 @@ def _log(run_dir: Path, entry: dict) -> None:
     atomic_write_text(path, old + json.dumps(entry, ensure_ascii=False, default=str) + "\n")
 
 
-def run(cfg: UpdateConfig, run_dir: str | Path, *, rollouts: Sequence[str | Path] | None = None,
+def run(cfg: UpdateSkillsConfig, run_dir: str | Path, *, rollouts: Sequence[str | Path] | None = None,
         bank: str | Path | None = None, progress: ProgressFn | None = None, loaded=None, backend=None,
         writer: Writer | None = None, gate: Callable[[SkillBank, SkillBank], dict] | None = None) -> UpdateResult:
     """One update of the run's bank; writes the next ``bank/vNNNN`` only when the bank changes.
@@ -343,14 +325,14 @@ def run(cfg: UpdateConfig, run_dir: str | Path, *, rollouts: Sequence[str | Path
     return done("updated", f"success rate {rate:.3f} < threshold {cfg.success_threshold:g}", version, stats, gate_res)
 
 
-def _make_gate(cfg: UpdateConfig, loaded, backend=None) -> TeacherSuccessGate:
-    from stages.generation import make_backend
+def _make_gate(cfg: UpdateSkillsConfig, loaded, backend=None) -> TeacherSuccessGate:
+    from stages.engine.generation.factory import make_backend
 
     if loaded is None:
         backend = None
         if not cfg.model:
             raise InputError(None, "--gate-split needs --model (the policy that answers with the teacher prompts)")
-        from stages.models import load_model
+        from stages.engine.models import load_model
 
         loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
     model, tok, spec = loaded

@@ -17,7 +17,7 @@ DEMO_BANK = REPO / "data" / "demo" / "skill_bank.json"
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen3-architecture model folder (locally trained tokenizer, Qwen3-style template)."""
-    from stages.models import make_tiny_model
+    from stages.engine.models import make_tiny_model
 
     d = tmp_path_factory.mktemp("tiny") / "model"
     make_tiny_model(d)
@@ -27,7 +27,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_model_dir):
     """(model, tokenizer, spec) of the tiny model on CPU, fp32."""
-    from stages.models import load_model
+    from stages.engine.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
 

@@ -18,7 +18,7 @@ from stages.eval import (
     pass_at_k,
     summarize,
 )
-from stages.io import write_parquet
+from stages.engine.io import write_parquet
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

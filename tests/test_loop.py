@@ -61,7 +61,7 @@ def _cfg(tmp_path: Path, model: Path, objective="sgsd", steps=2, n=1, extra="", 
 
 def _run(cfg: Path, sets=()):
     from stages import loop
-    from stages.config import resolve
+    from stages.engine.config import resolve
 
     sections, source = resolve(cfg, list(sets))
     return loop.run(sections, source=source)
@@ -136,7 +136,7 @@ def test_baseline_objectives_in_the_loop(tmp_path, tiny_model_dir, objective, n)
 
 
 def test_loop_extends_and_refuses_a_changed_config(tmp_path, tiny_model_dir):
-    from stages.io import InputError
+    from stages.engine.io import InputError
 
     cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
     _run(cfg)
@@ -151,7 +151,7 @@ def test_config_errors_and_cli(tmp_path, tiny_model_dir):
 
     from sgsd_cli.common import app
     from sgsd_cli.main import _register
-    from stages.config import parse_value
+    from stages.engine.config import parse_value
 
     _register()
     assert parse_value("1e-5") == 1e-5 and parse_value("true") is True and parse_value("[1, 2]") == [1, 2]
@@ -179,7 +179,7 @@ def test_config_errors_and_cli(tmp_path, tiny_model_dir):
 def test_shipped_recipes_resolve(tmp_path):
     """Every config in configs/ builds every stage's config (no unknown keys, right types)."""
     from stages import loop
-    from stages.config import load_toml
+    from stages.engine.config import load_toml
 
     root = Path(__file__).resolve().parent.parent / "configs"
     recipes = sorted(root.glob("*.toml"))
@@ -245,7 +245,8 @@ def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
 
 def test_loop_keeps_one_resident_engine_and_refreshes_its_weights(tmp_path, tiny_model_dir, monkeypatch):
     """backend hf-fast: one engine for the whole loop, update_weights after every training step."""
-    from stages import fast_generation, loop
+    from stages import loop
+    from stages.engine.generation import fast as fast_generation
 
     built, updates = [], []
     orig_init, orig_update = fast_generation.FastHFBackend.__init__, fast_generation.FastHFBackend.update_weights

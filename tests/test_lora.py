@@ -21,8 +21,9 @@ def _one_thread():
 
 def test_lora_changes_only_adapter_weights_and_reloads(tmp_path, tiny, tiny_model_dir):
     from stages import train
-    from stages.generation import HFBackend, SamplingConfig
-    from stages.models import load_model
+    from stages.engine.generation.hf import HFBackend
+    from stages.engine.generation.base import SamplingConfig
+    from stages.engine.models import load_model
 
     run = make_run(tmp_path / "run", tiny, n_problems=3, K=2, teacher_shift=1.0, rho=lambda i, k: 1)
     cfg = train_cfg(tiny_model_dir, lora=True, lora_r=4, lora_alpha=8, lora_target="q_proj,v_proj,gate_proj",

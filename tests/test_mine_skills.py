@@ -12,11 +12,12 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from stages.io import InputError, read_manifest
-from stages.mine_skills import MineConfig, MiningParams, build_memories, dedupe_items, excerpt, hierarchical_merge
+from stages.engine.io import InputError, read_manifest
+from stages.mine_skills import MineSkillsConfig
+from stages.engine.skills.mining import MiningParams, build_memories, dedupe_items, excerpt, hierarchical_merge
 from stages.mine_skills import run as mine_run
-from stages.skill_bank import load_bank
-from stages.writer import HTTPWriter, LocalWriter, Writer, WriterConfig, parse_json_reply
+from stages.engine.skills.bank import load_bank
+from stages.engine.skills.writer import HTTPWriter, LocalWriter, Writer, WriterConfig, parse_json_reply
 
 from conftest import DEMO_PROBLEMS
 
@@ -135,7 +136,7 @@ def error_lines(res) -> list[str]:
 def tiny_attempts(tiny, n: int = 8, make_correct=lambda i: i % 2 == 0) -> pl.DataFrame:
     """The tiny model's rollouts on demo problems; attempts picked by ``make_correct`` get the gold
     answer boxed at the end (the tiny random model never solves anything by itself)."""
-    from stages.generation import make_backend
+    from stages.engine.generation.factory import make_backend
     from stages.rollout import RolloutConfig, generate_rollouts
 
     model, tok, spec = tiny
@@ -237,7 +238,7 @@ def test_self_sampled_attempts_tiny_model(tiny, tiny_model_dir, tmp_path):
     """No --rollouts: mine-skills samples the tiny model itself; its attempts all fail -> mistakes only."""
     words = ["sign errors", "misread questions", "unchecked arithmetic", "missing cases", "wrong units"]
     with FakeEndpoint(extract=lambda p, i: mistakes_json((words[i], f"because of {words[i]}", f"avoid {words[i]}"))) as ep:
-        cfg = MineConfig(writer=WriterConfig(url=ep.url, concurrency=2), model=str(tiny_model_dir),
+        cfg = MineSkillsConfig(writer=WriterConfig(url=ep.url, concurrency=2), model=str(tiny_model_dir),
                          problems=str(DEMO_PROBLEMS), n_problems=5, max_new_tokens=8, backend="hf", device="cpu",
                          dtype="fp32", seed=3)
         res = mine_run(cfg, tmp_path, loaded=tiny)
@@ -253,13 +254,13 @@ def test_self_sampled_attempts_tiny_model(tiny, tiny_model_dir, tmp_path):
 
 def test_local_writer_tiny_model_counts_failures(tiny, tmp_path):
     """The tiny random model as a local writer: garbage replies are counted, never fatal."""
-    from stages.generation import make_backend
+    from stages.engine.generation.factory import make_backend
 
     model, tok, _ = tiny
     attempts = tiny_attempts(tiny, n=4)
     writer = LocalWriter(make_backend("hf", model=model, tokenizer=tok), tok, max_new_tokens=32, batch_size=4,
                          model_name="tiny")
-    res = mine_run(MineConfig(), tmp_path, rollouts=_write(attempts, tmp_path / "r.parquet"), writer=writer)
+    res = mine_run(MineSkillsConfig(), tmp_path, rollouts=_write(attempts, tmp_path / "r.parquet"), writer=writer)
     c = res.summary["candidates"]
     assert c["replies"] == 4 and c["failed_replies"] == 4 - c["parse_status"].get("ok", 0)
     assert sum(c["parse_status"].values()) == 4
@@ -379,7 +380,7 @@ def test_memories_use_given_grades():
     mem = build_memories(df, MiningParams(), grades=None)
     assert mem["outcome"].to_list() == ["success", "failure"]
     assert mem["problem"][0] == "What is 1+1?"  # DAPO wrapper stripped
-    assert mem["problem_id"].to_list() == ["a", "b"] and mem["grade_status"].to_list() == ["given", "given"]
+    assert mem["problem_id"].to_list() == ["a", "b"] and mem["status"].to_list() == ["given", "given"]
 
 
 def test_bad_rollouts_one_line(tmp_path):
@@ -394,7 +395,7 @@ def test_bad_rollouts_one_line(tmp_path):
 def test_smollm2_writer_real_output(smollm2, tmp_path):
     """SmolLM2-135M-Instruct as the local writer on 2 attempts: whatever it writes is parsed or counted as a
     failure (plumbing only: the model is far too weak to be judged on content)."""
-    from stages.models import load_model
+    from stages.engine.models import load_model
 
     loaded = load_model(str(smollm2), device="cpu", dtype="fp32")
     df = pl.DataFrame({
@@ -404,7 +405,7 @@ def test_smollm2_writer_real_output(smollm2, tmp_path):
         "completion": ["22 + 6 = 28. The answer is \\boxed{28}.", "2^10 = 1024 = 7 * 146 + 3, so \\boxed{3}."],
         "correct": [True, False],  # a graded table: no verifier start-up in this test
     })
-    cfg = MineConfig(writer=WriterConfig(model=str(smollm2), max_new_tokens=32, backend="hf", batch_size=2),
+    cfg = MineSkillsConfig(writer=WriterConfig(model=str(smollm2), max_new_tokens=32, backend="hf", batch_size=2),
                      params=MiningParams(excerpt_chars=300))
     t0 = time.time()
     res = mine_run(cfg, tmp_path, rollouts=_write(df, tmp_path / "r.parquet"), loaded=loaded)
@@ -413,7 +414,7 @@ def test_smollm2_writer_real_output(smollm2, tmp_path):
     assert res.summary["memories"] == {"attempts": 2, "successes": 1}
     assert c["replies"] == 2 and sum(c["parse_status"].values()) == 2
     cands = pl.read_parquet(res.candidates)
-    from stages.skill_bank import KINDS
+    from stages.engine.skills.bank import KINDS
 
     for kind, raw, status in cands.unique("memory_id", keep="first").select("kind", "raw", "parse_status").iter_rows():
         key, fields = KINDS[kind]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from stages.grpo_objective import aggregate, clipped_surrogate, group_advantages, kl_k3, sequence_loss
-from stages.opsd_objective import chunked_clipped_forward_kl, clipped_forward_kl
+from stages.engine.objectives.grpo import aggregate, clipped_surrogate, group_advantages, kl_k3, sequence_loss
+from stages.engine.objectives.opsd import chunked_clipped_forward_kl, clipped_forward_kl
 
 
 @pytest.fixture(autouse=True)

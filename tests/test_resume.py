@@ -54,7 +54,7 @@ def _table(path: Path, root: Path | None = None, drop=TIMING) -> pl.DataFrame:
 
 
 def test_truncated_checkpoint_is_refused_and_latest_valid_falls_back(tmp_path, tiny, tiny_model_dir):
-    from stages import checkpoint as ckpt
+    from stages.engine import checkpoint as ckpt
     from stages import train
 
     ref = make_run(tmp_path / "ref", tiny, n_problems=4, K=2)
@@ -92,7 +92,7 @@ def test_truncated_checkpoint_is_refused_and_latest_valid_falls_back(tmp_path, t
 
 
 def test_checkpoint_validation_catches_missing_and_extra_files(tmp_path, tiny, tiny_model_dir):
-    from stages import checkpoint as ckpt
+    from stages.engine import checkpoint as ckpt
     from stages import train
 
     run = make_run(tmp_path / "run", tiny, n_problems=2)
@@ -153,7 +153,7 @@ def test_crashed_train_resumes_to_identical_weights(tmp_path, tiny, tiny_model_d
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny, tiny_model_dir):
-    from stages import checkpoint as ckpt
+    from stages.engine import checkpoint as ckpt
     from stages import train
 
     run = make_run(tmp_path / "run", tiny, n_problems=2)
@@ -226,7 +226,7 @@ def _write_cfg(path: Path, run_dir: Path, model: Path) -> Path:
 @pytest.mark.slow
 def test_loop_sigkill_at_five_points_equals_uninterrupted_run(tmp_path, tiny_model_dir):
     from stages import loop
-    from stages.config import resolve
+    from stages.engine.config import resolve
 
     # the uninterrupted run, in this process (one thread, as the subprocesses)
     base = tmp_path / "base"

@@ -9,21 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from stages.build_index import IndexConfig, read_index
+from stages.build_index import BuildIndexConfig
+from stages.engine.skills.index import read_index
 from stages.build_index import run as build_index
-from stages.io import InputError
-from stages.skill_bank import (
-    EmbeddingRetriever,
-    HybridRetriever,
-    LexicalRetriever,
-    MeanPoolEncoder,
-    load_bank,
-    load_encoder,
-    make_retriever,
-    retrieve,
-    retrieve_many,
-    retrieval_stats,
-)
+from stages.engine.io import InputError
+from stages.engine.skills.retrieval import EmbeddingRetriever, HybridRetriever, LexicalRetriever, make_retriever, retrieve, retrieve_many, retrieval_stats
+from stages.engine.skills.encoders import MeanPoolEncoder, load_encoder
+from stages.engine.skills.bank import load_bank
 
 from conftest import DEMO_BANK
 from test_mine_skills import cli, error_lines
@@ -193,18 +185,18 @@ def test_build_index_and_version_check(bank17, aime25, minilm, emb17, tmp_path, 
 
 def test_score_teachers_refuses_other_bank_index(tiny, tiny_model_dir, tmp_path, shared_data):
     """`score-teachers` (stages.score_teachers.run) refuses an index built from another bank version."""
-    from stages.generation import make_backend
+    from stages.engine.generation.factory import make_backend
     from stages.rollout import RolloutConfig, generate_rollouts
-    from stages.score_teachers import ScoreConfig
+    from stages.score_teachers import ScoreTeachersConfig
     from stages.score_teachers import run as score_run
 
-    build_index(IndexConfig(bank=str(DEMO_BANK), mode="lexical"), tmp_path / "idx")
+    build_index(BuildIndexConfig(bank=str(DEMO_BANK), mode="lexical"), tmp_path / "idx")
     model, tok, _ = tiny
     problems = pl.read_ndjson(shared_data / "aime25.jsonl").head(2).select("id", "problem", "answer")
     roll = generate_rollouts(make_backend("hf", model=model, tokenizer=tok), tok, problems,
                              RolloutConfig(model="tiny", max_new_tokens=4), "tiny")
     roll.write_parquet(tmp_path / "rollout.parquet")
-    cfg = ScoreConfig(model=str(tiny_model_dir), bank=str(shared_data / "skill_banks" / "sgsd_qwen3_8b.json"),
+    cfg = ScoreTeachersConfig(model=str(tiny_model_dir), bank=str(shared_data / "skill_banks" / "sgsd_qwen3_8b.json"),
                       index=str(tmp_path / "idx" / "index.parquet"), retrieval="lexical", device="cpu", dtype="fp32")
     with pytest.raises(InputError, match="index was built from bank version"):
         score_run(cfg, tmp_path / "score", rollouts=tmp_path / "rollout.parquet")
@@ -213,7 +205,7 @@ def test_score_teachers_refuses_other_bank_index(tiny, tiny_model_dir, tmp_path,
 
 def test_lexical_index_and_mode_mismatch(tmp_path):
     bank = load_bank(DEMO_BANK)
-    p = build_index(IndexConfig(bank=str(DEMO_BANK), mode="lexical"), tmp_path)
+    p = build_index(BuildIndexConfig(bank=str(DEMO_BANK), mode="lexical"), tmp_path)
     idx = read_index(p, bank)
     assert idx.mode == "lexical" and not idx.has_embeddings and idx.encoder is None
     r = make_retriever(bank, "lexical", index_path=p)
@@ -221,7 +213,7 @@ def test_lexical_index_and_mode_mismatch(tmp_path):
     with pytest.raises(InputError, match="holds no embeddings"):
         make_retriever(bank, "embedding", index_path=p)
     with pytest.raises(InputError, match="unknown index mode"):
-        build_index(IndexConfig(bank=str(DEMO_BANK), mode="dense"), tmp_path / "x")
+        build_index(BuildIndexConfig(bank=str(DEMO_BANK), mode="dense"), tmp_path / "x")
     res = cli(["build-index", "--bank", str(DEMO_BANK), "--encoder", str(tmp_path / "no-such-encoder"),
                "--run-dir", str(tmp_path / "y")])
     assert res.exit_code == 2 and len(error_lines(res)) == 1 and "encoder folder does not exist" in res.output

@@ -5,9 +5,10 @@ import random
 import pytest
 import torch
 
-from stages.generation import HFBackend, SamplingConfig
-from stages.prompts import chat_prompt_ids, student_prompt, teacher_prompt
-from stages.scoring import Segment, pack_batches, score_naive, score_segments
+from stages.engine.generation.hf import HFBackend
+from stages.engine.generation.base import SamplingConfig
+from stages.engine.prompts import chat_prompt_ids, student_prompt, teacher_prompt
+from stages.engine.scoring import Segment, pack_batches, score_naive, score_segments
 
 
 def _segments(tok, n_rollouts=5, k=3, seed=0):

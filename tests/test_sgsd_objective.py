@@ -1,14 +1,14 @@
-"""SGSD formulas (DESIGN 1.4) against hand-computed values."""
+"""SGSD formulas (docs/DESIGN.md 1.4) against hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from stages.sgsd_objective import (
+from stages.engine.objectives.sgsd import (
     category, gated_loss, maskable_token_ids, polarity, rollout_loss, stance, support_score, token_mask,
 )
-from stages.skill_bank import teacher_weights
+from stages.engine.objectives.sgsd import teacher_weights
 
 
 def test_support_score_clips_and_masks():

@@ -8,15 +8,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from stages.io import InputError
-from stages.skill_bank import (
-    SkillBank,
-    bank_json_text,
-    bank_to_table,
-    diff_banks,
-    load_bank,
-    write_bank,
-)
+from stages.engine.io import InputError
+from stages.engine.skills.bank import SkillBank, bank_json_text, bank_to_table, load_bank, write_bank
+from stages.engine.skills.diff import diff_banks
 
 from conftest import DEMO_BANK
 from test_mine_skills import cli, error_lines

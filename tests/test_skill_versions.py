@@ -10,19 +10,13 @@ import re
 import polars as pl
 import pytest
 
-from stages.io import InputError
-from stages.mine_skills import MiningParams
-from stages.skill_bank import (
-    bank_version_of,
-    bank_versions,
-    init_bank_versions,
-    latest_bank_version,
-    load_bank,
-    save_bank_version,
-)
-from stages.update_skills import TeacherSuccessGate, UpdateConfig, window_rollouts
+from stages.engine.io import InputError
+from stages.engine.skills.mining import MiningParams
+from stages.engine.skills.versions import bank_version_of, bank_versions, init_bank_versions, latest_bank_version, save_bank_version
+from stages.engine.skills.bank import load_bank
+from stages.update_skills import TeacherSuccessGate, UpdateSkillsConfig, window_rollouts
 from stages.update_skills import run as update
-from stages.writer import Writer
+from stages.engine.skills.writer import Writer
 
 from conftest import DEMO_BANK, DEMO_PROBLEMS
 from test_mine_skills import FakeEndpoint, cli, error_lines, merge_items_of, merge_key
@@ -92,10 +86,10 @@ def sha(p) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def cfg(**kw) -> UpdateConfig:
+def cfg(**kw) -> UpdateSkillsConfig:
     base = dict(max_new_items=5, capacity=7, last_steps=1, params=MiningParams(near_duplicate_threshold=90))
     base.update(kw)
-    return UpdateConfig(**base)
+    return UpdateSkillsConfig(**base)
 
 
 def test_two_updates_make_v0001_v0002_and_never_touch_old_files(tmp_path):
@@ -203,7 +197,7 @@ def test_gate_keeps_or_discards(tmp_path):
 
 
 def test_teacher_success_gate_on_tiny_model(tiny, tmp_path):
-    from stages.generation import make_backend
+    from stages.engine.generation.factory import make_backend
 
     model, tok, _ = tiny
     problems = pl.read_ndjson(DEMO_PROBLEMS).head(3)
@@ -216,8 +210,8 @@ def test_teacher_success_gate_on_tiny_model(tiny, tmp_path):
     res = gate(old, new)
     assert 0.0 <= res["old"] <= 1.0 and 0.0 <= res["new"] <= 1.0 and res["problems"] == 3
     # teacher prompts both banks share are answered once
-    from stages.prompts import teacher_prompt
-    from stages.skill_bank import make_retriever, retrieve_many
+    from stages.engine.prompts import teacher_prompt
+    from stages.engine.skills.retrieval import make_retriever, retrieve_many
 
     prompts = {teacher_prompt(p, t.skill, t.mistake) for b in (old, new)
                for p, pool in zip(problems["problem"], retrieve_many(make_retriever(b, "lexical"), problems["problem"].to_list(), k=2))
@@ -278,7 +272,7 @@ def test_checkpoint_records_bank_version_after_update(tiny, tiny_model_dir, tmp_
     sd = run / "step_0002"
     rollout.run(rollout.RolloutConfig(model=str(tiny_model_dir), problems=str(DEMO_PROBLEMS), limit=3,
                                       max_new_tokens=6, backend="hf", device="cpu", dtype="fp32"), sd, loaded=tiny)
-    score_teachers.run(score_teachers.ScoreConfig(model=str(tiny_model_dir), bank=str(bank_path), k=2,
+    score_teachers.run(score_teachers.ScoreTeachersConfig(model=str(tiny_model_dir), bank=str(bank_path), k=2,
                                                   device="cpu", dtype="fp32"), sd, loaded=tiny)
     polarize.run(polarize.PolarizeConfig(), sd, tokenizer=tiny[1])
     train.run(train.TrainConfig(model=str(tiny_model_dir), device="cpu", precision="fp32", steps=1, batch_size=3,

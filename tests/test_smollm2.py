@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 def test_rollout_and_score_teachers_on_smollm2(smollm2, shared_data, tmp_path):
     from stages import rollout, score_teachers
-    from stages.models import load_model
-    from stages.scoring import Segment, score_naive
+    from stages.engine.models import load_model
+    from stages.engine.scoring import Segment, score_naive
 
     loaded = load_model(str(smollm2), device="cpu", dtype="fp32")
     model, tok, spec = loaded
@@ -28,7 +28,7 @@ def test_rollout_and_score_teachers_on_smollm2(smollm2, shared_data, tmp_path):
     ro = pl.read_parquet(run / "rollout.parquet")
     assert ro.height == 2 and (ro["completion_ids"].list.len() > 0).all()
     assert "<|im_start|>" in ro["prompt"][0]  # SmolLM2's own chat template from the GGUF metadata
-    scfg = score_teachers.ScoreConfig(model=str(smollm2), bank=str(shared_data / "skill_banks" / "sgsd_qwen3_4b.json"),
+    scfg = score_teachers.ScoreTeachersConfig(model=str(smollm2), bank=str(shared_data / "skill_banks" / "sgsd_qwen3_4b.json"),
                                       k=2, device="cpu", dtype="fp32")
     score_teachers.run(scfg, run, loaded=loaded)
     st = pl.read_parquet(run / "score_teachers.parquet")

@@ -14,10 +14,10 @@ import polars as pl
 import pytest
 import torch
 
-from stages.io import write_parquet
-from stages.prompts import chat_prompt_ids, student_prompt
-from stages.scoring import Segment, score_segments
-from stages.sgsd_objective import category
+from stages.engine.io import write_parquet
+from stages.engine.prompts import chat_prompt_ids, student_prompt
+from stages.engine.scoring import Segment, score_segments
+from stages.engine.objectives.sgsd import category
 
 
 def make_run(run_dir: Path, tiny, *, n_problems: int = 4, samples: int = 1, K: int = 2, T: int = 8,
@@ -92,7 +92,7 @@ def train_cfg(model_dir, **kw):
 
 def student_logprobs(model_dir_or_model, run_dir):
     """Student log-probs of every rollout of a run directory under a model folder (or loaded model)."""
-    from stages.models import load_model
+    from stages.engine.models import load_model
 
     model = load_model(str(model_dir_or_model), device="cpu", dtype="fp32")[0] if isinstance(model_dir_or_model, (str, Path)) else model_dir_or_model
     rt = pl.read_parquet(Path(run_dir) / "rollout.parquet").sort("rollout_id")
@@ -130,7 +130,7 @@ def test_sgsd_direction_rho_plus_raises_rho_minus_lowers(tmp_path, tiny, tiny_mo
 
 
 def test_sgsd_live_teacher_trains_and_writes_metrics_and_checkpoint(tmp_path, tiny, tiny_model_dir):
-    from stages import checkpoint as ckpt
+    from stages.engine import checkpoint as ckpt
     from stages import train
 
     run = make_run(tmp_path / "run", tiny, n_problems=4, K=3)
@@ -203,8 +203,8 @@ def test_opsd_objective_trains_with_fixed_teacher(tmp_path, tiny, tiny_model_dir
 def test_opsd_step_one_loss_equals_direct_kl(tmp_path, tiny, tiny_model_dir):
     """Loss of the first OPSD step = mean over tokens of the clipped KL computed from full logits."""
     from stages import train
-    from stages.opsd_objective import clipped_forward_kl
-    from stages.prompts import opsd_teacher_prompt
+    from stages.engine.objectives.opsd import clipped_forward_kl
+    from stages.engine.prompts import opsd_teacher_prompt
 
     model, tok, _ = tiny
     run = make_run(tmp_path / "run", tiny, n_problems=2)
@@ -299,7 +299,7 @@ def test_cli_train_and_bad_input(tmp_path, tiny, tiny_model_dir):
 
 def test_mismatched_lengths_are_input_errors(tmp_path, tiny, tiny_model_dir):
     from stages import train
-    from stages.io import InputError
+    from stages.engine.io import InputError
 
     run = make_run(tmp_path / "run", tiny, n_problems=2)
     pt = pl.read_parquet(run / "polarize.parquet").with_columns(pl.col("token_mask").list.head(2))

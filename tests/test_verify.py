@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from stages import verify as V
-from stages.verify import Grade, Verifier, extract_answer, grade, grade_many, normalize_answer
+from stages.engine import verify as V
+from stages.engine.verify import Grade, Verifier, extract_answer, grade, grade_many, normalize_answer
 
 # A power tower: math-verify parses it instantly, then sympy tries to evaluate 9^(9^(9^(9^9))) while comparing
 # with the gold and never comes back (checked by hand: still running after 40 s with math-verify's own timeouts

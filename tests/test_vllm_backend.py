@@ -29,7 +29,7 @@ TOL = 1e-3
 def test_vllm_matches_transformers_logprobs(tmp_path):
     if not VENV_PY.exists():
         pytest.skip(f"no vLLM venv at {VENV} (build it with: bash scripts/setup_vllm_venv.sh)")
-    from stages.models import make_tiny_model
+    from stages.engine.models import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "model", hidden_size=128)  # head_dim 32 for vLLM's CPU kernels
     work = tmp_path / "work"
@@ -80,9 +80,9 @@ def test_vllm_matches_transformers_logprobs(tmp_path):
 
 
 def test_vllm_backend_refuses_gguf_and_bad_dtype(tmp_path):
-    from stages.io import InputError
-    from stages.models import ModelSpec
-    from stages.vllm_backend import VLLMBackend
+    from stages.engine.io import InputError
+    from stages.engine.models import ModelSpec
+    from stages.engine.generation.vllm import VLLMBackend
 
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF")
@@ -99,7 +99,7 @@ def test_vllm_backend_refuses_gguf_and_bad_dtype(tmp_path):
 
 def test_normalizer_shift_gives_sampling_logprobs():
     """After the shift and vLLM's division by T, a row is log_softmax(logits / T) (T=1 for greedy rows)."""
-    from stages.vllm_backend import SamplingLogprobNormalizer
+    from stages.engine.generation.vllm import SamplingLogprobNormalizer
 
     torch.manual_seed(0)
     logits = torch.randn(3, 50) * 3
@@ -133,7 +133,7 @@ def test_hf_weights_merges_lora_without_touching_the_model(tiny):
 
     from peft import LoraConfig, get_peft_model
 
-    from stages.vllm_backend import hf_weights
+    from stages.engine.generation.vllm import hf_weights
 
     model, _, _ = tiny
     lm = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"]))

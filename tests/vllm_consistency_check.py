@@ -39,10 +39,10 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from stages.generation import SamplingConfig  # noqa: E402
-from stages.models import load_model  # noqa: E402
-from stages.prompts import chat_prompt_ids, student_prompt  # noqa: E402
-from stages.scoring import Segment, score_segments  # noqa: E402
+from stages.engine.generation.base import SamplingConfig  # noqa: E402
+from stages.engine.models import load_model  # noqa: E402
+from stages.engine.prompts import chat_prompt_ids, student_prompt  # noqa: E402
+from stages.engine.scoring import Segment, score_segments  # noqa: E402
 
 PROBLEMS = ["Compute $22 + 6$.", "What is the sum of the first 10 positive integers?", "Solve $2x + 3 = 11$ for $x$."]
 
@@ -107,7 +107,7 @@ def main() -> int:
     args = ap.parse_args()
     t0 = time.time()
     phase = Phases()
-    from stages.vllm_backend import VLLMBackend
+    from stages.engine.generation.vllm import VLLMBackend
 
     model, tok, spec = load_model(args.model_dir, device="cpu", dtype="fp32")
     prompts = [chat_prompt_ids(tok, student_prompt(p), thinking=(i % 2 == 1)) for i, p in enumerate(PROBLEMS)]
@@ -196,7 +196,7 @@ def main() -> int:
     backend.close()
 
     # a LoRA adapter folder as the model: vLLM's LoRA path, then update_weights swapping in a changed adapter
-    from stages.models import save_model
+    from stages.engine.models import save_model
 
     adapter_dir = Path(args.work) / "adapter"
     save_model(lora, tok, adapter_dir, base_spec=spec)

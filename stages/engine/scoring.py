@@ -1,4 +1,4 @@
-"""The scoring core: log-probs of *given* tokens, packed and chunked.  DESIGN 1.4 and 1.7.
+"""The scoring core: log-probs of *given* tokens, packed and chunked.  docs/DESIGN.md 1.4 and 1.7.
 
 Every stage that needs log-probs (score-teachers, train, GRPO's old log-probs, consistency checks) calls
 :func:`score_segments`.  It
@@ -257,3 +257,20 @@ class varlen_attention:
             c._attn_implementation = o
         _bounds_cache.clear()
         return False
+
+
+def score_segments_varlen(model, segments, *, temperature: float = 1.0, token_budget: int = 16384,
+                          logit_chunk: int = 2048, grad: bool = False, on_batch=None):
+    """:func:`stages.scoring.score_segments` (same signature and results) with :class:`varlen_attention`.
+
+    For ``grad=True`` the backward pass must also run under ``varlen_attention(model)`` (see there);
+    this function refuses ``grad=True`` otherwise."""
+    body, _ = split_lm(model)
+    active = body.config._attn_implementation == VARLEN_ATTN
+    if grad and not active:
+        raise ValueError("score_segments_varlen(grad=True): run forward and backward inside `with varlen_attention(model):`")
+    kw = dict(temperature=temperature, token_budget=token_budget, logit_chunk=logit_chunk, grad=grad, on_batch=on_batch)
+    if active:
+        return score_segments(model, segments, **kw)
+    with varlen_attention(model):
+        return score_segments(model, segments, **kw)

@@ -1,4 +1,4 @@
-"""The GRPO baseline's formulas, each once.  DESIGN 1.5.
+"""The GRPO baseline's formulas, each once.  docs/DESIGN.md 1.5.
 
 * group-normalised advantage ``A_i = (r_i - mean_g r) / (std_g r + eps)`` over the G rollouts of one
   prompt (``scale_std=False``: ``r_i - mean_g r`` only).  ``std`` is the unbiased sample std, as TRL's

@@ -53,8 +53,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stages.generation import Completion, GenerationBackend, SamplingConfig
-from stages.scoring import VARLEN_ATTN, split_lm, varlen_attention, varlen_sdpa_attention  # noqa: F401 (re-exported)
+from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig
+from stages.engine.scoring import VARLEN_ATTN, split_lm, varlen_attention, varlen_sdpa_attention  # noqa: F401 (re-exported)
 
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -809,22 +809,3 @@ class FastHFBackend(GenerationBackend):
 
 def _signed(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
-
-
-def score_segments_varlen(model, segments, *, temperature: float = 1.0, token_budget: int = 16384,
-                          logit_chunk: int = 2048, grad: bool = False, on_batch=None):
-    """:func:`stages.scoring.score_segments` (same signature and results) with :class:`varlen_attention`.
-
-    For ``grad=True`` the backward pass must also run under ``varlen_attention(model)`` (see there);
-    this function refuses ``grad=True`` otherwise."""
-    from stages.scoring import score_segments
-
-    body, _ = split_lm(model)
-    active = body.config._attn_implementation == VARLEN_ATTN
-    if grad and not active:
-        raise ValueError("score_segments_varlen(grad=True): run forward and backward inside `with varlen_attention(model):`")
-    kw = dict(temperature=temperature, token_budget=token_budget, logit_chunk=logit_chunk, grad=grad, on_batch=on_batch)
-    if active:
-        return score_segments(model, segments, **kw)
-    with varlen_attention(model):
-        return score_segments(model, segments, **kw)

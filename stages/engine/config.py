@@ -1,14 +1,14 @@
-"""TOML recipes, ``--set key=value`` overrides and the resolved config.  DESIGN 2.
+"""TOML recipes, ``--set key=value`` overrides and the resolved config.  docs/DESIGN.md 2.
 
 A recipe is a TOML file with one table per stage, named like the stage's config dataclass::
 
-    [loop]            stages.loop.LoopConfig              (run directory, model, problems, steps ...)
-    [rollout]         stages.rollout.RolloutConfig
-    [score_teachers]  stages.score_teachers.ScoreConfig
-    [polarize]        stages.polarize.PolarizeConfig
-    [train]           stages.train.TrainConfig
-    [eval]            stages.eval.EvalConfig
-    [update_skills]   stages.update_skills.UpdateConfig   (nested: [update_skills.writer], [update_skills.params])
+    [loop]            LoopConfig            (run directory, model, problems, steps ...)
+    [rollout]         RolloutConfig
+    [score_teachers]  ScoreTeachersConfig
+    [polarize]        PolarizeConfig
+    [train]           TrainConfig
+    [eval]            EvalConfig
+    [update_skills]   UpdateSkillsConfig    (nested: [update_skills.writer], [update_skills.params])
 
 Precedence: dataclass defaults < TOML file < explicit CLI options < ``--set section.key=value``.
 Values of ``--set`` are parsed as TOML literals (``1e-5``, ``true``, ``[1, 2]``, ``"text"``); anything
@@ -19,7 +19,6 @@ type, is an :class:`InputError` naming the file (or ``--set``) and the key.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import tomllib
 import types
@@ -27,24 +26,15 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from stages.io import InputError
+from stages.engine.io import InputError
 
-SECTIONS = {
-    "loop": "stages.loop:LoopConfig",
-    "rollout": "stages.rollout:RolloutConfig",
-    "score_teachers": "stages.score_teachers:ScoreConfig",
-    "polarize": "stages.polarize:PolarizeConfig",
-    "train": "stages.train:TrainConfig",
-    "eval": "stages.eval:EvalConfig",
-    "update_skills": "stages.update_skills:UpdateConfig",
-}
+# the tables of a recipe, one per stage config (stages.loop.build_sections maps each to its dataclass)
+SECTIONS = ("loop", "rollout", "score_teachers", "polarize", "train", "eval", "update_skills")
 
 
-def section_class(name: str) -> type:
+def check_section(name: str) -> None:
     if name not in SECTIONS:
         raise InputError(None, f"unknown config section '{name}' (known: {', '.join(SECTIONS)})")
-    mod, cls = SECTIONS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)
 
 
 def load_toml(path: str | os.PathLike) -> dict:
@@ -185,10 +175,10 @@ def resolve(path: str | os.PathLike | None = None, sets: Iterable[str] = (), cli
     """(merged sections, source label) from a TOML file, CLI options and ``--set`` overrides."""
     data = load_toml(path) if path else {}
     for section in data:
-        section_class(section)  # unknown section -> error
+        check_section(section)
     over = parse_sets(sets, default_section)
     for section in over:
-        section_class(section)
+        check_section(section)
     return merge(data, cli or {}, over), (str(path) if path else "--set")
 
 

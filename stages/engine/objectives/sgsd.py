@@ -1,4 +1,4 @@
-"""The SGSD formulas, each once.  DESIGN 1.4.
+"""The SGSD formulas, each once.  docs/DESIGN.md 1.4.
 
 Per rollout y, teacher k, completion token t:
 
@@ -25,6 +25,8 @@ TAU = 1.0
 LOG2 = math.log(2.0)
 
 THINK_TAGS = ("<think>", "</think>")
+# polarity cells (docs/DESIGN.md 1.4): (outcome, stance) -> category
+CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
 
 
 def maskable_token_ids(tokenizer) -> tuple[set[int], set[int]]:
@@ -46,6 +48,18 @@ def token_mask(token_ids: Sequence[int], special_ids: Iterable[int], newline_ids
     """m_t for each completion token: False for special tokens, think tags and newline-only tokens."""
     excluded = set(special_ids) | set(newline_ids)
     return [int(t) not in excluded for t in token_ids]
+
+
+def delta(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """Delta_{k,t} = t_{k,t} - s_t: the teacher's log-prob of the student's token minus the student's."""
+    return teacher_logprobs - student_logprobs
+
+
+def clipped_fraction(delta: torch.Tensor, mask: torch.Tensor, clip: float = CLIP) -> torch.Tensor:
+    """Share of the N masked tokens whose |Delta| exceeds the clip (where support saturates).  Works on [..., T]."""
+    m = mask.to(torch.bool)
+    n = m.sum(-1).clamp(min=1).to(delta.dtype)
+    return ((delta.abs() > clip) & m).sum(-1).to(delta.dtype) / n
 
 
 def support_score(delta: torch.Tensor, mask: torch.Tensor, clip: float = CLIP) -> torch.Tensor:
@@ -100,3 +114,14 @@ def rollout_loss(
     n = m.sum().clamp(min=1.0)
     per_teacher = (gated_loss(delta, tau) * m).sum(-1) / n
     return (weights.to(student.dtype) * rho.to(student.dtype) * per_teacher).sum()
+
+
+def teacher_weights(pair_scores: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """w_j = softmax_j(mean pair similarity / temperature).  docs/DESIGN.md 1.2."""
+    if not pair_scores:
+        return []
+    z = [s / temperature for s in pair_scores]
+    m = max(z)
+    e = [math.exp(v - m) for v in z]
+    tot = sum(e)
+    return [v / tot for v in e]

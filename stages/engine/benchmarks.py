@@ -1,4 +1,4 @@
-"""Benchmark registry and problem loading (DESIGN 1.6; the registry data is ``data/benchmarks.toml``).
+"""Benchmark registry and problem loading (docs/DESIGN.md 1.6; the registry data is ``data/benchmarks.toml``).
 
 ``load_problems(name_or_path)`` is the one entry point the stages use: it takes a registry name
 (``aime25``, ``math500``, ``train`` ...) or a JSONL/JSON/Parquet file with ``id``, ``problem`` and
@@ -22,7 +22,7 @@ from typing import Any
 
 import polars as pl
 
-from stages.io import DATA_DIR, REPO_ROOT, InputError, read_table
+from stages.engine.io import DATA_DIR, REPO_ROOT, InputError, read_table
 
 REGISTRY_PATH = DATA_DIR / "benchmarks.toml"
 ENV_DATA_DIR = "SGSD_DATA_DIR"

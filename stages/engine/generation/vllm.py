@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from stages.generation import Completion, GenerationBackend, SamplingConfig
-from stages.io import InputError
+from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig
+from stages.engine.io import InputError
 
 try:  # the processor class must live at module level so vLLM can import it by name in a worker process
     from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality
@@ -155,7 +155,7 @@ class VLLMBackend(GenerationBackend):
         in_process: bool = True,
         llm_kwargs: dict[str, Any] | None = None,
     ):
-        from stages.models import ModelSpec, load_tokenizer
+        from stages.engine.models import ModelSpec, load_tokenizer
 
         if spec is None:
             raise InputError(None, "the vllm backend needs a model path")

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from stages.io import InputError, _fsync_dir, atomic_write_json
+from stages.engine.io import InputError, _fsync_dir, atomic_write_json
 
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"

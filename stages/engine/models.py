@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stages.io import InputError, atomic_write_text
+from stages.engine.io import InputError, atomic_write_text
 
 # A Qwen3-style chat template: ChatML turns, thinking on by default, and `enable_thinking=False`
 # pre-fills an empty think block exactly as Qwen3's template does.
@@ -189,7 +189,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpe
 
 
 def _tiny_corpus() -> list[str]:
-    from stages.io import DATA_DIR
+    from stages.engine.io import DATA_DIR
 
     texts = []
     demo = DATA_DIR / "demo" / "problems.jsonl"

@@ -1,4 +1,4 @@
-"""Prompt templates (files in data/prompts/) and chat formatting.  DESIGN 1.2."""
+"""Prompt templates (files in data/prompts/) and chat formatting.  docs/DESIGN.md 1.2."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from typing import Any, Mapping
 
-from stages.io import DATA_DIR, InputError
+from stages.engine.io import DATA_DIR, InputError
 
 PROMPTS_DIR = DATA_DIR / "prompts"
 

@@ -1,4 +1,4 @@
-"""The OPSD baseline's loss: clipped full-vocabulary forward KL(teacher || student) per token.  DESIGN 1.5.
+"""The OPSD baseline's loss: clipped full-vocabulary forward KL(teacher || student) per token.  docs/DESIGN.md 1.5.
 
 Per completion token t (student prompt vs teacher prompt that carries the gold answer)::
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stages.scoring import Segment, pack_batches, split_lm
+from stages.engine.scoring import Segment, pack_batches, split_lm
 
 KL_CLIP = 0.05
 

@@ -1,4 +1,4 @@
-"""The skill writer: the LLM that turns attempts into skills / mistakes and merges them.  DESIGN 1.1.
+"""The skill writer: the LLM that turns attempts into skills / mistakes and merges them.  docs/DESIGN.md 1.1.
 
 Two backends behind one interface, ``Writer.complete(prompts) -> list[str]`` (one raw reply per prompt,
 ``""`` for an empty reply):
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from stages.io import InputError
+from stages.engine.io import InputError
 
 
 @dataclass
@@ -188,8 +188,8 @@ class LocalWriter(Writer):
         return {"kind": "local", "model": self.model_name, "max_new_tokens": self.max_new_tokens, "temperature": 0.0}
 
     def complete(self, prompts, on_done=None):
-        from stages.generation import SamplingConfig
-        from stages.prompts import chat_prompt_ids
+        from stages.engine.generation.base import SamplingConfig
+        from stages.engine.prompts import chat_prompt_ids
 
         if not prompts:
             return []
@@ -205,7 +205,7 @@ def make_writer(cfg: WriterConfig, loaded=None, backend=None) -> Writer:
     (the loop's resident vLLM engine: no second engine on the same GPU)."""
     if cfg.url:
         return HTTPWriter(cfg)
-    from stages.generation import make_backend
+    from stages.engine.generation.factory import make_backend
 
     if backend is not None and loaded is not None:
         model, tok, spec = loaded
@@ -214,7 +214,7 @@ def make_writer(cfg: WriterConfig, loaded=None, backend=None) -> Writer:
     if loaded is None:
         if not cfg.model:
             raise InputError(None, "no writer: pass --writer-url for an endpoint or --writer-model for a local model")
-        from stages.models import load_model
+        from stages.engine.models import load_model
 
         loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
     model, tok, spec = loaded

@@ -1,0 +1,78 @@
+"""torch.distributed plumbing shared by the trainer and the loop: the process group, per-(seed, step, rank)
+seeding and the RNG state a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process created the process group (and destroys it at the end)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return t.cpu().tolist()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); one process: Dist()."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    owns = not tdist.is_initialized()
+    if owns:
+        if use_cuda:
+            torch.cuda.set_device(local)
+        tdist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=local, owns_group=owns)
+
+
+def seed_all(seed: int, step: int, rank: int) -> None:
+    """Every random draw of an optimizer step (dropout, ...) is a function of (seed, policy step, rank)."""
+    s = (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+    torch.manual_seed(s)
+    np.random.seed(s % (2**32))
+    random.seed(s)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
