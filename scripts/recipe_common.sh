@@ -14,7 +14,6 @@ EVAL_EVERY="${EVAL_EVERY:-50}"
 DEVICE="${DEVICE:-auto}"
 BACKEND="${BACKEND:-auto}"   # auto: vLLM if installed, else hf-fast on CUDA, else hf
 SGSD="${SGSD:-sgsd}"
-PYTHON="${PYTHON:-python}"
 
 run() {  # print (dry run) or execute one command
   if [ "$DRY" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi

@@ -5,7 +5,7 @@
 #
 #   scripts/recipe_grpo.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
 #
-# Environment overrides: MODEL STEPS PROMPTS G SEED PROBLEMS MAX_NEW_TOKENS LR KL_BETA EVAL_EVERY DEVICE BACKEND SGSD PYTHON.
+# Environment overrides: MODEL STEPS PROMPTS G SEED PROBLEMS MAX_NEW_TOKENS LR KL_BETA EVAL_EVERY DEVICE BACKEND SGSD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +17,7 @@ KL_BETA="${KL_BETA:-0.0}"
 POLICY="$MODEL"
 for ((n = 1; n <= STEPS; n++)); do
   S=$(printf '%s/step_%04d' "$RUN" "$n")
-  run "$PYTHON" -m stages.loop problems --pool "$PROBLEMS" --step "$n" --per-step "$PROMPTS" --seed "$SEED" --out "$S/problems.parquet"
+  run $SGSD step-problems --pool "$PROBLEMS" --step "$n" --per-step "$PROMPTS" --seed "$SEED" --out "$S/problems.parquet"
   run $SGSD rollout --run-dir "$S" --model "$POLICY" --problems "$S/problems.parquet" --n "$G" --temperature 1.2 --top-p 0.95 --top-k 20 --max-new-tokens "$MAX_NEW_TOKENS" --no-thinking --seed $((SEED * 100003 + n)) --policy-step $((n - 1)) --backend "$BACKEND" --device "$DEVICE"
   run $SGSD train --run-dir "$S" --objective grpo --model "$POLICY" --steps 0 --batch-size 0 --micro-batch-size 8 --num-iterations 1 --lr "$LR" --max-grad-norm 0.1 --clip-eps 0.2 --kl-beta "$KL_BETA" --scale-std --loss-agg token-mean --lora --lora-r 64 --lora-alpha 128 --lora-target all-linear --gradient-checkpointing --seed "$SEED" --device "$DEVICE"
   POLICY="$S/checkpoint"

@@ -7,7 +7,7 @@
 #   scripts/recipe_sgsd.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
 #
 # Environment overrides (paper values by default): BACKEND MODEL STEPS PROMPTS SEED PROBLEMS BANK RETRIEVAL ENCODER K
-# MAX_NEW_TOKENS LR EVAL_EVERY SKILLS_EVERY DEVICE SGSD (the sgsd command) PYTHON.
+# MAX_NEW_TOKENS LR EVAL_EVERY SKILLS_EVERY DEVICE SGSD (the sgsd command).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +28,7 @@ bank_now() {  # the run's latest bank version once updates started, else the ini
 POLICY="$MODEL"
 for ((n = 1; n <= STEPS; n++)); do
   S=$(printf '%s/step_%04d' "$RUN" "$n")
-  run "$PYTHON" -m stages.loop problems --pool "$PROBLEMS" --step "$n" --per-step "$PROMPTS" --seed "$SEED" --out "$S/problems.parquet"
+  run $SGSD step-problems --pool "$PROBLEMS" --step "$n" --per-step "$PROMPTS" --seed "$SEED" --out "$S/problems.parquet"
   run $SGSD rollout --run-dir "$S" --model "$POLICY" --problems "$S/problems.parquet" --n 1 --temperature 1.1 --top-p 0.95 --top-k 20 --max-new-tokens "$MAX_NEW_TOKENS" --no-thinking --seed $((SEED * 100003 + n)) --policy-step $((n - 1)) --backend "$BACKEND" --device "$DEVICE"
   run $SGSD score-teachers --run-dir "$S" --model "$POLICY" --bank "$(bank_now)" --retrieval "$RETRIEVAL" --encoder "$ENCODER" --k "$K" --scoring-temperature 1.0 --seed $((SEED + n)) --device "$DEVICE"
   run $SGSD polarize --run-dir "$S" --verify-timeout 5

@@ -27,7 +27,7 @@ COMMON=(--device cpu --dtype fp32)
 
 $SGSD rollout        --run-dir "$S0" --model "$MODEL" --problems "$PROBLEMS" --limit "$LIMIT" --n 1 \
                      --max-new-tokens "$MAXTOK" --backend hf --seed 0 "${COMMON[@]}"
-$SGSD score-teachers --run-dir "$S0" --model "$MODEL" --bank "$BANK" --k 4 "${COMMON[@]}"
+$SGSD score-teachers --run-dir "$S0" --model "$MODEL" --bank "$BANK" --k 4 --retrieval lexical "${COMMON[@]}"
 $SGSD polarize       --run-dir "$S0"
 $SGSD train          --run-dir "$S0" --model "$MODEL" --objective sgsd --steps 2 --batch-size 8 --lr 1e-3 "${COMMON[@]}"
 $SGSD rollout        --run-dir "$S1" --model "$S0/checkpoint" --problems "$PROBLEMS" --limit "$LIMIT" --n 1 \

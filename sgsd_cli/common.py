@@ -54,19 +54,12 @@ def cli_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def progress() -> Progress:
-    """A rich progress bar (disabled when stderr is not a terminal unless SGSD_PROGRESS=1)."""
-    disable = not (console.is_terminal or os.environ.get("SGSD_PROGRESS") == "1")
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=disable,
-        transient=False,
-    )
+def progress():
+    """The progress display of this process (sgsd_cli/progress.py): one live rich display in a terminal, periodic
+    plain log lines (done/total, rate, ETA) when stderr is not a terminal, nothing with ``--quiet``."""
+    from sgsd_cli.progress import make_progress
+
+    return make_progress(console)
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -82,7 +75,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory: every stage reads and writes its tables and manifests here.")]
-Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if its manifest matches; overwrite after changed inputs.")]
+Force = Annotated[bool, typer.Option("--force", metavar="", help="Redo the stage even if its manifest matches; overwrite after changed inputs.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (sampling, shuffling).")]
 Device = Annotated[str, typer.Option("--device", help="torch device: auto, cpu, cuda, cuda:1 ...")]
 Dtype = Annotated[str, typer.Option("--dtype", help="Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.")]
@@ -91,10 +84,9 @@ GgufFile = Annotated[str | None, typer.Option("--gguf-file", help="GGUF file nam
 
 @contextlib.contextmanager
 def progress_bars():
-    """Yield ``make(description, total) -> advance(n)`` backed by one rich Progress display."""
-    with progress() as p:
-        def make(description: str, total: int):
-            task = p.add_task(description, total=total)
-            return lambda n=1: p.advance(task, n)
+    """Yield ``bars(description, total) -> advance(n)`` backed by one display; ``bars.note(text)`` sets its
+    header line (e.g. the loop's step).  A finished bar is dropped when the next one starts."""
+    from sgsd_cli.progress import Bars
 
-        yield make
+    with progress() as p:
+        yield Bars(p)

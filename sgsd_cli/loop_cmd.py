@@ -1,4 +1,4 @@
-"""`sgsd loop`."""
+"""`sgsd loop` (options generated from LoopConfig; the other tables come from the recipe) and `sgsd step-problems`."""
 
 from __future__ import annotations
 
@@ -8,26 +8,21 @@ from typing import Annotated
 
 import typer
 
-from sgsd_cli.common import PIPELINE, app, cli_errors, console, out, progress_bars
+from sgsd_cli.common import UTILS, app, cli_errors, console, out, progress_bars
+from sgsd_cli.options import stage_command
 from stages import loop
-from stages.engine.config import resolve
+
+PrintConfig = Annotated[bool, typer.Option("--print-config", metavar="", help="Print the resolved config of every stage as JSON and exit.", rich_help_panel="Config")]
+Force = Annotated[bool, typer.Option("--force", metavar="", help="Accept a run directory that was started with another config.")]
 
 
-@app.command("loop", rich_help_panel=PIPELINE)
-@cli_errors
-def loop_cmd(
-    config: Annotated[Path, typer.Option("--config", help="TOML recipe with loop, rollout, score_teachers, polarize, train and optional eval, update_skills tables (see configs/).")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override one option: section.key=value (TOML literal), e.g. --set train.lr=1e-5 --set loop.steps=3; repeatable.")] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run directory (overrides loop.run_dir).")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Initial policy (overrides loop.model).")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Loop steps (overrides loop.steps).")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="torch device (overrides loop.device).")] = None,
-    print_config: Annotated[bool, typer.Option("--print-config", help="Print the resolved config of every stage as JSON and exit.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Accept a run directory that was started with another config.")] = False,
-) -> None:
-    """The on-policy loop: rollout -> score-teachers -> polarize -> train (-> eval, skill updates) per step, model resident; restartable at any point."""
-    cli = {"loop": {"run_dir": str(run_dir) if run_dir else None, "model": model, "steps": steps, "device": device}}
-    sections, source = resolve(config, set_ or [], cli)
+@stage_command("loop", loop.LoopConfig, section="loop")
+def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force = False) -> None:
+    """The on-policy loop: rollout -> score-teachers -> polarize -> train (-> eval, skill updates) per step, model resident; restartable at any point.
+
+    --config names a TOML recipe with loop, rollout, score_teachers, polarize, train and optional eval,
+    update_skills tables (see configs/); every [loop] key is also an option below, and --set section.key=value
+    overrides any table."""
     if print_config:
         out.print_json(json.dumps(loop.build_sections(sections, source).resolved()))
         return
@@ -35,3 +30,17 @@ def loop_cmd(
         path = loop.run(sections, source=source, force=force, progress=bars,
                         log=lambda s: console.print(s, highlight=False, markup=False))
     out.print(f"metrics: {path}")
+
+
+@app.command("step-problems", rich_help_panel=UTILS)
+@cli_errors
+def step_problems_cmd(
+    pool: Annotated[str, typer.Option("--pool", help="Training pool: benchmark name or problems file (id, problem, answer).")],
+    step: Annotated[int, typer.Option("--step", min=0, help="Loop step (0-based).")],
+    per_step: Annotated[int, typer.Option("--per-step", min=1, help="Prompts per step.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Parquet file to write.")],
+    seed: Annotated[int, typer.Option("--seed", min=0, help="The loop's seed.")] = 0,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Folder holding benchmark files.")] = None,
+) -> None:
+    """Write the problems `sgsd loop` gives one step (its seeded sampler): the shell recipes use it."""
+    out.print(str(loop.write_step_problems(pool, step, per_step, seed, out_path, data_dir)))

@@ -16,8 +16,12 @@ COMMAND_MODULES = [
     "sgsd_cli.train_cmd",
     "sgsd_cli.eval_cmd",
     "sgsd_cli.loop_cmd",
+    "sgsd_cli.sft_cmd",
     "sgsd_cli.skills_cmd",
     "sgsd_cli.utils_cmd",
+    "sgsd_cli.inspect_cmd",
+    "sgsd_cli.report_cmd",
+    "sgsd_cli.world_cmd",
 ]
 
 def _register() -> None:

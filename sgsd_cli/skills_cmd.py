@@ -9,87 +9,28 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from sgsd_cli.common import PIPELINE, UTILS, Device, Dtype, GgufFile, Seed, app, cli_errors, out, progress_bars
-from sgsd_cli.mine_skills_cmd import (
-    ExcerptChars,
-    GroupSize,
-    MaxItems,
-    NearDup,
-    Patience,
-    VerifyTimeout,
-    WriterBackend,
-    WriterBatch,
-    WriterConcurrency,
-    WriterExtra,
-    WriterKeyEnv,
-    WriterMaxTokens,
-    WriterModel,
-    WriterRetries,
-    WriterTimeout,
-    WriterUrl,
-    writer_config,
-)
+from sgsd_cli.common import UTILS, Seed, app, cli_errors, out, progress_bars
+from sgsd_cli.mine_skills_cmd import WRITER_CONVERTERS, writer_on_stage_device
+from sgsd_cli.options import stage_command
+from stages.update_skills import UpdateSkillsConfig
 from stages.engine.io import InputError
-from stages.engine.skills.mining import MiningParams
 
 skills_app = typer.Typer(help="Inspect skill banks: print one, diff two versions, retrieval statistics.",
                          no_args_is_help=True, rich_markup_mode="rich")
 app.add_typer(skills_app, name="skills", rich_help_panel=UTILS)
 
 
-@app.command("update-skills", rich_help_panel=PIPELINE)
-@cli_errors
-def update_skills_cmd(
-    run_dir: Annotated[Path, typer.Option("--run-dir", help="Run directory: the bank history lives in RUN_DIR/bank/, rollouts in RUN_DIR/step_*/.")],
-    bank: Annotated[str | None, typer.Option("--bank", help="Starting bank when the run has no bank history yet (it becomes bank/v0000).")] = None,
-    rollouts: Annotated[list[Path] | None, typer.Option("--rollouts", help="Rollout table(s) of the window (repeatable). Unset: the last --last-steps step_*/rollout tables.")] = None,
-    last_steps: Annotated[int | None, typer.Option("--last-steps", help="Window: rollouts of the last N step_* directories (all when unset).")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Update only when the window's success rate is below this.")] = 0.8,
-    max_new: Annotated[int, typer.Option("--max-new", help="Dynamic items added per update and kind at most.")] = 5,
-    capacity: Annotated[int, typer.Option("--capacity", help="Dynamic items per kind at most.")] = 30,
-    model: Annotated[str | None, typer.Option("--model", help="The policy: the local writer by default, and the model the gate's teachers run on.")] = None,
-    writer_url: WriterUrl = None,
-    writer_model: WriterModel = None,
-    writer_key_env: WriterKeyEnv = "OPENAI_API_KEY",
-    writer_timeout: WriterTimeout = 120.0,
-    writer_retries: WriterRetries = 3,
-    writer_concurrency: WriterConcurrency = 8,
-    writer_max_new_tokens: WriterMaxTokens = 1024,
-    writer_extra: WriterExtra = None,
-    writer_backend: WriterBackend = "auto",
-    writer_batch_size: WriterBatch = 8,
-    max_items: MaxItems = 3,
-    excerpt_chars: ExcerptChars = 2000,
-    group_size: GroupSize = 32,
-    patience: Patience = 3,
-    near_duplicate: NearDup = 90.0,
-    verify_timeout: VerifyTimeout = 5.0,
-    gate_split: Annotated[str | None, typer.Option("--gate-split", help="Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.")] = None,
-    gate_tolerance: Annotated[float, typer.Option("--gate-tolerance", help="Allowed drop of the gate metric.")] = 0.0,
-    gate_max_problems: Annotated[int, typer.Option("--gate-max-problems", help="Held-out problems used by the gate (seeded sample).")] = 32,
-    gate_k: Annotated[int, typer.Option("--gate-k", help="Teachers per held-out problem in the gate.")] = 2,
-    gate_retrieval: Annotated[str, typer.Option("--gate-retrieval", help="Retrieval mode of the gate: lexical, embedding, hybrid, random.")] = "lexical",
-    gate_encoder: Annotated[str | None, typer.Option("--gate-encoder", help="Encoder of the gate's embedding retrieval.")] = None,
-    gate_max_new_tokens: Annotated[int, typer.Option("--gate-max-new-tokens", help="Maximum tokens of a gate teacher's answer.")] = 1024,
-    backend: Annotated[str, typer.Option("--backend", help="Generation backend of the gate: auto, vllm, hf.")] = "auto",
-    seed: Seed = 0,
-    gguf_file: GgufFile = None,
-    device: Device = "auto",
-    dtype: Dtype = "auto",
-) -> None:
+UpdRunDir = Annotated[Path, typer.Option("--run-dir", help="Run directory: the bank history lives in RUN_DIR/bank/, rollouts in RUN_DIR/step_*/.")]
+UpdBank = Annotated[str | None, typer.Option("--bank", help="Starting bank when the run has no bank history yet (it becomes bank/v0000).", rich_help_panel="Inputs")]
+UpdRollouts = Annotated[list[Path] | None, typer.Option("--rollouts", help="Rollout table(s) of the window (repeatable). Unset: the last --last-steps step directories of --run-dir.", rich_help_panel="Inputs")]
+
+
+@stage_command("update-skills", UpdateSkillsConfig, section="update_skills", converters=WRITER_CONVERTERS)
+def update_skills_cmd(cfg: UpdateSkillsConfig, run_dir: UpdRunDir, bank: UpdBank = None, rollouts: UpdRollouts = None) -> None:
     """Online skill update from the rollouts of the last steps; writes the next bank/vNNNN when it changes."""
     from stages import update_skills
 
-    wcfg = writer_config(writer_url, writer_model, writer_key_env, writer_timeout, writer_retries, writer_concurrency,
-                         writer_max_new_tokens, writer_extra, writer_backend, writer_batch_size, device, dtype)
-    params = MiningParams(max_items_per_attempt=max_items, excerpt_chars=excerpt_chars, merge_group_size=group_size,
-                          merge_patience=patience, near_duplicate_threshold=near_duplicate, verify_timeout_s=verify_timeout)
-    cfg = update_skills.UpdateSkillsConfig(
-        writer=wcfg, params=params, success_threshold=threshold, max_new_items=max_new, capacity=capacity,
-        last_steps=last_steps, model=model, gguf_file=gguf_file, backend=backend, device=device, dtype=dtype,
-        gate_split=gate_split, gate_tolerance=gate_tolerance, gate_max_problems=gate_max_problems, gate_k=gate_k,
-        gate_retrieval=gate_retrieval, gate_encoder=gate_encoder, gate_max_new_tokens=gate_max_new_tokens, seed=seed,
-    )
+    cfg = writer_on_stage_device(cfg)
     with progress_bars() as bars:
         res = update_skills.run(cfg, run_dir, rollouts=rollouts or None, bank=bank, progress=bars)
     rate = "n/a" if res.success_rate is None else f"{res.success_rate:.3f}"

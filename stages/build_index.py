@@ -13,6 +13,7 @@ from typing import Callable
 
 import polars as pl
 
+from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun
 from stages.engine.skills.bank import load_bank
 from stages.engine.skills.encoders import DEFAULT_ENCODER, load_encoder
@@ -36,13 +37,20 @@ INDEX_SCHEMA = {
 
 
 @dataclass
-class BuildIndexConfig:
-    bank: str
-    encoder: str = DEFAULT_ENCODER
-    mode: str = "embedding"
-    batch_size: int = 32
-    device: str = "cpu"
-    encoder_backend: str = "auto"  # auto | sentence-transformers | hf
+class BuildIndexConfig(Checked):
+    bank: str = opt(help="Skill bank: .json (shared format), .parquet, or a run's bank/ folder (its latest version).", group="Index")
+    encoder: str = opt(DEFAULT_ENCODER, "Sentence encoder: any sentence-transformers model or HF encoder (folder or hub id).", group="Index")
+    mode: str = opt("embedding", "embedding | lexical | hybrid (lexical needs no encoder).", group="Index", choices=("embedding", "lexical", "hybrid"), what="index mode")
+    batch_size: int = opt(32, "Items encoded together.", group="Index", ge=1)
+    device: str = opt("cpu", "Encoder device: cpu, cuda, auto.", group="Index")
+    encoder_backend: str = opt("auto", "auto (sentence-transformers when the model has its config, else transformers mean pooling), sentence-transformers, hf.", group="Index", choices=("auto", "sentence-transformers", "hf"))
+
+
+def require_pairs(bank: SkillBank, path) -> None:
+    """A bank that cannot form one teacher (K = min(#skills, #mistakes) = 0) is refused, naming the file."""
+    if not bank.skills or not bank.mistakes:
+        raise InputError(path, f"skill bank has {len(bank.skills)} general skills and {len(bank.mistakes)} common "
+                               "mistakes: it needs at least one of each to form a teacher (K = min of the two)")
 
 
 def index_table(bank: SkillBank, cfg: BuildIndexConfig, on_done: Callable[[int], None] | None = None) -> pl.DataFrame:
@@ -81,6 +89,7 @@ def run(cfg: BuildIndexConfig, run_dir: str | Path, *, force: bool = False,
         progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Stage entry point: write ``<run_dir>/index.parquet`` (+ manifest)."""
     bank = load_bank(cfg.bank)
+    require_pairs(bank, cfg.bank)
     if cfg.mode not in INDEX_MODES:
         raise InputError(None, f"unknown index mode '{cfg.mode}' (use {', '.join(INDEX_MODES)})")
     stage = StageRun(run_dir, "build_index", cfg, inputs={"bank": cfg.bank}, output_name="index", force=force)

@@ -35,7 +35,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -44,6 +44,7 @@ import polars as pl
 from stages.engine import benchmarks
 from stages.engine.generation.base import GenerationBackend, SamplingConfig
 from stages.engine.generation.factory import make_backend, resolve_backend, vllm_available
+from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
 from stages.engine.prompts import chat_prompt_ids, load_template, student_prompt
 
@@ -95,29 +96,32 @@ class InjectedCrash(RuntimeError):
 
 
 @dataclass
-class EvalConfig:
-    model: str
-    benches: list[str] = field(default_factory=list)  # registry names, aliases or "all"
-    problems: list[str] = field(default_factory=list)  # JSONL/Parquet files with id, problem, answer
-    protocol: str = "paper"
+class EvalConfig(Checked):
+    model: str = opt(help="HF model folder, hub id, .gguf file, or LoRA adapter folder from `sgsd train` (loaded on its base model).", group="Model")
+    benches: list[str] = opt(help="Benchmark from the registry (data/benchmarks.toml): aime24, aime25, hmmt25, math500, train, or all; repeatable.", group="Benchmarks", flag="bench", factory=list)
+    problems: list[str] = opt(help="JSONL/Parquet file with id, problem, answer columns (repeatable); named after the file.", group="Benchmarks", factory=list)
+    protocol: str = opt("paper", "Preset: paper (thinking, T=1.0, top_p 0.95, n=12, 38,912 tokens) or quick (n=2, 512 tokens, no thinking) for smoke runs. The options below override it.", group="Protocol", choices=("paper", "quick"))
     # None: take the protocol preset's value
-    n: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_new_tokens: int | None = None
-    thinking: bool | None = None
-    seed: int = 0
-    backend: str = "auto"
-    batch_size: int = 32
-    chunk_problems: int | None = None  # problems per resumable chunk (None: from backend, batch size, n)
-    limit: int | None = None  # first N problems of each benchmark
-    grade_timeout_s: float = 5.0
-    grade_workers: int | None = None
-    gguf_file: str | None = None
-    data_dir: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    n: int | None = opt(None, "Samples per problem (paper: 12).", group="Protocol", ge=1)
+    temperature: float | None = opt(None, "Sampling temperature (paper: 1.0; 0 = greedy).", group="Protocol", ge=0)
+    top_p: float | None = opt(None, "Nucleus sampling mass (paper: 0.95).", group="Protocol", gt=0, le=1)
+    top_k: int | None = opt(None, "Top-k sampling (paper: 0 = off).", group="Protocol", ge=0)
+    max_new_tokens: int | None = opt(None, "Maximum completion tokens (paper: 38,912).", group="Protocol", ge=1)
+    thinking: bool | None = opt(None, "Qwen3 thinking mode of the chat template (paper: on).", group="Protocol")
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Protocol", ge=0)
+    backend: str = opt("auto", "Generation backend: auto (vLLM if installed, except for GGUF files; else hf-fast on CUDA, else hf), vllm, hf-fast, hf.", group="Engine", choices=("auto", "vllm", "hf-fast", "hf"))
+    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Engine", ge=1)
+    chunk_problems: int | None = opt(None, "Problems per resumable chunk (default: one decode batch for transformers, ~256 sequences for vLLM).", group="Engine", ge=1)
+    limit: int | None = opt(None, "Evaluate only the first N problems of each benchmark.", group="Benchmarks", ge=1)
+    grade_timeout_s: float = opt(5.0, "Hard timeout per graded completion, seconds (a timeout scores 0).", group="Engine", flag="grade-timeout", gt=0)
+    grade_workers: int | None = opt(None, "Grading worker processes (default: the verifier's).", group="Engine", flag="workers", ge=1)
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, then the hub).", group="Benchmarks")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    # base+skills at inference (the paper's "+skills" rows): the retrieved bank guidance in the eval prompt
+    guidance_bank: str | None = opt(None, "Skill bank whose top-ranked (skill, mistake) pair for each problem goes into the eval prompt as the teacher prompt's guidance block (base+skills at inference). Default: the plain student prompt.", group="Protocol")
+    guidance_retrieval: str = opt("lexical", "Retrieval of --guidance-bank: lexical, embedding, hybrid or random.", group="Protocol", choices=("embedding", "lexical", "hybrid", "random"))
 
     def resolved(self) -> "EvalConfig":
         """The config with the protocol preset filled in for every unset sampling option, validated."""
@@ -349,6 +353,15 @@ class _Generator:
         return self.backend, self.tok
 
 
+def _bank_id(bank: str | None, retrieval: str) -> str | None:
+    """The guidance bank's content version and retrieval mode (None: plain student prompt)."""
+    if not bank:
+        return None
+    from stages.engine.skills.bank import load_bank
+
+    return f"{load_bank(bank).version}:{retrieval}"
+
+
 def bench_key(cfg: EvalConfig, ps: benchmarks.Problems, spec, fingerprint: str, kind: str, chunk: int) -> dict:
     """Everything that decides the rows of one benchmark: the manifest config and the resume key."""
     return {
@@ -367,6 +380,7 @@ def bench_key(cfg: EvalConfig, ps: benchmarks.Problems, spec, fingerprint: str, 
         "thinking": cfg.thinking,
         "seed": cfg.seed,
         "prompt_template": load_template("student"),
+        "guidance_bank": _bank_id(cfg.guidance_bank, cfg.guidance_retrieval),
         "backend": kind,
         "chunk_problems": chunk,
         "dtype": cfg.dtype,
@@ -385,18 +399,36 @@ class _Counter:
 
 
 def _grade(texts: list[str], golds: list[str], cfg: EvalConfig):
-    from stages.engine.verify import grade_many, normalize_answer
+    from stages.engine.grading import grade_texts
+    from stages.engine.verify import normalize_answer
 
-    grades = grade_many(list(zip(texts, golds)), timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
+    grades = grade_texts(texts, golds, timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
     norm = [normalize_answer(g.pred) if g.pred is not None else None for g in grades]
     return grades, norm
+
+
+def eval_prompts(cfg: EvalConfig, problems: list[str]) -> list[str]:
+    """User-turn texts: the student prompt, or with ``guidance_bank`` the teacher prompt carrying each
+    problem's top-ranked (skill, mistake) pair (stages.engine.skills.retrieval, as score-teachers does)."""
+    if not cfg.guidance_bank:
+        return [student_prompt(p) for p in problems]
+    from stages.engine.prompts import teacher_prompt
+    from stages.engine.skills.bank import load_bank
+    from stages.engine.skills.retrieval import make_retriever, retrieve_many
+
+    retriever = make_retriever(load_bank(cfg.guidance_bank), mode=cfg.guidance_retrieval, seed=cfg.seed)
+    pools = retrieve_many(retriever, problems, k=1)
+    out = []
+    for p, pool in zip(problems, pools):
+        out.append(teacher_prompt(p, pool[0].skill, pool[0].mistake) if pool else student_prompt(p))
+    return out
 
 
 def generate_chunk(gen: _Generator, cfg: EvalConfig, bench: str, chunk_df: pl.DataFrame, chunk_index: int,
                    on_done: Callable[[int], None] | None, counter: _Counter) -> pl.DataFrame:
     backend, tok = gen.get()
     ids, probs, golds = (chunk_df[c].to_list() for c in ("id", "problem", "answer"))
-    prompts = [chat_prompt_ids(tok, student_prompt(p), cfg.thinking) for p in probs]
+    prompts = [chat_prompt_ids(tok, t, cfg.thinking) for t in eval_prompts(cfg, probs)]
     seed = chunk_seed(cfg.seed, bench, ids)
     comps = backend.generate(prompts, cfg.sampling(seed), on_done=on_done)
     counter.rows += len(comps)
@@ -576,6 +608,7 @@ def _compatible_earlier(eval_dir: Path, cfg: EvalConfig, fingerprint: str, kind:
     want = {"model_fingerprint": fingerprint, "protocol": cfg.protocol, "n": cfg.n, "temperature": cfg.temperature,
             "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "thinking": cfg.thinking,
             "seed": cfg.seed, "prompt_template": load_template("student"), "dtype": cfg.dtype,
+            "guidance_bank": _bank_id(cfg.guidance_bank, cfg.guidance_retrieval),
             "grade_timeout_s": cfg.grade_timeout_s}
     for mpath in sorted(eval_dir.glob("*.manifest.json")):
         name = mpath.name[: -len(".manifest.json")]

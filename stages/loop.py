@@ -30,34 +30,35 @@ from typing import Any, Callable
 import numpy as np
 import polars as pl
 
+from stages.engine.config import Checked, opt
 from stages.engine import checkpoint as ckpt
 from stages.engine.config import build
 from stages.engine.generation.factory import make_backend
-from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, write_parquet
+from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
 LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device")
 
 
 @dataclass
-class LoopConfig:
-    run_dir: str = "runs/sgsd"
-    objective: str = "sgsd"
-    model: str = ""  # the initial policy (HF folder, hub id, .gguf, adapter folder)
-    gguf_file: str | None = None
-    problems: str = "train"  # training pool: benchmark name or problems file (id, problem, answer)
-    data_dir: str | None = None
-    bank: str = "data/demo/skill_bank.json"  # skill bank (sgsd); becomes bank/v0000 when skills are updated
-    steps: int = 200
-    prompts_per_step: int = 16
-    seed: int = 0
-    device: str = "auto"
-    backend: str = "hf"  # generation backend of the loop's rollouts
-    eval_every: int = 0  # 0: no periodic eval
-    skill_update_every: int = 0  # 0: no online skill-bank updates (sgsd only)
-    keep_last: int = 2  # step checkpoints kept (step_N/checkpoint); 0 = all
-    tensorboard: bool = False
-    wandb_project: str = ""
+class LoopConfig(Checked):
+    run_dir: str = opt("runs/sgsd", "Run directory of the loop (step_NNNN/ per step, metrics.parquet).", group="Loop")
+    objective: str = opt("sgsd", "sgsd, opsd or grpo.", group="Loop", choices=("sgsd", "opsd", "grpo"))
+    model: str = opt("", "The initial policy (HF folder, hub id, .gguf, adapter folder).", group="Loop")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Loop")
+    problems: str = opt("train", "Training pool: benchmark name or problems file (id, problem, answer).", group="Loop")
+    data_dir: str | None = opt(None, "Folder holding benchmark files.", group="Loop")
+    bank: str = opt("data/demo/skill_bank.json", "Skill bank (sgsd); becomes bank/v0000 when skills are updated.", group="Loop")
+    steps: int = opt(200, "Loop steps.", group="Loop", ge=1)
+    prompts_per_step: int = opt(16, "Prompts sampled per step (seeded, epoch-wise).", group="Loop", ge=1)
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Loop", ge=0)
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Loop")
+    backend: str = opt("hf", "Generation backend of the loop (one resident engine): auto, vllm, hf-fast, hf.", group="Loop", choices=("auto", "vllm", "hf-fast", "hf"))
+    eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0)
+    skill_update_every: int = opt(0, "Online skill-bank update every N steps (sgsd; 0: never).", group="Loop", ge=0)
+    keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0)
+    tensorboard: bool = opt(False, "Log the metrics row of every step to RUN_DIR/tensorboard (needs the `report` extra).", group="Logging")
+    wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging")
 
     def check(self) -> None:
         from stages.train import OBJECTIVES
@@ -79,15 +80,37 @@ def step_dir(run_dir: Path, n: int) -> Path:
 
 
 def step_problems(pool: pl.DataFrame, n: int, per_step: int, seed: int) -> pl.DataFrame:
-    """Problems of step n: positions (n-1)P .. nP-1 of a stream of seeded per-epoch permutations."""
+    """Problems of step n: the next ``per_step`` distinct problems of a stream of seeded per-epoch permutations.
+
+    Steps inside one epoch are plain slices of its permutation.  A step that straddles an epoch boundary
+    would draw a problem twice (the tail of epoch e and the head of epoch e+1 can share one): the repeat is
+    deferred to the next step instead, so every step holds distinct problems and every problem still comes
+    once per epoch.  The stream is replayed from step 1 (cheap: n x per_step draws), so the result depends
+    only on (pool, n, per_step, seed) and a restarted loop draws what an uninterrupted one would.
+    """
     N = pool.height
-    idx, perms = [], {}
-    for j in range((n - 1) * per_step, n * per_step):
-        epoch, r = divmod(j, N)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, 7, epoch]).permutation(N)
-        idx.append(int(perms[epoch][r]))
-    return pool[idx]
+    if per_step > N:
+        raise InputError(None, f"loop.prompts_per_step ({per_step}) exceeds the training pool ({N} problems): "
+                               "a step cannot hold that many distinct problems")
+
+    def stream():
+        epoch = 0
+        while True:
+            yield from (int(i) for i in np.random.default_rng([seed, 7, epoch]).permutation(N))
+            epoch += 1
+
+    draws, deferred, chosen = stream(), [], []
+    for _ in range(n):
+        chosen, seen, again = [], set(), []
+        while len(chosen) < per_step:
+            i = deferred.pop(0) if deferred else next(draws)
+            if i in seen:
+                again.append(i)
+            else:
+                chosen.append(i)
+                seen.add(i)
+        deferred = deferred + again
+    return pool[chosen]
 
 
 def _complete(manifest: Path) -> bool:
@@ -144,7 +167,7 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
     po = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
     tr = build(TrainConfig, sections.get("train", {}), "train", source, objective=lc.objective, **common)
     per_step = tr.steps or (tr.num_iterations if lc.objective == "grpo" else 1)
-    if not tr.schedule_steps and tr.lr_schedule == "cosine":
+    if not tr.schedule_steps and tr.lr_schedule in ("cosine", "linear"):  # the horizon is the whole loop
         tr = replace(tr, schedule_steps=lc.steps * per_step)
     ev = None
     if lc.eval_every:
@@ -294,10 +317,35 @@ def _check_run_dir(run_dir: Path, resolved: dict, force: bool) -> None:
     atomic_write_json(path, resolved)
 
 
+def prune_steps(run_dir: Path, upto: int, keep_last: int) -> None:
+    """Keep the checkpoints of the newest ``keep_last`` finished steps (<= upto); 0 keeps all.  Idempotent, so a
+    rerun that finds every step complete still finishes the pruning a killed run skipped."""
+    if not keep_last:
+        return
+    for old in range(1, upto - keep_last + 1):
+        for name in (ckpt.FINAL, ckpt.INTERMEDIATE):
+            p = step_dir(run_dir, old) / name
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def run(sections: dict, *, source: str = "config", force: bool = False,
         progress: Callable[[str, int], Callable[[int], None]] | None = None,
         log: Callable[[str], None] | None = None) -> Path:
-    """Run (or continue) the loop described by resolved config sections; returns metrics.parquet."""
+    """Run (or continue) the loop described by resolved config sections; returns metrics.parquet.
+
+    The run directory is locked for the whole run (a second loop or a stage in it is refused, naming the
+    holder); taking the lock clears the temp files a killed run left."""
+    from stages.engine.io import run_dir_lock
+
+    run_dir = Path(build_sections(sections, source).loop.run_dir)
+    with run_dir_lock(run_dir, "sgsd loop"):
+        return _run(sections, source=source, force=force, progress=progress, log=log)
+
+
+def _run(sections: dict, *, source: str = "config", force: bool = False,
+         progress: Callable[[str, int], Callable[[int], None]] | None = None,
+         log: Callable[[str], None] | None = None) -> Path:
     from stages import polarize, rollout, score_teachers
     from stages.engine.benchmarks import load_problems
     from stages.train import Trainer
@@ -313,6 +361,7 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
 
     done = completed_steps(run_dir, lc.steps)
     metrics_path = run_dir / "metrics.parquet"
+    prune_steps(run_dir, done, lc.keep_last)
     if done == lc.steps:
         write_parquet(collect_metrics(run_dir, done, lc.objective), metrics_path)
         say(f"loop: all {lc.steps} steps are complete")
@@ -381,21 +430,24 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
             trainer.policy.eval()
             new_policy = str(sd / ckpt.FINAL)
             new_loaded = (trainer.model, trainer.tok, _spec_for(new_policy, None))
-            if S.eval is not None and n % lc.eval_every == 0:
+            # eval and the skill update (writer, gate) generate with the one resident engine, holding the new weights
+            want_eval = S.eval is not None and n % lc.eval_every == 0
+            want_update = S.update is not None and bank_hist is not None and n % lc.skill_update_every == 0
+            if (want_eval or want_update) and engine is not None:
+                engine.update_weights(trainer.model)
+            if want_eval:
                 from stages import eval as eval_stage
 
-                eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress, loaded=new_loaded)
-            if S.update is not None and bank_hist is not None and n % lc.skill_update_every == 0:
-                _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress)
+                eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress,
+                               loaded=new_loaded, backend=None)
+            if want_update:
+                _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
             metrics = collect_metrics(run_dir, n, lc.objective)
             write_parquet(metrics, metrics_path)
             loggers.write(metrics.row(-1, named=True))
             say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
                 + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
-            if lc.keep_last:
-                for old in range(1, n - lc.keep_last + 1):
-                    shutil.rmtree(step_dir(run_dir, old) / ckpt.FINAL, ignore_errors=True)
-                    shutil.rmtree(step_dir(run_dir, old) / ckpt.INTERMEDIATE, ignore_errors=True)
+            prune_steps(run_dir, n, lc.keep_last)
     finally:
         loggers.close()
         if engine is not None:
@@ -403,14 +455,15 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
     return metrics_path
 
 
-def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress) -> None:
+def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress, backend=None) -> None:
     from stages import update_skills
 
     marker = sd / "skills_update.json"
     if marker.exists():
         return
     t0 = time.time()
-    res = update_skills.run(replace(ucfg, model=policy, gguf_file=None), run_dir, progress=progress, loaded=loaded)
+    res = update_skills.run(replace(ucfg, model=policy, gguf_file=None), run_dir, progress=progress, loaded=loaded,
+                             backend=backend)
     atomic_write_json(marker, {"decision": res.decision, "reason": res.reason, "success_rate": res.success_rate,
                                "version": res.version.label, "wall_s": round(time.time() - t0, 3)})
 
@@ -422,29 +475,3 @@ def write_step_problems(pool: str, step: int, per_step: int, seed: int, out: str
 
     df = step_problems(load_problems(pool, data_dir=data_dir).sort("id"), step, per_step, seed)
     return write_parquet(df, out)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    """``python -m stages.loop problems --pool P --step N --per-step K --seed S --out FILE``."""
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m stages.loop", description=_main.__doc__)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("problems", help="write the problems of one loop step (the loop's seeded sampler)")
-    p.add_argument("--pool", required=True, help="training pool: benchmark name or problems file")
-    p.add_argument("--step", type=int, required=True)
-    p.add_argument("--per-step", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
-    p.add_argument("--data-dir", default=None)
-    a = ap.parse_args(argv)
-    try:
-        print(write_step_problems(a.pool, a.step, a.per_step, a.seed, a.out, a.data_dir))
-    except InputError as e:
-        print(f"error: {e.line()}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-if __name__ == "__main__":
-    _main()

@@ -16,12 +16,13 @@ Three steps, each writing its own table under ``--run-dir`` (with a manifest, so
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import polars as pl
 
+from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, atomic_write_text, read_table
 from stages.engine.skills.bank import bank_json_text, bank_to_table, load_bank
 from stages.engine.skills.writer import Writer, WriterConfig, make_writer
@@ -31,24 +32,24 @@ from stages.engine.skills.mining import MiningParams, ROLLOUT_REQUIRED, template
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 
 @dataclass
-class MineSkillsConfig:
-    writer: WriterConfig = field(default_factory=WriterConfig)
-    params: MiningParams = field(default_factory=MiningParams)
+class MineSkillsConfig(Checked):
+    writer: WriterConfig = opt("Where the skill writer runs (an endpoint or a local model).", group="Writer", prefix="writer-", factory=WriterConfig)
+    params: MiningParams = opt("Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
     # sampling, when no rollout table is given (docs/DESIGN.md 1.1 step 1)
-    model: str | None = None
-    gguf_file: str | None = None
-    problems: str = "train"
-    n_problems: int = 256
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 0
-    max_new_tokens: int = 1024
-    thinking: bool = False
-    backend: str = "auto"
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "auto"
-    seed: int = 0
+    model: str | None = opt(None, "Policy model that samples the attempts (and, by default, writes the skills).", group="Attempts")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Attempts")
+    problems: str = opt("train", "Problems to sample from: a file with id, problem, answer or a benchmark name.", group="Attempts")
+    n_problems: int = opt(256, "Problems sampled (seeded) when mining from the model's own attempts.", group="Attempts", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature of the attempts.", group="Attempts", ge=0)
+    top_p: float = opt(0.95, "Nucleus mass of the attempts.", group="Attempts", gt=0, le=1)
+    top_k: int = opt(0, "Top-k of the attempts (0 = off).", group="Attempts", ge=0)
+    max_new_tokens: int = opt(38912, "Maximum tokens of one attempt (the reference's 38,912: skill/generate_math_memories.py:36).", group="Attempts", ge=1)
+    thinking: bool = opt(True, "Qwen3 thinking mode for the attempts (on: the reference samples with the default chat template, generate_math_memories.py:151).", group="Attempts")
+    backend: str = opt("auto", "Generation backend of the attempts: auto, vllm, hf.", group="Attempts", choices=("auto", "vllm", "hf-fast", "hf"))
+    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Attempts", ge=1)
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Attempts")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Attempts", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Attempts", ge=0)
 
 
 
@@ -98,6 +99,9 @@ class MineResult:
     summary: dict
 
 
+WRITER_MAX_NEW_TOKENS = 4096  # mining writer reply budget of the reference (skill/generate_math_skills.py:33)
+
+
 def run(cfg: MineSkillsConfig, run_dir: str | Path, *, rollouts: str | Path | None = None, grades: str | Path | None = None,
         force: bool = False, progress: ProgressFn | None = None, loaded=None, backend=None,
         writer: Writer | None = None) -> MineResult:
@@ -145,6 +149,8 @@ def run(cfg: MineSkillsConfig, run_dir: str | Path, *, rollouts: str | Path | No
             writer = make_writer(wcfg, loaded=loaded if use else None, backend=backend if use else None)
         return writer
 
+    if cfg.writer.max_new_tokens is None:  # the reference's mining writer budget (generate_math_skills.py:33)
+        cfg = replace(cfg, writer=replace(cfg.writer, max_new_tokens=WRITER_MAX_NEW_TOKENS))
     wdesc = writer.describe() if writer is not None else cfg.writer.describe()
     if writer is None and not cfg.writer.url and not cfg.writer.model:
         wdesc["model"] = cfg.model  # the local writer defaults to the sampled model (reference)

@@ -16,7 +16,8 @@ import polars as pl
 import torch
 
 from stages.engine.grading import grade_rollouts
-from stages.engine.io import InputError, StageRun, read_table, stage_table_path, write_parquet
+from stages.engine.config import Checked, opt
+from stages.engine.io import InputError, StageRun, check_finite, read_table, stage_table_path, write_parquet
 from stages.engine.objectives.sgsd import (CATEGORIES, CLIP, category, clipped_fraction, delta, maskable_token_ids,
                                           polarity, stance, support_score, token_mask)
 
@@ -37,13 +38,13 @@ POLARIZE_SCHEMA = {
 
 
 @dataclass
-class PolarizeConfig:
-    model: str | None = None  # tokenizer for the token mask; default: the rollout table's model
-    gguf_file: str | None = None
-    verify_timeout_s: float = 5.0
-    workers: int | None = None
-    clip: float = CLIP
-    stance_threshold: float = 0.05
+class PolarizeConfig(Checked):
+    model: str | None = opt(None, "Model whose tokenizer defines the token mask (default: the rollout table's model).", group="Model")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    verify_timeout_s: float = opt(5.0, "Hard timeout per verifier call, seconds (a timeout scores 0 and is counted).", group="Verifier", gt=0, flag="verify-timeout")
+    workers: int | None = opt(None, "Verifier worker processes (default: CPU count).", group="Verifier", ge=1)
+    clip: float = opt(CLIP, "Clip of Delta in the support score.", group="Polarity", gt=0)
+    stance_threshold: float = opt(0.05, "|a_k| above which a teacher takes a stance.", group="Polarity", ge=0)
 
 
 def polarize_tables(
@@ -52,8 +53,9 @@ def polarize_tables(
     tokenizer,
     cfg: PolarizeConfig,
     on_done: Callable[[int], None] | None = None,
+    scores_path: str | Path | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per (rollout, teacher) table, per rollout table)."""
+    """(per (rollout, teacher) table, per rollout table).  ``scores_path`` names the score table in errors."""
     grades = grade_rollouts(rollouts, timeout_s=cfg.verify_timeout_s, workers=cfg.workers)
     special, newline = maskable_token_ids(tokenizer)
     masks = {r: token_mask(ids, special, newline)
@@ -63,12 +65,13 @@ def polarize_tables(
     for r in scores.select("rollout_id", "teacher_rank", "weight", "student_logprobs", "teacher_logprobs").iter_rows(named=True):
         rid = r["rollout_id"]
         if rid not in masks:
-            raise InputError(None, f"score-teachers row for rollout '{rid}' has no rollout in the rollout table")
+            raise InputError(scores_path, f"score-teachers row for rollout '{rid}' has no rollout in the rollout table")
         m = torch.tensor(masks[rid], dtype=torch.bool)
         s = torch.tensor(r["student_logprobs"], dtype=torch.float64)
         t = torch.tensor(r["teacher_logprobs"], dtype=torch.float64)
         if not (len(s) == len(t) == len(m)):
-            raise InputError(None, f"rollout '{rid}': {len(m)} completion tokens but {len(s)}/{len(t)} log-probs")
+            raise InputError(scores_path, f"rollout '{rid}' teacher {r['teacher_rank']}: {len(m)} completion tokens "
+                                          f"but {len(s)} student / {len(t)} teacher log-probs")
         d = delta(t, s)
         a = float(support_score(d, m, cfg.clip))
         sig = int(stance(a, cfg.stance_threshold))
@@ -117,6 +120,8 @@ def run(
     rt = read_table(r_src, {"rollout_id": str, "completion": str, "answer": str, "completion_ids": list, "model": str})
     st = read_table(s_src, {"rollout_id": str, "teacher_rank": int, "weight": float,
                             "student_logprobs": list, "teacher_logprobs": list})
+    # NaN / inf log-probs would make every support NaN and every teacher "neutral": refuse them here
+    check_finite(st, ["weight", "student_logprobs", "teacher_logprobs"], s_src, "rollout_id")
     stage = StageRun(run_dir, "polarize", cfg, inputs={"rollouts": r_src, "scores": s_src}, force=force)
     if stage.done:
         return stage.output
@@ -125,7 +130,7 @@ def run(
         spec.check()
         tokenizer = load_tokenizer(spec)
     advance = progress("polarize", rt.height) if progress else None
-    per_teacher, per_rollout = polarize_tables(rt, st, tokenizer, cfg, on_done=advance)
+    per_teacher, per_rollout = polarize_tables(rt, st, tokenizer, cfg, on_done=advance, scores_path=s_src)
     write_parquet(per_rollout, Path(run_dir) / "polarize_rollouts.parquet")
     summary = {
         "accuracy": float(per_rollout["correct"].mean()) if per_rollout.height else 0.0,

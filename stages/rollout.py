@@ -15,6 +15,7 @@ import polars as pl
 
 from stages.engine.generation.base import GenerationBackend, SamplingConfig
 from stages.engine.generation.factory import make_backend
+from stages.engine.config import Checked, opt
 from stages.engine.io import DATA_DIR, StageRun, shard_output_name
 from stages.engine.prompts import chat_prompt_text, student_prompt
 
@@ -41,25 +42,25 @@ ROLLOUT_SCHEMA = {
 
 
 @dataclass
-class RolloutConfig:
-    model: str
-    problems: str = str(DATA_DIR / "demo" / "problems.jsonl")
-    gguf_file: str | None = None
-    n: int = 1
-    temperature: float = 1.1
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 1024
-    thinking: bool = False
-    seed: int = 0
-    backend: str = "auto"
-    batch_size: int = 32
-    limit: int | None = None
-    policy_step: int = 0
-    shard: tuple[int, int] = (0, 1)
-    data_dir: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+class RolloutConfig(Checked):
+    model: str = opt(help="HF model folder, hub id, .gguf file, or LoRA adapter folder.", group="Model")
+    problems: str = opt(str(DATA_DIR / "demo" / "problems.jsonl"), "JSONL/Parquet file with id, problem, answer, or a benchmark name (aime24, aime25, hmmt25, math500, train). Default: the demo set in data/demo/.", group="Data")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    n: int = opt(1, "Samples per problem (1 for SGSD/OPSD, 8 for GRPO).", group="Sampling", ge=1)
+    temperature: float = opt(1.1, "Sampling temperature (0 = greedy).", group="Sampling", ge=0)
+    top_p: float = opt(0.95, "Nucleus sampling mass (1.0 = off).", group="Sampling", gt=0, le=1)
+    top_k: int = opt(20, "Top-k sampling (0 = off).", group="Sampling", ge=0)
+    max_new_tokens: int = opt(1024, "Maximum completion tokens.", group="Sampling", ge=1)
+    thinking: bool = opt(False, "Qwen3 thinking mode of the chat template (the student uses non-thinking mode by default).", group="Sampling")
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Sampling", ge=0)
+    backend: str = opt("auto", "Generation backend: auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast (static-cache engine with slot refill), hf.", group="Engine", choices=("auto", "vllm", "hf-fast", "hf"))
+    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Engine", ge=1)
+    limit: int | None = opt(None, "Use only the first N problems.", group="Data", ge=1)
+    policy_step: int = opt(0, "Policy step recorded in every row.", group="Data", ge=0)
+    shard: tuple[int, int] = opt((0, 1), "i/n: process every n-th problem starting at i and write rollout/part-i-of-n.parquet.", group="Data", metavar="i/n")
+    data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, hub).", group="Data")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(

@@ -14,8 +14,9 @@ from typing import Callable
 
 import polars as pl
 
-from stages.engine.io import DATA_DIR, StageRun, read_table, shard_output_name, stage_table_path
-from stages.engine.prompts import chat_prompt_text, teacher_prompt
+from stages.engine.config import Checked, opt
+from stages.engine.io import DATA_DIR, InputError, StageRun, read_table, shard_output_name, stage_table_path
+from stages.engine.prompts import chat_prompt_text, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
 from stages.engine.skills.bank import load_bank
@@ -43,23 +44,31 @@ SCORE_SCHEMA = {
 
 
 @dataclass
-class ScoreTeachersConfig:
-    model: str
-    bank: str = str(DATA_DIR / "demo" / "skill_bank.json")
-    gguf_file: str | None = None
-    index: str | None = None
-    retrieval: str = "lexical"
-    encoder: str | None = None
-    k: int = 8
-    weight_temperature: float = 1.0
-    scoring_temperature: float = 1.0
-    token_budget: int = 16384
-    logit_chunk: int = 2048
-    rollouts_per_batch: int = 16
-    seed: int = 0
-    shard: tuple[int, int] = (0, 1)
-    device: str = "auto"
-    dtype: str = "auto"
+class ScoreTeachersConfig(Checked):
+    model: str = opt(help="The policy (student = teacher weights): HF folder, hub id, .gguf, or adapter folder.", group="Model")
+    bank: str = opt(str(DATA_DIR / "demo" / "skill_bank.json"), "Skill bank JSON (format of shared/data/skill_banks/*.json). Default: the tiny demo bank in data/demo/, for smoke runs and tests only; a paper run names its bank (e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json).", group="Teachers")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    index: str | None = opt(None, "Index built by `sgsd build-index` (refused if built from another bank version).", group="Teachers")
+    retrieval: str = opt("embedding", "embedding (the paper's, with Qwen/Qwen3-Embedding-0.6B) | lexical (no-model fallback for smoke runs and tests) | hybrid | random.", group="Teachers", choices=("embedding", "lexical", "hybrid", "random"))
+    encoder: str | None = opt(None, "Sentence encoder for embedding retrieval without an index (default Qwen/Qwen3-Embedding-0.6B, the paper's).", group="Teachers")
+    query_prompt: bool = opt(False, "Encode retrieval queries with the encoder's 'query' prompt (default: the raw problem, as the reference does).", group="Teachers")  # reference skill_memory.py:179-184 encodes the raw text
+    teacher_thinking: str = opt("on", "Chat-template thinking flag of the teacher prompts: on (the reference: enable_thinking=True while the student is non-thinking), off, or rollout (the rollout's own flag).", group="Teachers", choices=("on", "off", "rollout"))  # reference sgsd_trainer.py:195-200
+    k: int = opt(8, "Top-k skills and top-k mistakes; K = min of the two counts teachers.", group="Teachers", ge=1)
+    weight_temperature: float = opt(1.0, "Softmax temperature of the teacher weights.", group="Teachers", gt=0)
+    scoring_temperature: float = opt(1.0, "Temperature of the scored log-probs (recorded in every row).", group="Scoring", gt=0)
+    token_budget: int = opt(16384, "Tokens per packed micro-batch of the scoring core.", group="Scoring", ge=1)
+    logit_chunk: int = opt(2048, "Positions per fp32 log-softmax chunk.", group="Scoring", ge=1)
+    rollouts_per_batch: int = opt(16, "Rollouts whose student + K teacher sequences are scored together.", group="Scoring", ge=1)
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Scoring", ge=0)
+    shard: tuple[int, int] = opt((0, 1), "i/n: score every n-th rollout starting at i; writes score_teachers/part-i-of-n.parquet.", group="Scoring", metavar="i/n")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+
+
+def teacher_thinking_flags(mode: str, rollouts: pl.DataFrame) -> list[bool]:
+    """The thinking flag of each rollout's teacher prompts (:func:`stages.engine.prompts.teacher_thinking_flag`)."""
+    own = rollouts["thinking"].to_list() if "thinking" in rollouts.columns else [False] * rollouts.height
+    return [teacher_thinking_flag(mode, bool(x)) for x in own]
 
 
 def score_table(
@@ -71,7 +80,7 @@ def score_table(
     on_done: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
     """In-process scoring of a rollout table; the loop calls this with its resident model."""
-    thinking = rollouts["thinking"].to_list() if "thinking" in rollouts.columns else [False] * rollouts.height
+    thinking = teacher_thinking_flags(cfg.teacher_thinking, rollouts)
     problems = rollouts["problem"].to_list()
     pools = retrieve_many(retriever, problems, k=cfg.k, temperature=cfg.weight_temperature)
     rows: dict[str, list] = {k: [] for k in SCORE_SCHEMA}
@@ -137,15 +146,30 @@ def run(
     if n > 1:
         table = table.with_row_index("_r").filter(pl.col("_r") % n == i).drop("_r")
     bank = load_bank(cfg.bank)
+    from stages.build_index import require_pairs
+
+    require_pairs(bank, cfg.bank)
+    if cfg.k < 1:
+        raise InputError(None, f"k must be at least 1 (got {cfg.k}): k = 0 would give no teachers")
     inputs = {"rollouts": src, "bank": cfg.bank, "index": cfg.index}
     stage = StageRun(run_dir, "score_teachers", cfg, inputs=inputs, force=force, seed=cfg.seed,
                      output_name=shard_output_name("score_teachers", cfg.shard))
     if stage.done:
         return stage.output
-    retriever = make_retriever(bank, mode=cfg.retrieval, index_path=cfg.index, encoder=cfg.encoder, seed=cfg.seed)
+    retriever = make_retriever(bank, mode=cfg.retrieval, index_path=cfg.index, encoder=cfg.encoder, seed=cfg.seed,
+                               query_prompt=cfg.query_prompt)
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
+    from stages.engine.models import check_token_ids
+
+    vocab = model.get_input_embeddings().num_embeddings
+    check_token_ids([(r, c, ids) for c in ("prompt_ids", "completion_ids")
+                     for r, ids in zip(table["rollout_id"].to_list(), table[c].to_list())], vocab, src)
     advance = progress("score-teachers", table.height) if progress else None
     df = score_table(model, tok, table, retriever, cfg, on_done=advance)
+    if df.height == 0:
+        raise InputError(cfg.bank, "no teacher could be formed for any rollout (0 rows); nothing written")
     stage.finish(df, extra={"model": spec.to_json(), "bank_version": bank.version,
-                            "bank_label": bank_version_of(cfg.bank), "teachers_per_rollout": cfg.k})
+                            "bank_label": bank_version_of(cfg.bank), "teachers_per_rollout": cfg.k,
+                            "teacher_thinking": cfg.teacher_thinking, "retrieval_mode": retriever.mode,
+                            "query_prompt": cfg.query_prompt})
     return stage.output

@@ -38,7 +38,9 @@ import torch
 
 from stages.engine import checkpoint as ckpt
 from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
-from stages.engine.io import InputError, StageRun, atomic_write_json, read_table, stage_table_path, write_parquet
+from stages.engine.config import Checked, opt
+from stages.engine.io import (InputError, StageRun, atomic_write_json, check_finite, read_table, stage_table_path,
+                              write_parquet)
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
 from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
 from stages.engine.objectives.sgsd import CATEGORIES, rollout_loss
@@ -47,66 +49,70 @@ from stages.engine.distributed import Dist, init_distributed, rng_state, seed_al
 OBJECTIVES = ("sgsd", "opsd", "grpo")
 TEACHER_MODES = ("live", "fixed", "ema")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass
-class TrainConfig:
-    objective: str = "sgsd"
-    model: str = ""  # HF folder, hub id, .gguf, LoRA adapter folder, or a training checkpoint folder
-    gguf_file: str | None = None
+class TrainConfig(Checked):
+    objective: str = opt("sgsd", "sgsd (gated skill-conditioned self-distillation), opsd (clipped forward KL to a gold-answer teacher) or grpo.", group="Objective", choices=OBJECTIVES)
+    model: str = opt("", "Policy to train: HF folder, hub id, .gguf file, LoRA adapter folder, or a training checkpoint folder (continues its optimizer state and policy step).", group="Objective")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder.", group="Objective")
     # optimisation
-    steps: int = 0  # optimizer steps in this run directory; 0 = one pass over the table (x num_iterations)
-    batch_size: int = 16  # global rollouts per optimizer step (capped at the table size)
-    micro_batch_size: int = 4  # rollouts per forward and device; grad_accum = batch / (micro x world)
-    lr: float = 5e-6
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    schedule_steps: int = 0  # cosine horizon in policy steps (0: this run's steps)
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 0.1  # <= 0: no clipping (the norm is still logged)
-    precision: str = "auto"  # auto (bf16-mixed on bf16 GPUs, else fp32), fp32, bf16-mixed, bf16
-    gradient_checkpointing: bool = False
+    steps: int = opt(0, "Optimizer steps to run in this run directory; 0 = one pass over the table (x --num-iterations).", group="Optimisation", ge=0)
+    batch_size: int = opt(16, "Global batch: rollouts per optimizer step (= micro batch x accumulation x world size; 0 = the whole table).", group="Optimisation", ge=0)
+    micro_batch_size: int = opt(4, "Rollouts per forward pass on each device.", group="Optimisation", ge=1)
+    lr: float = opt(5e-6, "Peak learning rate (AdamW).", group="Optimisation", ge=0)
+    lr_schedule: str = opt("constant", "constant, cosine, or linear (decay to --min-lr-ratio at the horizon: the reference's HF default, used by the paper recipes); all after linear warmup.", group="Optimisation", choices=SCHEDULES)
+    warmup_steps: int = opt(0, "Linear warmup steps.", group="Optimisation", ge=0)
+    schedule_steps: int = opt(0, "Cosine / linear horizon in policy steps (0 = --steps; the loop sets its whole run).", group="Optimisation", ge=0)
+    min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of --lr.", group="Optimisation", ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", group="Optimisation", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1.", group="Optimisation", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2.", group="Optimisation", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", group="Optimisation", gt=0)
+    max_grad_norm: float = opt(0.1, "Gradient-norm clip (<= 0: off).", group="Optimisation")
+    precision: str = opt("auto", "auto (bf16-mixed on bf16 GPUs, else fp32), fp32, bf16-mixed (fp32 weights, bf16 compute), bf16 (bf16 weights).", group="Optimisation", choices=PRECISIONS)
+    gradient_checkpointing: bool = opt(False, "Recompute decoder layers in backward to save memory.", group="Optimisation")
     # LoRA (peft)
-    lora: bool = False
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_dropout: float = 0.0
-    lora_target: str = "all-linear"  # peft target modules: all-linear or a comma list (q_proj,v_proj,...)
-    save_merged: bool = False  # also save the adapter merged into the base weights (checkpoint/merged)
+    lora: bool = opt(False, "Train a LoRA adapter (peft) instead of all weights.", group="LoRA")
+    lora_r: int = opt(64, "LoRA rank.", group="LoRA", ge=1)
+    lora_alpha: int = opt(128, "LoRA alpha.", group="LoRA", ge=1)
+    lora_dropout: float | None = opt(None, "LoRA dropout. Default as the reference runs: 0.05 for grpo (peft/TRL default), 0 for sgsd and opsd (their trainer zeroes every dropout: opsd_trainer.py:201-202).", group="LoRA", ge=0, lt=1)  # None: per objective
+    lora_target: str = opt("all-linear", "LoRA target modules: all-linear or a comma list (q_proj,k_proj,...).", group="LoRA")
+    save_merged: bool = opt(False, "With LoRA, also save the adapter merged into the base weights (checkpoint/merged).", group="LoRA")
     # teacher (sgsd: live by default; opsd: fixed by default)
-    teacher_mode: str = ""
-    ema_decay: float = 0.99
-    teacher_model: str = ""  # fixed teacher / GRPO reference for full fine-tuning ("" = the initial weights)
+    teacher_mode: str = opt("", "live (current weights, no grad), fixed (sgsd: stored teacher log-probs; opsd: the initial weights) or ema. Default: live for sgsd, fixed for opsd.", group="Teacher", choices=("",) + TEACHER_MODES)
+    ema_decay: float = opt(0.99, "EMA teacher decay per optimizer step.", group="Teacher", ge=0, lt=1)
+    teacher_model: str = opt("", "Weights of the fixed teacher / GRPO reference under full fine-tuning (default: the initial weights).", group="Teacher")
     # sgsd
-    tau: float = 1.0
-    scoring_temperature: float | None = None  # None: the score-teachers table's (sgsd), the rollout's (grpo), 1 (opsd)
+    tau: float = opt(1.0, "SGSD gate temperature tau.", group="SGSD", gt=0)
+    polarity: str = opt("verifier", "verifier (rho = outcome x stance, the method) or imitate (ABLATION: rho forced to +1 for every teacher, i.e. imitate every skill-conditioned teacher whatever the verifier says).", group="SGSD", choices=("verifier", "imitate"))
+    scoring_temperature: float | None = opt(None, "Temperature of the training log-probs (default: the score-teachers table's for sgsd, the rollout's sampling temperature for grpo and opsd, as the reference divides the logits by it).", group="SGSD", gt=0)
     # opsd
-    kl_clip: float = 0.05
-    kl_top_k: int = 0
-    kl_chunk: int = 1024
+    kl_clip: float = opt(0.05, "OPSD: clip of each vocabulary term of the forward KL (<= 0: off).", group="OPSD")
+    kl_top_k: int = opt(0, "OPSD: KL over the teacher's top-k tokens, both distributions renormalised over them (0 = full vocabulary).", group="OPSD", ge=0)
+    teacher_thinking: str = opt("on", "OPSD: thinking flag of the teacher prompt: on (the reference, data/data_collator.py:72-77), off, or rollout (the rollout's flag).", group="OPSD", choices=("on", "off", "rollout"))  # new: reference default on
+    kl_chunk: int = opt(1024, "OPSD: token positions per [tokens, vocab] chunk.", group="OPSD", ge=1)
     # grpo
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    num_iterations: int = 1
-    kl_beta: float = 0.0
-    scale_std: bool = True
-    loss_agg: str = "token-mean"
-    mask_truncated: bool = False
+    clip_eps: float = opt(0.2, "GRPO: PPO ratio clip epsilon (lower, and upper unless --clip-eps-high).", group="GRPO", ge=0)
+    clip_eps_high: float | None = opt(None, "GRPO: upper ratio clip epsilon.", group="GRPO", ge=0)
+    num_iterations: int = opt(1, "GRPO: optimizer steps per batch of rollouts.", group="GRPO", ge=1)
+    kl_beta: float = opt(0.0, "GRPO: weight of the k3 KL to a reference model (0 = no reference).", group="GRPO", ge=0)
+    scale_std: bool = opt(True, "GRPO: divide advantages by the group std.", group="GRPO")
+    loss_agg: str = opt("sequence-mean", "GRPO: sequence-mean (per-sequence token mean, then mean over sequences: TRL loss_type=grpo, the reference) or token-mean.", group="GRPO", choices=AGGREGATIONS)
+    old_logprobs: str = opt("policy", "GRPO: pi_old of the ratio: policy (the training model's log-probs before the first update on the table, as TRL computes them) or sampler (the rollout engine's sampling log-probs, which carry the engine/trainer mismatch).", group="GRPO", choices=("policy", "sampler"))  # new
+    mask_truncated: bool = opt(False, "GRPO/OPSD: drop completions cut at the token limit from the loss.", group="GRPO")
+    verify_timeout_s: float = opt(5.0, "GRPO: hard timeout per verifier call when the rollouts are not graded yet, seconds.", group="GRPO", flag="verify-timeout", gt=0)
     # engine
-    token_budget: int = 16384
-    logit_chunk: int = 2048
-    distributed: str = "auto"
-    seed: int = 0
+    token_budget: int = opt(16384, "Tokens per packed forward.", group="Engine", ge=1)
+    logit_chunk: int = opt(2048, "Positions per [positions, vocab] log-softmax chunk.", group="Engine", ge=1)
+    distributed: str = opt("auto", "Under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp.", group="Engine", choices=DISTRIBUTED)
+    seed: int = opt(0, "Random seed (data order, dropout, LoRA init).", group="Objective", ge=0)
     # not part of the stage key (they do not change the result)
-    device: str = "auto"
-    save_every: int = 0
-    keep_last: int = 2
+    device: str = opt("auto", "torch device: auto, cpu, cuda ...", group="Engine")
+    save_every: int = opt(0, "Snapshot checkpoints/step_N every N optimizer steps (0: only the final checkpoint/).", group="Checkpoints", ge=0)
+    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
 
     RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed")
 
@@ -114,6 +120,8 @@ class TrainConfig:
         cfg = replace(self)
         if not cfg.teacher_mode:
             cfg.teacher_mode = "fixed" if cfg.objective == "opsd" else "live"
+        if cfg.lora_dropout is None:
+            cfg.lora_dropout = 0.05 if cfg.objective == "grpo" else 0.0
         checks = [
             (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got '{cfg.objective}'"),
             (bool(cfg.model), "a model is required (--model)"),
@@ -140,6 +148,10 @@ class TrainConfig:
         """The part of the config that determines the result (the stage manifest's key)."""
         return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
 
+
+
+class TrainingDiverged(InputError):
+    """The loss or the grad norm of a step is NaN / inf: training stops before that update, nothing is saved."""
 
 
 @dataclass
@@ -213,6 +225,9 @@ def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
                                              "teacher_logprobs": list})
     pt = read_table(paths["polarize"], {"rollout_id": str, "teacher_rank": int, "weight": float, "polarity": int,
                                        "token_mask": list})
+    check_finite(pt, ["weight", "support"], paths["polarize"], "rollout_id")
+    if cfg.teacher_mode == "fixed":  # the stored log-probs are the teacher itself
+        check_finite(st, ["teacher_logprobs"], paths["score_teachers"], "rollout_id")
     extra = [c for c in ("category", "support", "correct") if c in pt.columns]
     joined = pt.select("rollout_id", "teacher_rank", "weight", "polarity", "token_mask", *extra).join(
         st.select("rollout_id", "teacher_rank", "teacher_prompt_ids", "teacher_logprobs"),
@@ -246,12 +261,13 @@ def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
 
 
 def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-    from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt
+    from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 
     paths = input_paths("opsd", run_dir)
     rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
                                        "prompt_ids": list, "completion_ids": list})
-    thinking = rt["thinking"].to_list() if "thinking" in rt.columns else [False] * rt.height
+    own = rt["thinking"].to_list() if "thinking" in rt.columns else [False] * rt.height
+    thinking = [teacher_thinking_flag(cfg.teacher_thinking, bool(x)) for x in own]
     finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
     cache: dict[tuple[str, str, bool], tuple[int, ...]] = {}
     items = []
@@ -264,8 +280,10 @@ def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
         keep = not (cfg.mask_truncated and fin == "length")
         items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
                           [keep] * n, teacher_prompt_ids=cache[key]))
-    temp = cfg.scoring_temperature if cfg.scoring_temperature is not None else 1.0
-    return Data(sorted(items, key=lambda i: i.rid), paths, {"rollouts": len(items)}, temp)
+    # the reference divides both logits by the training (sampling) temperature: opsd_trainer.py:455-457
+    temp = _unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
+    info = {"rollouts": len(items), "teacher_thinking": cfg.teacher_thinking}
+    return Data(sorted(items, key=lambda i: i.rid), paths, info, temp)
 
 
 def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
@@ -279,23 +297,25 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
             raise InputError(paths["grades"], f"{len(missing)} rollouts have no grade (first: '{missing[0]}')")
         source = "polarize_rollouts"
     elif "reward" in rt.columns:
+        check_finite(rt, ["reward"], paths["rollout"], "rollout_id")
         rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
         source = "rollout.reward"
     else:
-        from stages.engine.verify import grade_many
+        from stages.engine.grading import grade_rollouts
 
-        read_table(paths["rollout"], {"completion": str, "answer": str})
-        grades = grade_many(list(zip(rt["completion"].to_list(), rt["answer"].to_list())))
-        rewards = dict(zip(rt["rollout_id"].to_list(), [1.0 if g.correct else 0.0 for g in grades]))
+        graded = grade_rollouts(read_table(paths["rollout"], {"rollout_id": str, "completion": str, "answer": str}),
+                                timeout_s=cfg.verify_timeout_s)
+        rewards = dict(zip(graded["rollout_id"].to_list(), [1.0 if c else 0.0 for c in graded["correct"].to_list()]))
         source = "verifier"
     temp = _unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
     finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
+    check_finite(rt, ["sample_logprobs"], paths["rollout"], "rollout_id", nulls_ok=True)  # null: recomputed
     slp = rt["sample_logprobs"].to_list() if "sample_logprobs" in rt.columns else [None] * rt.height
     items = []
     for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
         n = len(r["completion_ids"])
         keep = not (cfg.mask_truncated and fin == "length")
-        old = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
+        old = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 and cfg.old_logprobs == "sampler" else None
         items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
                           [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
                           reward=rewards[r["rollout_id"]]))
@@ -307,7 +327,7 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
     for it in items:
         sizes[it.group] = sizes.get(it.group, 0) + 1
     info = {"rollouts": len(items), "reward_source": source, "group_sizes": sorted(set(sizes.values())),
-            "missing_sample_logprobs": sum(i.old_logprobs is None for i in items)}
+            "old_logprobs": cfg.old_logprobs, "missing_sample_logprobs": sum(i.old_logprobs is None for i in items)}
     return Data(items, paths, info, temp)
 
 
@@ -385,6 +405,8 @@ def _lr_lambda(cfg: TrainConfig, horizon: int) -> Callable[[int], float]:
         if cfg.lr_schedule == "constant":
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+        if cfg.lr_schedule == "linear":  # HF get_linear_schedule_with_warmup: 1 -> 0 (here -> min_lr_ratio)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1.0 - progress)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
@@ -575,6 +597,10 @@ class Trainer:
                 "mask_tokens": sum(sum(i.mask) for i in real),
                 "correct": sum(1 for i in real if i.correct)}
 
+    def _rho(self, t: TeacherTarget) -> int:
+        """The teacher's polarity: the verifier's (polarize table), or +1 under the imitate ablation."""
+        return 1 if self.cfg.polarity == "imitate" else t.rho
+
     def _sgsd_loss(self, items, weights, norm):
         T = self.data.temperature
         s_all = self.student("logprobs", [it.segment for it in items], T)
@@ -582,7 +608,7 @@ class Trainer:
         if self.cfg.teacher_mode == "fixed":
             t_rows = [[torch.tensor(t.logprobs, dtype=torch.float32, device=s_all.device) for t in it.teachers] for it in items]
         else:  # recompute, skipping neutral teachers (rho = 0 adds nothing)
-            active = [(i, k) for i, it in enumerate(items) for k, t in enumerate(it.teachers) if t.rho != 0 and weights[i] > 0]
+            active = [(i, k) for i, it in enumerate(items) for k, t in enumerate(it.teachers) if self._rho(t) != 0 and weights[i] > 0]
             segs = [Segment.of(items[i].teachers[k].prompt_ids, items[i].completion_ids) for i, k in active]
             if not segs and self.mode == "fsdp":
                 segs = [items[0].segment]  # every rank must run the same number of forwards
@@ -601,7 +627,7 @@ class Trainer:
             teachers = torch.stack(trow)
             mask = torch.tensor(it.mask, device=s.device)
             wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
-            rho = torch.tensor([t.rho for t in it.teachers], device=s.device)
+            rho = torch.tensor([self._rho(t) for t in it.teachers], device=s.device)
             loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.cfg.tau)
             if w > 0:
                 live = rho != 0
@@ -669,7 +695,8 @@ class Trainer:
                 for i in missing:
                     items[i].old_logprobs = got[items[i].rid]
                 return
-        self.log(f"recomputing sampling log-probs of {len(missing)} rollouts (the backend did not return them)")
+        why = "pi_old from the training model" if self.cfg.old_logprobs == "policy" else "the backend did not return them"
+        self.log(f"computing pi_old log-probs of {len(missing)} rollouts ({why})")
         mb = self.cfg.micro_batch_size
         for s in range(0, len(missing), mb):
             idx = missing[s : s + mb]
@@ -708,6 +735,13 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.requires_grad]
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
         gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        keys = sorted(sums)
+        sums = dict(zip(keys, d.all_sum([sums[k] for k in keys])))
+        if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(gn)):
+            self.opt.zero_grad(set_to_none=True)
+            raise TrainingDiverged(self._run_dir, f"optimizer step {self.policy_step + 1} (step {local_step + 1} of this "
+                                   f"run): loss {sums.get('loss')} / grad norm {gn} is not finite; stopped before the "
+                                   "update, nothing saved, the previous checkpoint is kept")
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
@@ -715,8 +749,6 @@ class Trainer:
         if cfg.teacher_mode == "ema" and self.teacher_model is not None:
             self._ema_update()
         self.policy_step += 1
-        keys = sorted(sums)
-        sums = dict(zip(keys, d.all_sum([sums[k] for k in keys])))
         wall = time.time() - t0
         return self._row(sums, local_step, epoch, gn, lr, wall)
 
@@ -758,7 +790,8 @@ class Trainer:
         set_optimizer_state_dict(self.wrapped, self.opt, osd, options=opts)
         self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
-    def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler) -> Path:
+    def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler,
+             commit: bool = True) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
         from stages.engine.models import save_model
@@ -818,16 +851,18 @@ class Trainer:
             atomic_write_json(tmp / ckpt.STATE, state)
             atomic_write_json(tmp / ckpt.META, meta)
 
-        return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier)
+        return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier, commit=commit)
 
     # ---- training on one run directory
 
     def fit(self, run_dir: str | Path, *, force: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
         cfg, d = self.cfg, self.dist
         run_dir = Path(run_dir)
+        self._run_dir = run_dir
         self.data = LOADERS[cfg.objective](run_dir, cfg, self.tok)
         if not self.data.items:
             raise InputError(run_dir, "no rollouts to train on")
+        self._check_tokens()
         if cfg.objective == "sgsd" and self.data.info.get("bank_version"):
             self.bank_version = self.data.info["bank_version"]
         stage = StageRun(run_dir, "train", cfg.key(), inputs=self.data.inputs, force=force, seed=cfg.seed)
@@ -859,11 +894,10 @@ class Trainer:
             if rng.exists():
                 set_rng_state(torch.load(rng, weights_only=False))
             self.log(f"resuming from {self.start} at step {start_local}/{n_steps} (policy step {self.policy_step})")
-        elif force and d.main:
-            import shutil
-
-            for p in ckpt.candidates(run_dir):
-                shutil.rmtree(p, ignore_errors=True)
+        # --force: the previous checkpoints stay in place until the new final checkpoint and its table are
+        # complete (then swapped in); snapshots of the previous run are dropped only after that
+        previous = ckpt.candidates(run_dir) if force and d.main else []
+        fresh: list[Path] = []
         self._start_consumed = True
         d.barrier()
 
@@ -879,13 +913,24 @@ class Trainer:
             if advance:
                 advance(1)
             if cfg.save_every and (local + 1) % cfg.save_every == 0 and local + 1 < n_steps:
-                self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler)
+                fresh.append(self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler))
                 if d.main:
-                    ckpt.prune(run_dir, cfg.keep_last)
+                    ckpt.prune(run_dir, cfg.keep_last, among=fresh if force else None)
         final = run_dir / ckpt.FINAL
+        staged = None
         if not (self.start is not None and self.start.resolve() == final.resolve() and start_local == n_steps):
-            self.save(final, run_dir, n_steps, rows, sampler)
+            staged = self.save(final, run_dir, n_steps, rows, sampler, commit=False)
         self.policy.eval()
+
+        def swap_in() -> None:  # the new checkpoint and table are complete: swap, then drop the old snapshots
+            if staged is not None:
+                ckpt.commit_staged(staged, final)
+            keep = {p.resolve() for p in fresh}
+            for p in previous:
+                if p.parent.name == ckpt.INTERMEDIATE and p.resolve() not in keep:
+                    import shutil
+
+                    shutil.rmtree(p, ignore_errors=True)
         if d.main:
             extra = {
                 "resolved_config": asdict(cfg), "checkpoint": str(final), "policy_step": self.policy_step,
@@ -894,9 +939,27 @@ class Trainer:
                 "steps": n_steps, "data": self.data.info, "scoring_temperature": self.data.temperature,
                 "teacher_mode": cfg.teacher_mode, "lora": self.lora,
             }
-            stage.finish(pl.DataFrame(rows), extra=extra)
+            stage.finish(pl.DataFrame(rows), extra=extra, before_commit=swap_in)
         d.barrier()
         return stage.output
+
+    def _check_tokens(self) -> None:
+        """Token ids outside the model's vocabulary, or no completion token at all: one line naming the table."""
+        from stages.engine.models import check_token_ids
+
+        vocab = self.model.get_input_embeddings().num_embeddings
+        src = self.data.inputs.get("rollout")
+        seqs = []
+        for it in self.data.items:
+            seqs += [(it.rid, "prompt_ids", it.prompt_ids), (it.rid, "completion_ids", it.completion_ids)]
+        check_token_ids(seqs, vocab, src)
+        for it in self.data.items:
+            for t in it.teachers:
+                check_token_ids([(it.rid, "teacher_prompt_ids", t.prompt_ids)], vocab, self.data.inputs.get("score_teachers"))
+            if it.teacher_prompt_ids:
+                check_token_ids([(it.rid, "teacher prompt", it.teacher_prompt_ids)], vocab, src)
+        if not any(it.completion_ids for it in self.data.items):
+            raise InputError(src, "every completion is empty (0 tokens): nothing to train on")
 
     def release(self) -> None:
         """Drop the DDP / FSDP wrappers' references (the loop keeps the model itself)."""

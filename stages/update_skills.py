@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import polars as pl
 
+from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, atomic_write_text, read_table, stage_table_path
 from stages.engine.grading import grades_for
 from stages.engine.skills.mining import ROLLOUT_REQUIRED, MiningParams, build_memories, candidate_counts, candidate_items, extract_candidates, merge_kind
@@ -42,27 +43,27 @@ _STEP_RX = re.compile(r"^step_(\d+)$")
 
 
 @dataclass
-class UpdateSkillsConfig:
-    writer: WriterConfig = field(default_factory=WriterConfig)
-    params: MiningParams = field(default_factory=MiningParams)
-    success_threshold: float = 0.8
-    max_new_items: int = 5  # per update and kind
-    capacity: int = 30  # dynamic items per kind
-    last_steps: int | None = None  # window of <run_dir>/step_* directories when no rollout tables are given
-    model: str | None = None  # the policy: local writer by default, and the gate's teacher model
-    gguf_file: str | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
+class UpdateSkillsConfig(Checked):
+    writer: WriterConfig = opt("Where the skill writer runs.", group="Writer", prefix="writer-", factory=WriterConfig)
+    params: MiningParams = opt("Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
+    success_threshold: float = opt(0.8, "Update only when the window's success rate is below this.", group="Update", flag="threshold", ge=0, le=1)
+    max_new_items: int = opt(5, "Dynamic items added per update and kind at most.", group="Update", flag="max-new", ge=0)
+    capacity: int = opt(30, "Dynamic items per kind at most.", group="Update", ge=0)
+    last_steps: int | None = opt(None, "Window: rollouts of the last N step_* directories (all when unset).", group="Update", ge=1)
+    model: str | None = opt(None, "The policy: the local writer by default, and the model the gate's teachers run on.", group="Model")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    backend: str = opt("auto", "Generation backend of the gate: auto, vllm, hf.", group="Model", choices=("auto", "vllm", "hf-fast", "hf"))
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     # gate
-    gate_split: str | None = None  # held-out problems (id, problem, answer) or a graded rollout table
-    gate_tolerance: float = 0.0
-    gate_max_problems: int = 32
-    gate_k: int = 2
-    gate_retrieval: str = "lexical"
-    gate_encoder: str | None = None
-    gate_max_new_tokens: int = 1024
-    seed: int = 0
+    gate_split: str | None = opt(None, "Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.", group="Gate")
+    gate_tolerance: float = opt(0.0, "Allowed drop of the gate metric.", group="Gate", ge=0)
+    gate_max_problems: int = opt(32, "Held-out problems used by the gate (seeded sample).", group="Gate", ge=1)
+    gate_k: int = opt(2, "Teachers per held-out problem in the gate.", group="Gate", ge=1)
+    gate_retrieval: str = opt("lexical", "Retrieval mode of the gate: lexical, embedding, hybrid, random.", group="Gate", choices=("embedding", "lexical", "hybrid", "random"))
+    gate_encoder: str | None = opt(None, "Encoder of the gate's embedding retrieval.", group="Gate")
+    gate_max_new_tokens: int = opt(1024, "Maximum tokens of a gate teacher's answer.", group="Gate", ge=1)
+    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Model", ge=0)
 
     def check(self) -> None:
         self.params.check()
@@ -206,7 +207,7 @@ class TeacherSuccessGate:
     def score(self, bank: SkillBank) -> float:
         from stages.engine.generation.base import SamplingConfig
         from stages.engine.prompts import chat_prompt_ids, teacher_prompt
-        from stages.engine.verify import grade_many
+        from stages.engine.grading import grade_texts
 
         probs, golds = self.problems["problem"].to_list(), [str(a) for a in self.problems["answer"].to_list()]
         pools = retrieve_many(make_retriever(bank, self.retrieval, encoder=self.encoder, seed=self.seed), probs, k=self.k)
@@ -216,7 +217,7 @@ class TeacherSuccessGate:
         if todo:
             ids = [chat_prompt_ids(self.tokenizer, t, thinking=False) for t in todo]
             comps = self.backend.generate(ids, SamplingConfig(n=1, temperature=0.0, max_new_tokens=self.max_new_tokens))
-            grades = grade_many([(c.text, gold_of[t]) for c, t in zip(comps, todo)], timeout_s=self.verify_timeout_s)
+            grades = grade_texts([c.text for c in comps], [gold_of[t] for t in todo], timeout_s=self.verify_timeout_s)
             for t, g in zip(todo, grades):
                 self._cache[t] = bool(g.correct)
         self.generated = len(self._cache)
@@ -255,6 +256,9 @@ def _log(run_dir: Path, entry: dict) -> None:
     path = bank_dir(run_dir) / "updates.jsonl"
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     atomic_write_text(path, old + json.dumps(entry, ensure_ascii=False, default=str) + "\n")
+
+
+WRITER_MAX_NEW_TOKENS = 2048  # online-update writer reply budget of the reference (skill/skill_updater.py:47)
 
 
 def run(cfg: UpdateSkillsConfig, run_dir: str | Path, *, rollouts: Sequence[str | Path] | None = None,
@@ -297,10 +301,12 @@ def run(cfg: UpdateSkillsConfig, run_dir: str | Path, *, rollouts: Sequence[str 
         return done("skipped", why, latest)
 
     if writer is None:
-        wcfg = cfg.writer
-        if not wcfg.url and not wcfg.model:
-            from dataclasses import replace
+        from dataclasses import replace
 
+        wcfg = cfg.writer
+        if wcfg.max_new_tokens is None:  # the reference's online-update writer budget (skill/skill_updater.py:47)
+            wcfg = replace(wcfg, max_new_tokens=WRITER_MAX_NEW_TOKENS)
+        if not wcfg.url and not wcfg.model:
             wcfg = replace(wcfg, model=cfg.model, gguf_file=wcfg.gguf_file or cfg.gguf_file)
         same = loaded is not None and (wcfg.model is None or wcfg.model == cfg.model)
         use = same and not wcfg.url

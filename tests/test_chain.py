@@ -29,7 +29,7 @@ def _chain(run, model, problems=str(DEMO_PROBLEMS), bank=DEMO_BANK, limit=4):
     r = sgsd("rollout", "--run-dir", run, "--model", model, "--problems", problems, "--limit", limit,
              "--max-new-tokens", 12, "--backend", "hf", *CPU)
     assert r.exit_code == 0, r.output
-    r = sgsd("score-teachers", "--run-dir", run, "--model", model, "--bank", bank, "--k", 3, *CPU)
+    r = sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", run, "--model", model, "--bank", bank, "--k", 3, *CPU)
     assert r.exit_code == 0, r.output
     r = sgsd("polarize", "--run-dir", run)
     assert r.exit_code == 0, r.output
@@ -68,6 +68,32 @@ def test_chain_tables(chain_run, tiny):
     for name in ("rollout", "score_teachers", "polarize"):
         m = json.loads((chain_run / f"{name}.manifest.json").read_text())
         assert m["complete"] and m["rows"] > 0 and "transformers" in m["versions"]
+    _check_polarity_from_scores(ro, st, pol, tok)
+
+
+def _check_polarity_from_scores(ro, st, pol, tok):
+    """Support, stance and polarity recomputed from score-teachers' log-probs, the token mask of the rollout's
+    tokens and a direct math-verify call (not from polarize's own columns)."""
+    import math_verify
+
+    from stages.engine.objectives.sgsd import maskable_token_ids, token_mask
+
+    special, newline = maskable_token_ids(tok)
+    rolls = {r["rollout_id"]: r for r in ro.to_dicts()}
+    got = {(r["rollout_id"], r["teacher_rank"]): r for r in pol.to_dicts()}
+    for r in st.to_dicts():
+        ro_r = rolls[r["rollout_id"]]
+        m = token_mask(ro_r["completion_ids"], special, newline)
+        n = max(1, sum(m))
+        a = sum(max(-3.0, min(3.0, t - s)) for t, s, keep in zip(r["teacher_logprobs"], r["student_logprobs"], m) if keep) / n
+        sigma = (1 if a > 0 else -1) if abs(a) > 0.05 else 0
+        gold = math_verify.parse("$" + ro_r["answer"] + "$")
+        pred = math_verify.parse(ro_r["completion"])
+        outcome = 1 if (pred and math_verify.verify(gold, pred)) else -1
+        row = got[(r["rollout_id"], r["teacher_rank"])]
+        assert row["token_mask"] == m
+        assert row["support"] == pytest.approx(a, abs=1e-9)
+        assert (row["outcome"], row["stance"], row["polarity"]) == (outcome, sigma, outcome * sigma)
 
 
 def test_rerun_skips_and_changed_config_is_refused(chain_run, tiny_model_dir):
@@ -89,7 +115,7 @@ def test_shards_write_part_files_read_as_directory(tiny_model_dir, tmp_path):
         assert r.exit_code == 0, r.output
     parts = sorted(p.name for p in (run / "rollout").glob("*.parquet"))
     assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
-    r = sgsd("score-teachers", "--run-dir", run, "--model", tiny_model_dir, "--k", 2, *CPU)
+    r = sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", run, "--model", tiny_model_dir, "--k", 2, *CPU)
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(run / "score_teachers.parquet")["rollout_id"].n_unique() == 3
 
@@ -127,12 +153,12 @@ def test_bad_inputs_exit_2_one_line_outputs_untouched(chain_run, tiny_model_dir,
     # corrupt parquet as the rollout table
     bad = tmp_path / "corrupt.parquet"
     bad.write_bytes(b"PAR1\x00\x01garbage")
-    _one_error_line(sgsd("score-teachers", "--run-dir", chain_run, "--model", tiny_model_dir, "--rollouts", bad, "--force", *CPU),
+    _one_error_line(sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", chain_run, "--model", tiny_model_dir, "--rollouts", bad, "--force", *CPU),
                     str(bad), "not a readable table")
     # skill bank that is not valid JSON
     bank = tmp_path / "bank.json"
     bank.write_text('{"general_skills": [')
-    _one_error_line(sgsd("score-teachers", "--run-dir", chain_run, "--model", tiny_model_dir, "--bank", bank, "--force", *CPU),
+    _one_error_line(sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", chain_run, "--model", tiny_model_dir, "--bank", bank, "--force", *CPU),
                     str(bank), "not valid JSON")
     # unknown model path
     _one_error_line(sgsd("rollout", "--run-dir", chain_run, "--model", tmp_path / "no-such-model", "--force", *CPU),

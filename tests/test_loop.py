@@ -8,7 +8,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import torch
 
 from conftest import DEMO_BANK, DEMO_PROBLEMS
 
@@ -31,6 +30,7 @@ dtype = "fp32"
 [score_teachers]
 k = 2
 dtype = "fp32"
+retrieval = "lexical"
 
 [polarize]
 workers = 1
@@ -44,12 +44,7 @@ precision = "fp32"
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path: Path, model: Path, objective="sgsd", steps=2, n=1, extra="", name="run") -> Path:
@@ -228,12 +223,13 @@ def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
     stages = [words[1] for words in lines if words[0] == "sgsd"]
     want = {"sgsd": ["rollout", "score-teachers", "polarize", "train", "update-skills"] * 2,
             "opsd": ["rollout", "train"] * 2, "grpo": ["rollout", "train"] * 2}[recipe]
-    assert [s for s in stages if s != "eval"] == want
+    assert [s for s in stages if s not in ("eval", "step-problems")] == want
+    assert stages.count("step-problems") == 2  # the loop's sampler, through the sgsd command
     assert stages.count("eval") == 1
     opts = _command_options()
     for words in lines:
         if words[0] != "sgsd":
-            assert words[:3] == ["python", "-m", "stages.loop"]
+            assert False, words  # every recipe line is an sgsd command
             continue
         used = {w for w in words[2:] if w.startswith("--")}
         assert used <= opts[words[1]], (words[1], used - opts[words[1]])
@@ -245,7 +241,6 @@ def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
 
 def test_loop_keeps_one_resident_engine_and_refreshes_its_weights(tmp_path, tiny_model_dir, monkeypatch):
     """backend hf-fast: one engine for the whole loop, update_weights after every training step."""
-    from stages import loop
     from stages.engine.generation import fast as fast_generation
 
     built, updates = [], []

@@ -11,12 +11,7 @@ import torch
 from test_train import make_run, student_logprobs, train_cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lora_changes_only_adapter_weights_and_reloads(tmp_path, tiny, tiny_model_dir):

@@ -22,15 +22,7 @@ from stages.engine.skills.writer import HTTPWriter, LocalWriter, Writer, WriterC
 from conftest import DEMO_PROBLEMS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one torch thread avoids oversubscription on a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------

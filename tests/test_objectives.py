@@ -9,12 +9,7 @@ from stages.engine.objectives.grpo import aggregate, clipped_surrogate, group_ad
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, clipped_forward_kl
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
@@ -95,15 +90,19 @@ def test_grpo_loss_with_ratio_and_beta():
 # ---------------------------------------------------------------------------------------------- OPSD
 
 
-def _direct_kl(t_logits, s_logits, clip, top_k=0):
-    """The definition written out with loops over positions and vocabulary entries."""
+def _direct_kl(t_logits, s_logits, clip, top_k=0, temperature=1.0):
+    """The definition written out with loops over positions and vocabulary entries.  top_k: both distributions
+    renormalised over the teacher's k most likely tokens (the reference's generalized_jsd_loss)."""
     out = []
     for i in range(t_logits.shape[0]):
-        pt = torch.softmax(t_logits[i].double(), -1)
-        ps = torch.softmax(s_logits[i].double(), -1)
+        tl, sl = t_logits[i].double() / temperature, s_logits[i].double() / temperature
+        pt, ps = torch.softmax(tl, -1), torch.softmax(sl, -1)
         vocab = range(t_logits.shape[1])
         if top_k:
             vocab = torch.topk(pt, top_k).indices.tolist()
+            zt = sum(math.exp(float(tl[v])) for v in vocab)
+            zs = sum(math.exp(float(sl[v])) for v in vocab)
+            pt, ps = torch.exp(tl) / zt, torch.exp(sl) / zs
         total = 0.0
         for v in vocab:
             term = float(pt[v] * (torch.log(pt[v]) - torch.log(ps[v])))
@@ -120,13 +119,22 @@ def test_clipped_forward_kl_hand_value_two_token_vocab():
     assert clipped_forward_kl(t, s, clip=0.05).item() == pytest.approx(0.05 - 0.18326, abs=1e-5)
 
 
-@pytest.mark.parametrize("clip,top_k", [(0.05, 0), (0.0, 0), (0.05, 3)])
-def test_clipped_forward_kl_matches_direct_computation(clip, top_k):
+@pytest.mark.parametrize("clip,top_k,temperature", [(0.05, 0, 1.0), (0.0, 0, 1.0), (0.05, 3, 1.0), (0.0, 3, 1.1),
+                                                     (0.05, 0, 1.1)])
+def test_clipped_forward_kl_matches_direct_computation(clip, top_k, temperature):
     g = torch.Generator().manual_seed(0)
     t = torch.randn(5, 11, generator=g) * 2
     s = torch.randn(5, 11, generator=g) * 2
-    got = clipped_forward_kl(t, s, clip=clip, top_k=top_k)
-    assert got.tolist() == pytest.approx(_direct_kl(t, s, clip, top_k), abs=1e-5)
+    got = clipped_forward_kl(t, s, clip=clip, top_k=top_k, temperature=temperature)
+    assert got.tolist() == pytest.approx(_direct_kl(t, s, clip, top_k, temperature), abs=1e-5)
+
+
+def test_top_k_kl_hand_value_is_renormalised():
+    # teacher logits ln(0.5, 0.3, 0.2), student ln(0.2, 0.2, 0.6), k = 2: renormalised p = (5/8, 3/8),
+    # q = (1/2, 1/2): KL = 5/8 ln(5/4) + 3/8 ln(3/4) = 0.139465 - 0.107881 = 0.031584
+    t = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    s = torch.log(torch.tensor([[0.2, 0.2, 0.6]]))
+    assert clipped_forward_kl(t, s, clip=0.0, top_k=2).item() == pytest.approx(0.031584, abs=1e-5)
 
 
 def test_kl_is_zero_when_student_equals_teacher():

@@ -21,12 +21,7 @@ from test_train import make_run, train_cfg
 TIMING = ("wall_s", "tokens_per_s")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -189,6 +184,7 @@ dtype = "fp32"
 [score_teachers]
 k = 2
 dtype = "fp32"
+retrieval = "lexical"
 
 [polarize]
 workers = 1

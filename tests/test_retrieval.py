@@ -25,15 +25,7 @@ DAPO = ("Solve the following math problem step by step. The last line of your re
         "Remember to put your answer on its own line after \"Answer:\".")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small encoder batches: one torch thread avoids oversubscription on a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,7 @@ WORDS = ["pigeonhole", "telescoping", "invariants", "bijections", "symmetries", 
          "cauchy", "convexity", "trigonometry", "coordinates", "vectors", "probability", "expectation"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: one torch thread avoids oversubscription on a shared machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ScriptedWriter(Writer):
@@ -273,7 +265,7 @@ def test_checkpoint_records_bank_version_after_update(tiny, tiny_model_dir, tmp_
     rollout.run(rollout.RolloutConfig(model=str(tiny_model_dir), problems=str(DEMO_PROBLEMS), limit=3,
                                       max_new_tokens=6, backend="hf", device="cpu", dtype="fp32"), sd, loaded=tiny)
     score_teachers.run(score_teachers.ScoreTeachersConfig(model=str(tiny_model_dir), bank=str(bank_path), k=2,
-                                                  device="cpu", dtype="fp32"), sd, loaded=tiny)
+                                                  device="cpu", dtype="fp32", retrieval="lexical"), sd, loaded=tiny)
     polarize.run(polarize.PolarizeConfig(), sd, tokenizer=tiny[1])
     train.run(train.TrainConfig(model=str(tiny_model_dir), device="cpu", precision="fp32", steps=1, batch_size=3,
                                 micro_batch_size=3), sd)

@@ -29,7 +29,7 @@ def test_rollout_and_score_teachers_on_smollm2(smollm2, shared_data, tmp_path):
     assert ro.height == 2 and (ro["completion_ids"].list.len() > 0).all()
     assert "<|im_start|>" in ro["prompt"][0]  # SmolLM2's own chat template from the GGUF metadata
     scfg = score_teachers.ScoreTeachersConfig(model=str(smollm2), bank=str(shared_data / "skill_banks" / "sgsd_qwen3_4b.json"),
-                                      k=2, device="cpu", dtype="fp32")
+                                      k=2, device="cpu", dtype="fp32", retrieval="lexical")
     score_teachers.run(scfg, run, loaded=loaded)
     st = pl.read_parquet(run / "score_teachers.parquet")
     assert st.height == 4

@@ -101,13 +101,7 @@ def student_logprobs(model_dir_or_model, run_dir):
         return dict(zip(rt["rollout_id"].to_list(), score_segments(model, segs)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is faster (no oversubscription on a shared machine) and deterministic."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +207,7 @@ def test_opsd_step_one_loss_equals_direct_kl(tmp_path, tiny, tiny_model_dir):
     total, n = 0.0, 0
     with torch.no_grad():
         for r in rt.to_dicts():
-            tp = chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), False)
+            tp = chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), True)  # teacher_thinking "on"
             c = r["completion_ids"]
             t_logits = model(input_ids=torch.tensor([tp + c])).logits[0, len(tp) - 1 : len(tp) - 1 + len(c)]
             s_logits = model(input_ids=torch.tensor([r["prompt_ids"] + c])).logits[0, len(r["prompt_ids"]) - 1 : len(r["prompt_ids"]) - 1 + len(c)]

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from stages.engine.io import InputError, _fsync_dir, atomic_write_json
+from stages.engine.io import _FS_ERRNOS, InputError, _fsync_dir, atomic_write_json, write_failed
 
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"
@@ -60,38 +60,70 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
-def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 0, barrier: Callable[[], None] | None = None) -> Path:
+def staged_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.parent / f".{path.name}.partial"
+
+
+def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 0, barrier: Callable[[], None] | None = None,
+          commit: bool = True) -> Path:
     """Write a checkpoint folder atomically.
 
     ``fill(tmp_dir)`` is called on every rank (each writes its own files, rank 0 the shared ones); rank 0
     then writes ``checksums.json`` and renames the folder into place.  ``barrier`` synchronises ranks
-    (None in one process).  The previous folder of the same name is replaced.
+    (None in one process).  The previous folder of the same name is replaced only once the new one is
+    complete.  ``commit=False`` stops before the swap and returns the complete staged folder
+    (``.<name>.partial``): :func:`commit` puts it in place later (train swaps its final checkpoint only once
+    its metrics table is written too).  A failing write (full disk ...) removes the staged folder, leaves the
+    previous checkpoint as it was and raises a one-line error naming the file.
     """
     path = Path(path)
-    tmp = path.parent / f".{path.name}.partial"
+    tmp = staged_path(path)
     sync = barrier or (lambda: None)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        sync()
+        fill(tmp)
+        sync()
+        if rank == 0:
+            sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+            for p in _files(tmp):
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
+            atomic_write_json(tmp / CHECKSUMS, {"format": FORMAT, "files": sums})
+    except OSError as e:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _FS_ERRNOS:
+            raise write_failed(getattr(e, "filename", None) or tmp, e) from None
+        raise
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not commit:
+        sync()
+        return tmp
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        commit_staged(tmp, path)
     sync()
-    fill(tmp)
-    sync()
-    if rank == 0:
-        sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
-        for p in _files(tmp):
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        atomic_write_json(tmp / CHECKSUMS, {"format": FORMAT, "files": sums})
-        if path.exists():
-            old = path.parent / f".{path.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    sync()
+    return path
+
+
+def commit_staged(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Swap a complete staged folder into ``path`` (the old one is renamed away first, deleted after)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
     return path
 
 
@@ -172,11 +204,17 @@ def step_dir(run_dir: str | os.PathLike, policy_step: int) -> Path:
     return Path(run_dir) / INTERMEDIATE / f"step_{policy_step:06d}"
 
 
-def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` snapshots under ``checkpoints/`` (0 keeps all)."""
+def prune(run_dir: str | os.PathLike, keep_last: int, among: list[Path] | None = None) -> list[Path]:
+    """Delete all but the newest ``keep_last`` snapshots under ``checkpoints/`` (0 keeps all).
+
+    ``among``: only these snapshots count and may go (train --force: the previous run's stay until the new
+    run is complete)."""
     if keep_last <= 0:
         return []
     snaps = [p for p in candidates(run_dir) if p.parent.name == INTERMEDIATE]
+    if among is not None:
+        allowed = {Path(p).resolve() for p in among}
+        snaps = [p for p in snaps if p.resolve() in allowed]
     gone = snaps[keep_last:]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping
 from stages.engine.io import InputError
 
 # the tables of a recipe, one per stage config (stages.loop.build_sections maps each to its dataclass)
-SECTIONS = ("loop", "rollout", "score_teachers", "polarize", "train", "eval", "update_skills")
+SECTIONS = ("loop", "rollout", "score_teachers", "polarize", "train", "eval", "update_skills", "mine_skills", "build_index",
+            "sft")
 
 
 def check_section(name: str) -> None:
@@ -167,7 +168,10 @@ def build(cls: type, values: Mapping[str, Any], section: str, source: str = "con
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kw]
     if missing:
         raise InputError(source, f"section '{section}' needs {', '.join(missing)}")
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except InputError as e:  # a range check of Checked.__post_init__
+        raise InputError(source if source != "config" else e.path, e.problem) from None
 
 
 def resolve(path: str | os.PathLike | None = None, sets: Iterable[str] = (), cli: Mapping | None = None,
@@ -184,3 +188,99 @@ def resolve(path: str | os.PathLike | None = None, sets: Iterable[str] = (), cli
 
 def resolved_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
+
+
+# --------------------------------------------------------------------------------------------------
+# documented, range-checked config fields: the one place a stage option is declared
+#
+# A stage config is a dataclass deriving from Checked whose fields are declared with opt(): the default,
+# the help text, the help panel (group), the CLI flag and the accepted values live beside the field.  The
+# CLI (sgsd_cli/options.py) generates its options from these fields, recipes fill them from TOML, and
+# check() refuses out-of-range values wherever the config is built (CLI, TOML, --set, in-process).
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Options", flag: str | None = None,
+        choices: Iterable[Any] | None = None, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, factory: Any = dataclasses.MISSING, cli: bool = True,
+        prefix: str | None = None, metavar: str | None = None, what: str | None = None) -> Any:
+    """A config field with its documentation and checks.
+
+    ``flag``: the CLI name without dashes (default: the field name with '-' for '_'); ``cli=False`` keeps a
+    field out of the CLI (TOML/--set only); ``prefix``: for a nested config, the prefix of its fields' flags;
+    ``choices``/``ge``/``gt``/``le``/``lt``: accepted values (None is always accepted for Optional fields);
+    ``what``: the noun an error names for a value outside ``choices`` (default: the option)."""
+    md = {"help": help, "group": group, "flag": flag, "choices": tuple(choices) if choices is not None else None,
+          "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "prefix": prefix, "metavar": metavar, "what": what}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"opt": md})
+    return dataclasses.field(default=default, metadata={"opt": md})
+
+
+def field_opt(f: dataclasses.Field) -> dict:
+    return f.metadata.get("opt", {"help": "", "group": "Options", "flag": None, "choices": None, "ge": None,
+                                  "gt": None, "le": None, "lt": None, "cli": True, "prefix": None, "metavar": None,
+                                  "what": None})
+
+
+def flag_of(f: dataclasses.Field, prefix: str = "") -> str:
+    o = field_opt(f)
+    return prefix + (o["flag"] or f.name.replace("_", "-"))
+
+
+def _range_text(o: dict) -> str:
+    parts = []
+    if o["ge"] is not None:
+        parts.append(f">= {o['ge']:g}")
+    if o["gt"] is not None:
+        parts.append(f"> {o['gt']:g}")
+    if o["le"] is not None:
+        parts.append(f"<= {o['le']:g}")
+    if o["lt"] is not None:
+        parts.append(f"< {o['lt']:g}")
+    return " and ".join(parts)
+
+
+def check(cfg: Any, section: str = "", prefix: str = "") -> None:
+    """Refuse values outside a field's declared choices or range, and non-finite numbers (InputError)."""
+    import math
+
+    for f in dataclasses.fields(cfg):
+        o, v = field_opt(f), getattr(cfg, f.name)
+        name = f"--{flag_of(f, prefix)}" + (f" ({section}.{f.name})" if section else "")
+        if dataclasses.is_dataclass(v):
+            check(v, f"{section}.{f.name}" if section else f.name, prefix + (o["prefix"] or ""))
+            continue
+        if v is None:
+            continue
+        if o["choices"] is not None and v not in o["choices"]:
+            allowed = ", ".join(str(c) for c in o["choices"] if c != "")
+            if o.get("what"):
+                raise InputError(None, f"{name}: unknown {o['what']} {v!r} (use one of {allowed})")
+            raise InputError(None, f"{name} must be one of {allowed} (got {v!r})")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InputError(None, f"{name} must be a finite number (got {v})")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bad = ((o["ge"] is not None and v < o["ge"]) or (o["gt"] is not None and v <= o["gt"])
+                   or (o["le"] is not None and v > o["le"]) or (o["lt"] is not None and v >= o["lt"]))
+            if bad:
+                raise InputError(None, f"{name} must be {_range_text(o)} (got {v})")
+
+
+class Checked:
+    """Base of the stage configs: every construction (CLI, TOML, --set, ``dataclasses.replace``) is checked."""
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def describe(cls: type) -> list[dict]:
+    """One row per field: name, flag, type, default, help, group, accepted values (docs and --help)."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        o = field_opt(f)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        rows.append({"name": f.name, "flag": flag_of(f), "type": hints[f.name], "default": default, "help": o["help"],
+                     "group": o["group"], "choices": o["choices"], "range": _range_text(o), "cli": o["cli"]})
+    return rows

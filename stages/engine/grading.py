@@ -26,11 +26,17 @@ def _ids(rollouts: pl.DataFrame) -> list[str]:
     return [f"attempt-{i}" for i in range(rollouts.height)]
 
 
+def grade_texts(completions: list[str], golds: list[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                workers: int | None = None) -> list:
+    """Verdicts (:class:`stages.engine.verify.Grade`) of completions against golds: eval and the update gate."""
+    return grade_many(list(zip(completions, [str(g) for g in golds])), timeout_s=timeout_s, workers=workers)
+
+
 def grade_rollouts(rollouts: pl.DataFrame, *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None,
                    on_done: Callable[[int], None] | None = None) -> pl.DataFrame:
     """Verify every ``completion`` against its ``answer`` (math-verify under a hard timeout)."""
-    grades = grade_many(list(zip(rollouts["completion"].to_list(), [str(a) for a in rollouts["answer"].to_list()])),
-                        timeout_s=timeout_s, workers=workers)
+    grades = grade_texts(rollouts["completion"].to_list(), rollouts["answer"].to_list(), timeout_s=timeout_s,
+                         workers=workers)
     if on_done:
         on_done(len(grades))
     return pl.DataFrame({"rollout_id": _ids(rollouts), "correct": [g.correct for g in grades],

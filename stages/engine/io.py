@@ -9,8 +9,13 @@ refused unless ``force`` is given.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import io
+import re
+import sys
 import json
 import os
 import platform
@@ -19,7 +24,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import polars as pl
 import pyarrow as pa
@@ -64,6 +69,10 @@ class StageSkipped(Exception):
 # atomic writes
 
 
+_FS_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+              errno.EFBIG}
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -77,14 +86,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class WriteError(InputError):
+    """A write that failed (read-only or full file system, permissions): one line naming the file."""
+
+
+def write_failed(path: str | os.PathLike, e: OSError) -> WriteError:
+    why = e.strerror or type(e).__name__
+    return WriteError(path, f"cannot write ({why}); nothing was replaced")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
     """Write to a temp file in the same folder, fsync, then rename into place.
 
-    ``exclusive=True`` never replaces an existing file (hard link instead of rename; FileExistsError)."""
+    ``exclusive=True`` never replaces an existing file (hard link instead of rename; FileExistsError).
+    A failing write (full disk, read-only file system) raises :class:`WriteError` naming ``path`` and leaves
+    the previous file and no temp file behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -93,11 +114,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool 
             os.link(tmp, path)
         else:
             os.replace(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno in _FS_ERRNOS:
+            raise write_failed(path, e) from None
+        raise
     finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except (FileNotFoundError, OSError):
+                pass
     _fsync_dir(path.parent)
     return path
 
@@ -220,6 +248,32 @@ def check_columns(df: pl.DataFrame, required: Mapping[str, type], path: str | os
             raise InputError(path, f"column '{col}' has type {df.schema[col]}, expected {kind.__name__}")
 
 
+def check_finite(df: pl.DataFrame, columns: Iterable[str], path: str | os.PathLike | None, key: str | None = None,
+                 *, nulls_ok: bool = False) -> None:
+    """Refuse NaN or +-inf (and null, unless ``nulls_ok``) in float and float-list columns (InputError naming the row)."""
+    for col in columns:
+        if col not in df.columns:
+            continue
+        dt = df.schema[col]
+        if isinstance(dt, pl.List):
+            if not dt.inner.is_float():
+                continue
+            elem = pl.col(col).list.eval(~pl.element().is_finite().fill_null(False))
+            bad = elem.list.any().fill_null(False)
+            if not nulls_ok:
+                bad = bad | pl.col(col).is_null()
+        elif dt.is_float():
+            bad = ~pl.col(col).is_finite().fill_null(nulls_ok)
+        else:
+            continue
+        hit = df.with_row_index("_row").filter(bad)
+        if hit.height:
+            r = hit.row(0, named=True)
+            where = f"{key} '{r[key]}'" if key and key in r else f"row {r['_row']}"
+            raise InputError(path, f"column '{col}' holds a non-finite value (NaN, inf or null) in {hit.height} "
+                                   f"row(s) (first: {where})")
+
+
 def file_hash(path: str | os.PathLike) -> str:
     """sha256 of a file, or of every part file of a directory (names + contents)."""
     path = Path(path)
@@ -232,6 +286,169 @@ def file_hash(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# run-directory lock, stale temp files, writability
+
+LOCK_NAME = ".sgsd.lock"
+# temp names this package creates: atomic writes (.<name>.XXXXXXXX.tmp), checkpoint and model folders being
+# written or swapped (.<name>.partial, .<name>.old, .<name>.new, .<name>.XXXXXXXX from mkdtemp)
+_STALE_FILE_RE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$|^\..+\.new$")
+_STALE_DIR_RE = re.compile(r"^\..+\.(?:partial|old|new)$|^\..+\.[A-Za-z0-9_]{8}$")
+_HELD: dict[str, list] = {}  # resolved run dir -> [fd, depth] locks this process holds
+
+
+def _holder_info(command: str) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _describe_holder(lock: Path) -> str:
+    try:
+        h = json.loads(lock.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        h = {}
+    if not h:
+        return "another process"
+    return f"pid {h.get('pid')} on {h.get('host')} ('{h.get('command')}', since {h.get('since')})"
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Create ``run_dir`` if needed and make sure it is a writable directory (before any work starts)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(run_dir, "run directory is a file, not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise InputError(run_dir, "run directory (or a parent) is a file, not a directory") from None
+    except OSError as e:
+        raise InputError(run_dir, f"cannot create the run directory ({e.strerror or type(e).__name__})") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise InputError(run_dir, "run directory is not writable (permission denied)")
+    return run_dir
+
+
+def _held_by_me(run_dir: Path) -> str | None:
+    for p in (run_dir, *run_dir.parents):
+        if str(p) in _HELD:
+            return str(p)
+    return None
+
+
+def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Callable[[], None]:
+    """Take the run directory's lock (``<run_dir>/.sgsd.lock``, flock); return the function that releases it.
+
+    Re-entrant inside one process, and a lock on a folder covers its sub-folders (the loop's step dirs).
+    Another process holding it -> InputError naming it (pid, host, command, since).  The kernel drops the
+    lock when its process dies (kill -9), so a crashed run never blocks its rerun.  Taking the lock also
+    checks that the directory is writable and not full (the holder line is written and fsynced); on first
+    acquisition the directory's stale temp files of an earlier crashed write are removed.
+    """
+    run_dir = check_run_dir(run_dir).resolve()
+    mine = _held_by_me(run_dir)
+    if mine is not None:
+        _HELD[mine][1] += 1
+        return _releaser(mine)
+    lock = run_dir / LOCK_NAME
+    command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise InputError(run_dir, f"run directory is not writable ({e.strerror or type(e).__name__})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(run_dir, f"run directory is in use by {_describe_holder(lock)}; wait for it to finish "
+                                  "or use another run directory") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(_holder_info(command)).encode(), 0)
+        os.fsync(fd)
+    except OSError as e:
+        _unlock(fd)
+        raise InputError(run_dir, f"run directory is not writable ({e.strerror or type(e).__name__})") from None
+    _HELD[str(run_dir)] = [fd, 1]
+    clean_stale_temp(run_dir)
+    return _releaser(str(run_dir))
+
+
+def _unlock(fd: int) -> None:
+    try:
+        os.ftruncate(fd, 0)  # an idle run directory's lock file is empty (byte-identical between runs)
+    except OSError:
+        pass
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _releaser(key: str) -> Callable[[], None]:
+    done = [False]
+
+    def release() -> None:
+        if done[0]:
+            return
+        done[0] = True
+        entry = _HELD.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _HELD[key]
+            _unlock(entry[0])
+
+    return release
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike, command: str | None = None):
+    release = lock_run_dir(run_dir, command)
+    try:
+        yield Path(run_dir)
+    finally:
+        release()
+
+
+def clean_stale_temp(run_dir: str | os.PathLike, depth: int = 3) -> list[Path]:
+    """Remove the temp files / folders a killed write left (``.<name>.XXXXXXXX.tmp``, ``.<name>.partial`` ...).
+
+    Only call it while holding the run directory's lock: then nobody is writing them.  ``depth`` levels of
+    sub-folders are searched (step dirs, their checkpoints/ and eval/ folders)."""
+    import shutil
+
+    gone: list[Path] = []
+
+    def walk(d: Path, level: int) -> None:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return
+        for e in entries:
+            if e.is_symlink():
+                continue
+            if e.is_file() and _STALE_FILE_RE.match(e.name):
+                try:
+                    os.unlink(e.path)
+                    gone.append(Path(e.path))
+                except OSError:
+                    pass
+            elif e.is_dir():
+                if _STALE_DIR_RE.match(e.name):
+                    live = Path(d) / e.name[1:-len(".old")] if e.name.endswith(".old") else None
+                    if live is not None and not live.exists():
+                        os.replace(e.path, live)  # killed mid-swap: the previous folder goes back in place
+                        continue
+                    shutil.rmtree(e.path, ignore_errors=True)
+                    gone.append(Path(e.path))
+                elif level < depth and not e.name.startswith("."):
+                    walk(Path(e.path), level + 1)
+
+    walk(Path(run_dir), 0)
+    return gone
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,14 +488,28 @@ class StageRun:
     output_name: str | None = None
 
     def __post_init__(self) -> None:
+        import weakref
+
         self.run_dir = Path(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # writable? not in use by another process? (before any work); stale temp files of a killed run go
+        self._release = lock_run_dir(self.run_dir, command=None)
+        weakref.finalize(self, self._release)
         self.t0 = time.time()
         self.input_hashes = {
             k: (file_hash(v) if v is not None and Path(v).exists() else None) for k, v in self.inputs.items()
         }
         self.config_json = to_jsonable(self.config)
-        self.done = self._check()
+        try:
+            self.done = self._check()
+        except BaseException:
+            self._release()
+            raise
+        if self.done:
+            self._release()
+
+    def release(self) -> None:
+        """Let other processes use the run directory (done by :meth:`finish` and when the object is dropped)."""
+        self._release()
 
     @property
     def name(self) -> str:
@@ -318,10 +549,23 @@ class StageRun:
             f"{what} changed since the last '{self.stage}' run in this directory; pass --force to overwrite",
         )
 
-    def finish(self, table: pl.DataFrame | None, extra: Mapping[str, Any] | None = None, rows: int | None = None) -> Path:
+    def finish(self, table: pl.DataFrame | None, extra: Mapping[str, Any] | None = None, rows: int | None = None,
+               before_commit: Callable[[], None] | None = None) -> Path:
+        """Write the table and then the manifest.  ``before_commit`` runs once the new table is complete on disk
+        (staged beside the old one) and before it replaces the old table: train swaps its checkpoint there, so
+        a failure up to that point leaves the previous table, checkpoint and manifest untouched."""
         if table is not None:
-            write_parquet(table, self.output)
+            if before_commit is None:
+                write_parquet(table, self.output)
+            else:
+                staged = self.output.with_name(f".{self.output.name}.new")
+                write_parquet(table, staged)
+                before_commit()
+                os.replace(staged, self.output)
+                _fsync_dir(self.output.parent)
             rows = table.height if rows is None else rows
+        elif before_commit is not None:
+            before_commit()
         manifest = {
             **self._key(),
             "inputs": {k: (str(v) if v is not None else None) for k, v in self.inputs.items()},
@@ -337,6 +581,7 @@ class StageRun:
             **(dict(extra) if extra else {}),
         }
         atomic_write_json(self.manifest_path, manifest)
+        self._release()
         return self.output
 
 

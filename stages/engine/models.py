@@ -30,9 +30,23 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    if device and device != "auto":
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` (cuda when available, else cpu) or a torch device string that this machine actually has."""
+    if not device or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(None, f"unknown device '{device}' (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(None, f"device '{device}' asked for but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(None, f"device '{device}' does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(None, f"device '{device}' is not available on this machine")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise InputError(None, f"device '{device}' is not supported (use auto, cpu, cuda, cuda:N or mps)")
+    return dev
 
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -93,6 +107,12 @@ class ModelSpec:
         return {"path": self.path, "gguf_file": self.gguf_file, "adapter": self.adapter}
 
 
+def _weights_file(spec: ModelSpec) -> str:
+    p = Path(spec.path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    return str(files[0]) if len(files) == 1 else spec.path
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
@@ -130,8 +150,12 @@ def load_model(
         kw["gguf_file"] = spec.gguf_file
     try:
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kw)
-    except (OSError, ValueError) as e:
-        raise InputError(spec.path, f"cannot load model ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # OSError, ValueError, safetensors' SafetensorError on a corrupt / truncated file ...
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        where = _weights_file(spec) if type(e).__name__ == "SafetensorError" else spec.path
+        raise InputError(where, f"cannot load model ({msg})") from None
     if spec.gguf_file:
         # GGUF weights are dequantized on load: drop the quantizer so the model trains and saves as usual.
         model.hf_quantizer = None
@@ -144,12 +168,37 @@ def load_model(
     if spec.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable)
+        try:
+            model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=trainable)
+        except Exception as e:
+            if isinstance(e, (KeyboardInterrupt, MemoryError)):
+                raise
+            msg = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise InputError(spec.adapter, f"cannot load the LoRA adapter ({msg})") from None
     tok = load_tokenizer(spec)
     model.to(dev)
     if not trainable:
         model.eval()
     return model, tok, spec
+
+
+def check_token_ids(seqs, vocab_size: int, path: str | os.PathLike | None) -> None:
+    """``seqs``: (row id, column, token ids); an id < 0 or >= ``vocab_size`` -> InputError naming row and file."""
+    for rid, col, ids in seqs:
+        if not len(ids):
+            continue
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(path, f"rollout '{rid}': {col} holds token id {bad}, outside the model's vocabulary "
+                                   f"[0, {vocab_size})")
+
+
+def check_context(n_tokens: int, model, what: str, path: str | os.PathLike | None = None) -> None:
+    """Refuse a sequence longer than the model's context window (``max_position_embeddings``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and limit > 0 and n_tokens > limit:
+        raise InputError(path, f"{what} has {n_tokens} tokens, more than the model's context of {limit}")
 
 
 def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpec | None = None) -> Path:
@@ -205,7 +254,9 @@ def _tiny_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
+def build_tiny_tokenizer(vocab_size: int = 512, corpus: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on ``corpus`` (default: the fixed demo corpus).  With a small
+    corpus and a large enough ``vocab_size`` every word becomes one token (word-level in effect)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -218,7 +269,7 @@ def build_tiny_tokenizer(vocab_size: int = 512):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tk.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    tk.train_from_iterator(corpus if corpus is not None else _tiny_corpus(), trainer=trainer)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk,
         eos_token="<|im_end|>",
@@ -230,21 +281,23 @@ def build_tiny_tokenizer(vocab_size: int = 512):
 
 
 def make_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, hidden_size: int = 128, layers: int = 2,
-                    vocab_size: int = 512) -> Path:
+                    vocab_size: int = 512, corpus: list[str] | None = None, heads: int = 4,
+                    kv_heads: int = 2) -> Path:
     """Write a tiny random Qwen3-architecture model + locally trained tokenizer + Qwen3-style chat template.
 
-    hidden 128 with 4 heads gives head_dim 32, the smallest that vLLM's CPU attention accepts."""
+    hidden 128 with 4 heads gives head_dim 32, the smallest that vLLM's CPU attention accepts.
+    ``corpus``: texts to train the tokenizer on (the skill world passes its own, stages/engine/world.py)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tok = build_tiny_tokenizer(vocab_size)
+    tok = build_tiny_tokenizer(vocab_size, corpus)
     cfg = Qwen3Config(
         vocab_size=len(tok),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=None,

@@ -46,20 +46,50 @@ def student_prompt(problem: str) -> str:
     return fill(load_template("student"), problem=strip_wrappers(problem))
 
 
+# Lines of teacher.txt that the reference writes only when their field is non-empty
+# (walawalagoose/SGSD skill/skill_memory.py:309-310, 319-322).
+_OPTIONAL_FIELDS = ("skill_when_to_apply", "mistake_description", "mistake_how_to_avoid")
+
+
 def teacher_prompt(problem: str, skill: Mapping[str, Any], mistake: Mapping[str, Any]) -> str:
-    return fill(
-        load_template("teacher"),
-        problem=strip_wrappers(problem),
-        skill_title=skill.get("title", ""),
-        skill_principle=skill.get("principle", ""),
-        skill_when_to_apply=skill.get("when_to_apply", ""),
-        mistake_description=mistake.get("description", ""),
-        mistake_how_to_avoid=mistake.get("how_to_avoid", ""),
-    )
+    """The SGSD teacher's user turn: the reference's ``format_for_prompt`` guidance block for one
+    (skill, mistake) pair, then ``Problem: ...`` and the instruction (skill/training.py:221-236,
+    skill/sgsd_trainer.py:190-193)."""
+    values = {
+        "skill_title": str(skill.get("title", "") or "").strip(),
+        "skill_principle": str(skill.get("principle", "") or "").strip(),
+        "skill_when_to_apply": str(skill.get("when_to_apply", "") or "").strip(),
+        "mistake_description": str(mistake.get("description", "") or "").strip(),
+        "mistake_how_to_avoid": str(mistake.get("how_to_avoid", "") or "").strip(),
+    }
+    lines = [ln for ln in load_template("teacher").split("\n")
+             if not any("{" + f + "}" in ln and not values[f] for f in _OPTIONAL_FIELDS)]
+    return fill("\n".join(lines), problem=strip_wrappers(problem), **values)
+
+
+def opsd_solution(answer: str) -> str:
+    """The reference's teacher solution for answer-only data: "The answer is \\boxed{gold}." (a gold answer
+    that already holds a \\boxed{} is kept as it is; data/dataset_adapter.py:171-191)."""
+    a = str(answer).strip()
+    return f"The answer is {a}." if "\\boxed" in a else f"The answer is \\boxed{{{a}}}."
 
 
 def opsd_teacher_prompt(problem: str, answer: str) -> str:
-    return fill(load_template("opsd_teacher"), problem=strip_wrappers(problem), answer=answer)
+    """The OPSD teacher's user turn: the reference-solution wrapper and transition text of
+    data/data_collator.py:17-23, 64-70 around :func:`opsd_solution`."""
+    return fill(load_template("opsd_teacher"), problem=strip_wrappers(problem), solution=opsd_solution(answer))
+
+
+TEACHER_THINKING = ("on", "off", "rollout")
+
+
+def teacher_thinking_flag(mode: str, rollout_thinking: bool) -> bool:
+    """Thinking flag of a teacher prompt (SGSD and OPSD).  ``on``: the reference, which builds teacher prompts
+    with enable_thinking=True while the student samples non-thinking (skill/sgsd_trainer.py:195-200,
+    data/data_collator.py:72-77); ``off``; ``rollout``: the rollout's own flag."""
+    if mode not in TEACHER_THINKING:
+        raise InputError(None, f"teacher thinking must be one of {', '.join(TEACHER_THINKING)}, got '{mode}'")
+    return bool(rollout_thinking) if mode == "rollout" else mode == "on"
 
 
 def chat_prompt_ids(tokenizer, user_text: str, thinking: bool) -> list[int]:

@@ -70,8 +70,20 @@ def pack_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     return batches
 
 
+def head_logits_fp32(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """LM-head logits in fp32 even under bf16 autocast (training): fp32 weights see fp32 hidden states; bf16
+    weights are upcast for the product (a sharded FSDP weight keeps the module call, then the cast)."""
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        w = head.weight
+        if w.dtype == torch.float32:
+            return head(hidden.float())
+        if not hasattr(w, "full_tensor") and getattr(head, "bias", None) is None:
+            return F.linear(hidden.float(), w.float())
+        return head(hidden.to(w.dtype)).float()
+
+
 def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = head(hidden).float()
+    logits = head_logits_fp32(head, hidden)
     if temperature != 1.0:
         logits = logits / temperature
     return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
@@ -95,6 +107,35 @@ def gather_logprobs(
         else:
             outs.append(_chunk_logprobs(head, h, t, temperature))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+
+@dataclass
+class Packed:
+    """Several segments laid end to end in one row: no padding, position ids restarting per segment."""
+
+    ids: list[int]    # [T] token ids
+    pos: list[int]    # [T] position ids
+    sel: list[int]    # [C] row positions whose next-token prediction is a completion token
+    tgt: list[int]    # [C] those completion tokens
+    spans: list[tuple[int, int]]  # (caller's index, completion length) per segment, in row order
+
+
+def pack(segments: Sequence[Segment], keys: Sequence[int] | None = None) -> Packed:
+    """Pack ``segments`` into one row (``keys``: the caller's index of each segment, default 0..n-1)."""
+    ids, pos, sel, tgt, spans = [], [], [], [], []
+    offset = 0
+    for i, s in zip(keys if keys is not None else range(len(segments)), segments):
+        full = s.prompt_ids + s.completion_ids
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        if p == 0 and c > 0:
+            raise ValueError("a segment needs at least one prompt token")
+        ids.extend(full)
+        pos.extend(range(len(full)))
+        sel.extend(range(offset + p - 1, offset + p - 1 + c))
+        tgt.extend(s.completion_ids)
+        spans.append((i, c))
+        offset += len(full)
+    return Packed(ids, pos, sel, tgt, spans)
 
 
 def score_segments(
@@ -126,27 +167,13 @@ def score_segments(
     attn = contextlib.nullcontext() if grad or _varlen_active(model) else varlen_attention(model)
     with ctx, attn:
         for batch in pack_batches([len(s) for s in useg], token_budget):
-            ids, pos, sel, tgt, spans = [], [], [], [], []
-            offset = 0
-            for i in batch:
-                s = useg[i]
-                full = s.prompt_ids + s.completion_ids
-                ids.extend(full)
-                pos.extend(range(len(full)))
-                p, c = len(s.prompt_ids), len(s.completion_ids)
-                if p == 0 and c > 0:
-                    raise ValueError("a segment needs at least one prompt token")
-                sel.extend(range(offset + p - 1, offset + p - 1 + c))
-                tgt.extend(s.completion_ids)
-                spans.append((i, c))
-                offset += len(full)
-            input_ids = torch.tensor([ids], device=device)
-            position_ids = torch.tensor([pos], device=device)
-            hidden = body(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).last_hidden_state[0]
-            hsel = hidden.index_select(0, torch.tensor(sel, device=device))
-            lp = gather_logprobs(head, hsel, torch.tensor(tgt, device=device), temperature=temperature, chunk=logit_chunk)
+            pk = pack([useg[i] for i in batch], batch)
+            hidden = body(input_ids=torch.tensor([pk.ids], device=device), position_ids=torch.tensor([pk.pos], device=device),
+                          attention_mask=None, use_cache=False).last_hidden_state[0]
+            hsel = hidden.index_select(0, torch.tensor(pk.sel, device=device))
+            lp = gather_logprobs(head, hsel, torch.tensor(pk.tgt, device=device), temperature=temperature, chunk=logit_chunk)
             start = 0
-            for i, c in spans:
+            for i, c in pk.spans:
                 results[i] = lp[start : start + c]
                 start += c
             if on_batch:

@@ -75,6 +75,7 @@ _ANSWER_LINE_RE = re.compile(
     r"^[ \t>*#_\-]*(?:the[ \t]+)?(?:final[ \t]+)?answer[ \t]*(?:\*\*|__)?[ \t]*[:\uff1a][ \t]*(.*)$",
     re.IGNORECASE | re.MULTILINE,
 )
+_TAIL_NUMBER_RE = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _MATH_SEG_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
 
@@ -145,6 +146,80 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _boxes_with_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every top-level brace-matched ``\\boxed{..}`` / ``\\fbox{..}``, in order."""
+    out: list[tuple[int, int, str]] = []
+    matches = list(_BOX_RE.finditer(text))
+    if not matches:
+        return out
+    braces = _brace_matches(text, matches[0].end())
+    end_prev = -1
+    for m in matches:
+        if m.start() < end_prev:
+            continue  # a box inside a box
+        j = m.end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            close = braces.get(j)
+            if close is None:
+                continue
+            inner = text[j + 1:close].strip()
+            if inner:
+                out.append((m.start(), close + 1, _unwrap_box(inner)))
+            end_prev = close + 1
+    return out
+
+
+# what may stand between the boxes of one multi-part final answer: "\boxed{-2} and \boxed{1}", "\boxed{1}, \boxed{2}"
+_BOX_JOINER_RE = re.compile(r"^(?:\s|\$|,|;|\.|\\[()\[\]]|\\q?quad(?![A-Za-z])|\\[,;! ]|\\text\s*\{\s*(?:and|or|,)?\s*\}|\band\b|\bor\b)*$")
+
+
+def last_boxed_group(text: str) -> list[str]:
+    """The final run of boxed answers joined only by commas, "and", spacing or ``$``: ``\\boxed{1}, \\boxed{2}``
+    -> ["1", "2"]; the last box alone when the boxes before it are separated by prose."""
+    boxes = _boxes_with_spans(text)
+    if not boxes:
+        return []
+    group = [boxes[-1]]
+    for b in reversed(boxes[:-1]):
+        between = text[b[1]:group[0][0]]
+        if len(between) > 40 or not _BOX_JOINER_RE.match(between):
+            break
+        group.insert(0, b)
+    return [g[2] for g in group]
+
+
+def _top_level_split(s: str) -> list[str]:
+    """Split on commas outside (), [], {} (``\\{`` counts as a brace)."""
+    parts, depth, cur = [], 0, []
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def gold_is_multi(gold: str) -> bool:
+    """A set (``\\{1,2\\}``) or a list of answers (``1, 2``, ``-2, 1``): not a tuple/interval, not ``1,000``."""
+    g = _unwrap_box(str(gold).strip()).strip("$ ").strip()
+    if g.startswith("\\{") and g.endswith("\\}"):
+        return True
+    if _THOUSANDS_RE.match(g.replace(" ", "")) and not re.search(r"\d,\s+\d", g):
+        return False
+    return len(_top_level_split(g)) > 1
+
+
 def _answer_line(text: str) -> str | None:
     last = None
     for m in _ANSWER_LINE_RE.finditer(text):
@@ -161,9 +236,14 @@ def _answer_line(text: str) -> str | None:
         else:
             return None
     val = val.strip().strip("*_").strip()
-    segs = [next(g for g in seg.groups() if g is not None) for seg in _MATH_SEG_RE.finditer(val)]
-    if segs:
-        val = segs[-1]
+    found = list(_MATH_SEG_RE.finditer(val))
+    if found:
+        tail = val[found[-1].end():]
+        nums = _TAIL_NUMBER_RE.findall(tail)
+        if nums:  # "The largest $n$ is 34": the answer is the number after the math, not the variable
+            val = nums[-1]
+        else:
+            val = next(g for g in found[-1].groups() if g is not None)
     val = val.strip().rstrip(".").strip()
     val = val.strip("$").strip()
     return val or None
@@ -195,6 +275,7 @@ _THOUSANDS_RE = re.compile(r"^[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
 _ASSIGN_RE = re.compile(r"^[a-z]\s*=\s*(?=[^=]+$)")
 _PAREN_ONE_RE = re.compile(r"^\(([^(),]+)\)$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
+_LIST_COMMA_RE = re.compile(r"\d,[ \t]+[+-]?\d")
 _WS_RE = re.compile(r"\s+")
 
 
@@ -208,6 +289,7 @@ def normalize_answer(s: str) -> str:
     if s is None:
         return ""
     s = _unwrap_box(str(s).strip())
+    listy = _LIST_COMMA_RE.search(s) is not None  # "32, 349" is a list; "32,349" / "32,\\! 349" a number
     s = s.replace("\\$", "").replace("$", "")
     s = s.replace("\\%", "").replace("%", "")
     s = s.replace("{,}", ",")
@@ -231,7 +313,7 @@ def normalize_answer(s: str) -> str:
     m = _PAREN_ONE_RE.match(s)
     if m:  # "(051)", "(c)": parentheses around a single item (a tuple/interval always has a comma)
         s = m.group(1)
-    if _THOUSANDS_RE.match(s):
+    if _THOUSANDS_RE.match(s) and not listy:
         s = s.replace(",", "")
     return s
 
@@ -381,24 +463,46 @@ def _parse_gold(gold: str):
     return _mv_parse(gold)
 
 
-def _score_one(pred: str, gold: str) -> tuple[bool, str]:
-    """(correct, status) for an extracted pred vs gold; runs in a worker."""
+@functools.lru_cache(maxsize=4096)
+def _parse_gold_plain(gold: str):
+    """math-verify's own reading of a bare gold (LaTeX and plain expression, its defaults): ``1,22`` -> 1.22."""
+    if "$" in gold or "\\" in gold:
+        return None
+    try:
+        return _mv().parse(gold, **_PARSE_KW) or None
+    except Exception:
+        return None
+
+
+DEFAULT_SETTINGS = {"float_rounding": 6, "strict": True}
+_SETTINGS: dict = dict(DEFAULT_SETTINGS)  # the settings of the chunk a worker is scoring
+
+
+def _score_one(pred: str, gold: str, settings: dict | None = None) -> tuple[bool, str]:
+    """(correct, status) for an extracted pred vs gold; runs in a worker.  ``settings``: math-verify's
+    ``float_rounding`` and ``strict``."""
     mv = _mv()
+    kw = {**_VERIFY_KW, **(settings if settings is not None else _SETTINGS)}
     try:
         g = _parse_gold(gold)
         p = _mv_parse(pred)
     except Exception:
         same = normalize_answer(pred) == normalize_answer(gold) != ""
         return (True, "ok") if same else (False, "error")
-    if not g or not p:
+    plain = _parse_gold_plain(gold)
+    if (not g and not plain) or not p:
         return (normalize_answer(pred) == normalize_answer(gold) != "", "ok")
-    ok = bool(mv.verify(g, p, **_VERIFY_KW))
+    ok = bool(g) and bool(mv.verify(g, p, **kw))
+    if not ok and plain:
+        ok = bool(mv.verify(plain, p, **kw))
     if not ok:
         ok = normalize_answer(pred) == normalize_answer(gold) != ""
     return ok, "ok"
 
 
-def _score_chunk(items: Sequence[tuple[str, str]]) -> list[tuple[bool, str]]:
+def _score_chunk(items: Sequence[tuple[str, str]], settings: dict | None = None) -> list[tuple[bool, str]]:
+    global _SETTINGS
+    _SETTINGS = {**DEFAULT_SETTINGS, **(settings or {})}
     return [_score_one(p, g) for p, g in items]
 
 
@@ -442,7 +546,13 @@ class Verifier:
     Use as a context manager, or call close(). ``stats`` counts grades per status.
     """
 
-    def __init__(self, workers: int | None = None, timeout_s: float = 5.0, memory_mb: int | None = WORKER_MEMORY_MB):
+    def __init__(self, workers: int | None = None, timeout_s: float = 5.0, memory_mb: int | None = WORKER_MEMORY_MB,
+                 float_rounding: int = 6, strict: bool = True):
+        if not (isinstance(float_rounding, int) and 0 <= float_rounding <= 15):
+            raise ValueError(f"float_rounding must be an integer in [0, 15], got {float_rounding!r}")
+        # math-verify's settings: decimal places floats are rounded to before comparing, and strict mode
+        # (strict=False lets "x = 1" match "1" and compares sets and intervals loosely)
+        self.settings = {"float_rounding": int(float_rounding), "strict": bool(strict)}
         self.workers = int(workers) if workers else _default_workers()
         self.timeout_s = float(timeout_s)
         self.memory_mb = memory_mb
@@ -533,6 +643,12 @@ class Verifier:
         for i, (completion, gold) in enumerate(pairs):
             gold = "" if gold is None else str(gold)
             pred = extract_answer(completion or "")
+            if pred is not None and gold_is_multi(gold):  # a set / list gold: all boxes of the final answer
+                group = last_boxed_group(completion or "")
+                if len(group) > 1:
+                    pred = ", ".join(group)
+                    if gold.strip().strip("$").strip().startswith("\\{"):
+                        pred = "\\{" + pred + "\\}"
             if pred is None:
                 out[i] = Grade(False, None, "no_answer")
                 continue
@@ -573,12 +689,12 @@ class Verifier:
     def _schedule(self, items: list[tuple[str, str]], timeout: float):
         """Submit one chunk; a pool that broke (pebble status ERROR) is replaced once."""
         try:
-            return self._get_pool().schedule(_score_chunk, args=(items,), timeout=timeout)
+            return self._get_pool().schedule(_score_chunk, args=(items, self.settings), timeout=timeout)
         except RuntimeError:
             if self._closed:
                 raise
             self._drop_pool()
-            return self._get_pool().schedule(_score_chunk, args=(items,), timeout=timeout)
+            return self._get_pool().schedule(_score_chunk, args=(items, self.settings), timeout=timeout)
 
     def _pool_grade(self, keys, timeout, pbar, todo) -> list[tuple[bool, str]]:
         n = len(keys)
@@ -665,15 +781,20 @@ _DEFAULT: Verifier | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
-def get_verifier(workers: int | None = None) -> Verifier:
-    """The shared module-level Verifier (created on first use; recreated if a different worker count is asked)."""
+def get_verifier(workers: int | None = None, float_rounding: int | None = None, strict: bool | None = None) -> Verifier:
+    """The shared module-level Verifier (created on first use; recreated if other workers / settings are asked)."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         v = _DEFAULT
-        if v is None or v.closed or (workers is not None and int(workers) != v.workers):
+        want = dict(DEFAULT_SETTINGS)
+        if float_rounding is not None:
+            want["float_rounding"] = int(float_rounding)
+        if strict is not None:
+            want["strict"] = bool(strict)
+        if v is None or v.closed or (workers is not None and int(workers) != v.workers) or want != v.settings:
             if v is not None:
                 v.close()
-            v = _DEFAULT = Verifier(workers=workers)
+            v = _DEFAULT = Verifier(workers=workers, **want)
         return v
 
 
@@ -688,9 +809,10 @@ def _close_default() -> None:
 atexit.register(_close_default)
 
 
-def grade(completion: str, gold: str, timeout_s: float = 5.0) -> Grade:
+def grade(completion: str, gold: str, timeout_s: float = 5.0, float_rounding: int | None = None,
+          strict: bool | None = None) -> Grade:
     """Grade one completion against the gold answer (hard timeout ``timeout_s`` in a worker process)."""
-    return get_verifier().grade(completion, gold, timeout_s=timeout_s)
+    return get_verifier(None, float_rounding, strict).grade(completion, gold, timeout_s=timeout_s)
 
 
 def grade_many(
@@ -698,6 +820,9 @@ def grade_many(
     timeout_s: float = 5.0,
     workers: int | None = None,
     progress: bool = False,
+    float_rounding: int | None = None,
+    strict: bool | None = None,
 ) -> list[Grade]:
-    """Grade (completion, gold) pairs; results in input order."""
-    return get_verifier(workers).grade_many(pairs, progress=progress, timeout_s=timeout_s)
+    """Grade (completion, gold) pairs; results in input order.  ``float_rounding`` / ``strict``: math-verify's
+    settings (defaults 6 and True, as math-verify's)."""
+    return get_verifier(workers, float_rounding, strict).grade_many(pairs, progress=progress, timeout_s=timeout_s)

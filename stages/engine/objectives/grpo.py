@@ -4,10 +4,12 @@
   prompt (``scale_std=False``: ``r_i - mean_g r`` only).  ``std`` is the unbiased sample std, as TRL's
   GRPOTrainer computes it; a group of one rollout gets advantage 0.
 * PPO clipped surrogate per token ``-min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A)`` with
-  ``ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))`` (pi_old: the rollout's sampling log-probs).
+  ``ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))`` (pi_old: by default the training model's log-probs
+  before its first update on the table, as TRL computes them; optionally the rollout engine's sampling log-probs).
 * optional KL to a reference policy with the k3 estimator ``exp(ref - new) - (ref - new) - 1``, weight beta.
-* aggregation: ``token-mean`` (sum over every valid token of the batch / number of valid tokens) or
-  ``sequence-mean`` (per-sequence token mean, then mean over sequences).
+* aggregation: ``sequence-mean`` (per-sequence token mean, then mean over sequences: TRL's ``loss_type=grpo``,
+  the reference's scripts/run_grpo.sh:40) or ``token-mean`` (sum over every valid token of the batch / number
+  of valid tokens).
 """
 
 from __future__ import annotations

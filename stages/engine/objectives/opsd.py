@@ -5,8 +5,9 @@ Per completion token t (student prompt vs teacher prompt that carries the gold a
     kl_t = sum_v min(p_T(v) (log p_T(v) - log p_S(v)), clip)        clip = 0.05
 
 each vocabulary term is clipped *before* the sum; the rollout loss is the mean of ``kl_t`` over valid
-tokens.  ``top_k > 0`` is the top-k variant: the sum runs over the teacher's k most likely tokens only
-(probabilities from the full softmax, not renormalised).
+tokens.  Logits are divided by the training temperature first (the rollout's sampling temperature, 1.1 in
+the reference recipe: opsd_trainer.py:455-457, scripts/run_opsd.sh:49).  ``top_k > 0`` is the top-k variant:
+teacher and student are both renormalised over the teacher's k most likely tokens (opsd_trainer.py:459-468).
 
 :func:`chunked_clipped_forward_kl` computes the same numbers from hidden states, ``chunk`` positions at a
 time: each chunk's teacher and student ``[chunk, vocab]`` fp32 logits live only inside the chunk (the
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stages.engine.scoring import Segment, pack_batches, split_lm
+from stages.engine.scoring import Segment, head_logits_fp32, pack, pack_batches, split_lm
 
 KL_CLIP = 0.05
 
@@ -32,11 +33,13 @@ def clipped_forward_kl(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-position clipped forward KL from ``[N, V]`` logits (teacher without grad).  ``clip <= 0``: no clip."""
-    t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    if top_k and top_k > 0:
-        idx = torch.topk(t, min(top_k, t.shape[-1]), dim=-1).indices
-        t, s = t.gather(-1, idx), s.gather(-1, idx)
+    tl = teacher_logits.detach().float() / temperature
+    sl = student_logits.float() / temperature
+    if top_k and top_k > 0:  # both distributions renormalised over the teacher's top k (opsd_trainer.py:459-468)
+        idx = torch.topk(tl, min(top_k, tl.shape[-1]), dim=-1).indices
+        tl, sl = tl.gather(-1, idx), sl.gather(-1, idx)
+    t = F.log_softmax(tl, dim=-1)
+    s = F.log_softmax(sl, dim=-1)
     terms = t.exp() * (t - s)
     if clip and clip > 0:
         terms = terms.clamp(max=clip)
@@ -45,8 +48,9 @@ def clipped_forward_kl(
 
 def _chunk_kl(student_head, teacher_head, sh, th, clip, top_k, temperature):
     with torch.no_grad():
-        t_logits = teacher_head(th)
-    return clipped_forward_kl(t_logits, student_head(sh), clip=clip, top_k=top_k, temperature=temperature)
+        t_logits = head_logits_fp32(teacher_head, th)  # fp32 LM head even under bf16 autocast
+    return clipped_forward_kl(t_logits, head_logits_fp32(student_head, sh), clip=clip, top_k=top_k,
+                              temperature=temperature)
 
 
 def chunked_clipped_forward_kl(
@@ -86,24 +90,12 @@ def completion_hidden(model, segments: Sequence[Segment], *, token_budget: int |
     batches = [list(range(len(segments)))] if token_budget is None else pack_batches(lengths, token_budget)
     pieces: dict[int, torch.Tensor] = {}
     for batch in batches:
-        ids, pos, sel, spans = [], [], [], []
-        offset = 0
-        for i in batch:
-            s = segments[i]
-            full = s.prompt_ids + s.completion_ids
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            if p == 0 and c > 0:
-                raise ValueError("a segment needs at least one prompt token")
-            ids.extend(full)
-            pos.extend(range(len(full)))
-            sel.extend(range(offset + p - 1, offset + p - 1 + c))
-            spans.append((i, c))
-            offset += len(full)
-        hidden = body(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+        pk = pack([segments[i] for i in batch], batch)
+        hidden = body(input_ids=torch.tensor([pk.ids], device=device), position_ids=torch.tensor([pk.pos], device=device),
                       attention_mask=None, use_cache=False).last_hidden_state[0]
-        hsel = hidden.index_select(0, torch.tensor(sel, device=device, dtype=torch.long))
+        hsel = hidden.index_select(0, torch.tensor(pk.sel, device=device, dtype=torch.long))
         start = 0
-        for i, c in spans:
+        for i, c in pk.spans:
             pieces[i] = hsel[start : start + c]
             start += c
     return torch.cat([pieces[i] for i in range(len(segments))]) if segments else torch.zeros(0)

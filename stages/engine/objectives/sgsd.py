@@ -3,7 +3,7 @@
 Per rollout y, teacher k, completion token t:
 
 * ``Delta_{k,t} = t_{k,t} - s_t`` (teacher minus student log-prob of the sampled token)
-* mask ``m_t``: completion tokens minus special tokens, think tags and newline-only tokens; ``N = max(1, sum m)``
+* mask ``m_t``: completion tokens minus special / ``<|...|>`` added tokens, think tags and 1-8 newline runs; ``N = max(1, sum m)``
 * support ``a_k = (1/N) sum_t m_t clip(Delta_{k,t}, -3, 3)``
 * stance ``sigma_k = sign(a_k)`` if ``|a_k| > 0.05`` else 0
 * outcome ``o = +1`` if the verifier accepts y else -1; polarity ``rho_k = o * sigma_k``
@@ -30,17 +30,29 @@ CATEGORIES = ("helpful", "warning", "misleading", "over_suppressive", "neutral")
 
 
 def maskable_token_ids(tokenizer) -> tuple[set[int], set[int]]:
-    """(special + think-tag ids, newline-only ids) of a tokenizer: the tokens that m_t excludes."""
-    special = set(int(i) for i in (tokenizer.all_special_ids or []))
-    vocab = tokenizer.get_vocab()
-    for tag in THINK_TAGS:
-        if tag in vocab:
-            special.add(int(vocab[tag]))
+    """(special ids, newline ids) of a tokenizer: the tokens that m_t excludes, as the reference builds them
+    (walawalagoose/SGSD skill/sgsd_trainer.py:557-582):
+
+    * every id of ``all_special_ids``;
+    * every added token (``get_added_vocab``) that is a think tag or has the form ``<|...|>``, special or not
+      (Qwen3 adds ``<|box_start|>``, ``<|fim_prefix|>``, ... as non-special added tokens);
+    * ``<think>``, ``</think>``, ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>`` when each encodes to one id;
+    * newline runs ``"\\n" * r`` for r = 1..8 that encode to one id (not other whitespace tokens).
+    """
+    special = set(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []) if i is not None)
+    added = getattr(tokenizer, "get_added_vocab", lambda: {})() or {}
+    for text, idx in added.items():
+        if text in THINK_TAGS or (text.startswith("<|") and text.endswith("|>")):
+            special.add(int(idx))
+    for text in (*THINK_TAGS, "<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) == 1:
+            special.add(int(ids[0]))
     newline: set[int] = set()
-    for tok_str, idx in vocab.items():
-        text = tokenizer.convert_tokens_to_string([tok_str])
-        if text and text.strip(" \t\r\n") == "" and "\n" in text:
-            newline.add(int(idx))
+    for r in range(1, 9):
+        ids = tokenizer.encode("\n" * r, add_special_tokens=False)
+        if len(ids) == 1:
+            newline.add(int(ids[0]))
     return special, newline
 
 

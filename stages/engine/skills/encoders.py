@@ -16,7 +16,9 @@ DEFAULT_ENCODER = "Qwen/Qwen3-Embedding-0.6B"
 
 
 class Encoder:
-    """Texts -> L2-normalised float32 embeddings.  ``query=True`` applies the model's query prompt."""
+    """Texts -> L2-normalised float32 embeddings.  ``query=True`` applies the model's query prompt (a
+    sentence-transformers "query" prompt; retrieval asks for it only with ``query_prompt``: the reference
+    encodes the raw problem, skill_memory.py:179-184)."""
 
     name: str
     kind: str

@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import polars as pl
 
 from stages.engine.io import InputError, read_table
-from stages.engine.skills.encoders import DEFAULT_ENCODER, load_encoder
-from stages.engine.skills.bank import KINDS, SkillBank, item_text
+from stages.engine.skills.bank import KINDS, SkillBank
 
 
 @dataclass

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import polars as pl
 
+from stages.engine.config import Checked, opt
 from stages.engine.grading import grades_for
-from stages.engine.io import InputError, read_table
+from stages.engine.io import InputError
 from stages.engine.prompts import fill, load_template, strip_wrappers
 from stages.engine.skills.bank import KINDS, SkillBank, item_text
 from stages.engine.skills.writer import Writer, parse_json_reply
@@ -27,13 +27,13 @@ TEMPLATES = {
 
 
 @dataclass
-class MiningParams:
-    max_items_per_attempt: int = 3
-    excerpt_chars: int = 2000
-    merge_group_size: int = 32
-    merge_patience: int = 3  # stop after this many consecutive layers that do not shrink
-    near_duplicate_threshold: float = 90.0  # rapidfuzz token_sort_ratio on the item text; 0 turns it off
-    verify_timeout_s: float = 5.0
+class MiningParams(Checked):
+    max_items_per_attempt: int = opt(3, "Candidates kept per attempt (1-3 in the reference).", group="Mining", flag="max-items", ge=1)
+    excerpt_chars: int = opt(2000, "Characters of each completion shown to the writer (head and tail).", group="Mining", ge=1)
+    merge_group_size: int = opt(32, "Items per merge group.", group="Mining", flag="group-size", ge=2)
+    merge_patience: int = opt(3, "Stop merging after this many consecutive layers that do not shrink.", group="Mining", flag="patience", ge=1)
+    near_duplicate_threshold: float = opt(90.0, "rapidfuzz token_sort_ratio (0-100) at or above which two items are near duplicates; 0 turns it off.", group="Mining", flag="near-duplicate", ge=0, le=100)
+    verify_timeout_s: float = opt(5.0, "Seconds per verifier call when the attempts are not graded yet.", group="Mining", flag="verify-timeout", gt=0)
 
     def check(self) -> None:
         if self.merge_group_size < 2:

@@ -81,8 +81,9 @@ class EmbeddingRetriever:
 
     def __init__(self, bank: SkillBank, encoder: str | Encoder = DEFAULT_ENCODER, *,
                  skill_embeddings: np.ndarray | None = None, mistake_embeddings: np.ndarray | None = None,
-                 device: str = "cpu", batch_size: int = 32, encoder_backend: str = "auto"):
+                 device: str = "cpu", batch_size: int = 32, encoder_backend: str = "auto", query_prompt: bool = False):
         self.bank = bank
+        self.query_prompt = query_prompt  # False: the raw problem is encoded, as the reference does (skill_memory.py:179-184)
         self.encoder = load_encoder(encoder, device, encoder_backend) if isinstance(encoder, str) else encoder
         self.batch_size = batch_size
         if skill_embeddings is None:
@@ -93,7 +94,7 @@ class EmbeddingRetriever:
         self.mistake_emb = np.asarray(mistake_embeddings, dtype=np.float32)
 
     def similarities_many(self, queries: Sequence[str]) -> list[Sims]:
-        q = self.encoder.encode(list(queries), query=True, batch_size=self.batch_size)
+        q = self.encoder.encode(list(queries), query=self.query_prompt, batch_size=self.batch_size)
         dim = q.shape[1] if q.ndim == 2 else 0
         for name, e in (("skill", self.skill_emb), ("mistake", self.mistake_emb)):
             if e.shape[0] and e.shape[1] != dim:
@@ -143,9 +144,10 @@ class RandomRetriever:
 
 
 def make_retriever(bank: SkillBank, mode: str = "lexical", index_path: str | os.PathLike | None = None,
-                   encoder: str | None = None, seed: int = 0, device: str = "cpu"):
+                   encoder: str | None = None, seed: int = 0, device: str = "cpu", query_prompt: bool = False):
     """The retriever ``score-teachers`` uses.  With ``index_path`` (written by ``build-index``) the item
-    embeddings come from the index, which must have been built from this bank's version."""
+    embeddings come from the index, which must have been built from this bank's version.  ``query_prompt``:
+    encode queries with the encoder's "query" prompt (default off: the raw problem, as the reference)."""
     if mode not in RETRIEVAL_MODES:
         raise InputError(None, f"unknown retrieval mode '{mode}' (use {', '.join(RETRIEVAL_MODES)})")
     index = None
@@ -163,9 +165,9 @@ def make_retriever(bank: SkillBank, mode: str = "lexical", index_path: str | os.
             raise InputError(index_path, f"index was built with encoder '{index.encoder}', not '{encoder}'")
         emb = EmbeddingRetriever(bank, index.encoder, skill_embeddings=index.skill_embeddings,
                                  mistake_embeddings=index.mistake_embeddings, device=device,
-                                 encoder_backend=index.encoder_backend)
+                                 encoder_backend=index.encoder_backend, query_prompt=query_prompt)
     else:
-        emb = EmbeddingRetriever(bank, encoder or DEFAULT_ENCODER, device=device)
+        emb = EmbeddingRetriever(bank, encoder or DEFAULT_ENCODER, device=device, query_prompt=query_prompt)
     if mode == "embedding":
         return emb
     return HybridRetriever(bank, emb, LexicalRetriever(bank))

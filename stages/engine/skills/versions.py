@@ -5,8 +5,7 @@ written atomically and never overwritten.  docs/DESIGN.md 1.1.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 

@@ -24,32 +24,33 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from stages.engine.config import Checked, opt
 from stages.engine.io import InputError
 
 
 @dataclass
-class WriterConfig:
+class WriterConfig(Checked):
     """Where the writer runs.  ``url`` set: an OpenAI-compatible endpoint; else a local model."""
 
-    url: str | None = None
-    model: str | None = None  # endpoint model name, or local model path / hub id
-    key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = 120.0
-    retries: int = 3
-    backoff_s: float = 1.0
-    concurrency: int = 8
-    max_new_tokens: int = 1024
-    temperature: float = 0.0
-    extra_body: dict = field(default_factory=dict)  # e.g. {"chat_template_kwargs": {"enable_thinking": false}}
+    url: str | None = opt(None, "OpenAI-compatible endpoint of the writer (base URL like http://host:8000/v1, or its /chat/completions URL). Unset: a local writer model.", group="Writer")
+    model: str | None = opt(None, "Writer model: the endpoint's model name, or a local model (HF folder, hub id, .gguf). Default: the policy --model (reference).", group="Writer")
+    key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the endpoint's API key (none sent when unset).", group="Writer")
+    timeout_s: float = opt(120.0, "Seconds per writer request before it is retried.", group="Writer", flag="timeout", gt=0)
+    retries: int = opt(3, "Retries per request after a timeout, connection error, 429 or 5xx (exponential backoff).", group="Writer", ge=0)
+    backoff_s: float = opt(1.0, "Initial backoff between retries, seconds (doubles each retry).", group="Writer", flag="backoff", ge=0)
+    concurrency: int = opt(8, "Parallel requests to the endpoint.", group="Writer", ge=1)
+    max_new_tokens: int | None = opt(None, "Maximum tokens of one writer reply (default as the reference: 4096 when mining, 2048 for online updates).", group="Writer", ge=1)
+    temperature: float = opt(0.0, "Writer sampling temperature (0 = greedy, the reference).", group="Writer", ge=0, cli=False)
+    extra_body: dict = opt("JSON object merged into each request body, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}'.", group="Writer", flag="extra", metavar="JSON", factory=dict)
     # local model
-    backend: str = "auto"  # hf | vllm | auto
-    gguf_file: str | None = None
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
+    backend: str = opt("auto", "Local writer engine: auto (vLLM if installed), vllm, hf.", group="Writer", choices=("auto", "vllm", "hf-fast", "hf"))
+    gguf_file: str | None = opt(None, "GGUF file name inside the local writer's model folder.", group="Writer")
+    batch_size: int = opt(8, "Local writer: prompts decoded together.", group="Writer", ge=1)
+    device: str = opt("auto", "Local writer device (default: the stage's --device).", group="Writer", cli=False)
+    dtype: str = opt("auto", "Local writer dtype (default: the stage's --dtype).", group="Writer", cli=False)
 
     def describe(self) -> dict:
         """What identifies the writer's output (the manifests' config; no secrets, no URL: a restarted

@@ -1,0 +1,82 @@
+"""`sgsd world build|calibrate|compare|demo`: the skill world (docs/SKILL_WORLD.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sgsd_cli.common import UTILS, app, cli_errors, console, out, progress_bars
+
+world_app = typer.Typer(help="The skill world: a controlled task family where skill quality is known; build the "
+                             "base model, calibrate, compare objectives, demo.", no_args_is_help=True)
+app.add_typer(world_app, name="world", rich_help_panel=UTILS)
+
+Config = Annotated[Path | None, typer.Option("--config", help="TOML with a [world] table (families, rules, seen, unseen_spread, ...) and an [experiment] table (steps, seeds, levels, p_values, lr, ...); see configs/world.toml.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override one setting: world.key=value or experiment.key=value (TOML literal), e.g. --set world.rules=4 --set experiment.seeds=[0]; repeatable.")]
+Out = Annotated[Path | None, typer.Option("--out", help="Output folder (overrides experiment.out; default runs/world).")]
+
+
+def _cfg(config: Path | None, sets: list[str] | None, out_dir: Path | None):
+    from stages import world
+    from stages.engine.config import load_toml, merge, parse_sets
+
+    data = load_toml(config) if config else {}
+    over = parse_sets(sets or [], "experiment")
+    cli = {"experiment": {"out": str(out_dir)}} if out_dir else {}
+    return world.config_from_sections(merge(data, over, cli), str(config) if config else "--set")
+
+
+def _log(s: str) -> None:
+    console.print(s, highlight=False, markup=False)
+
+
+@world_app.command("build")
+@cli_errors
+def build_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
+    """Write the world's files and build the base model (tiny Qwen3, SFT on the world corpus); cached."""
+    from stages import world
+
+    cfg = _cfg(config, set_, out_dir)
+    with progress_bars() as bars:
+        P = world.build(cfg, log=_log, progress=bars)
+    out.print(f"base model: {P.base}")
+
+
+@world_app.command("calibrate")
+@cli_errors
+def calibrate_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
+                  force: Annotated[bool, typer.Option("--force", help="Measure again even if the calibration is cached.")] = False) -> None:
+    """Measure and print the base's properties and the |Delta| distribution at the rule token per sharpness level."""
+    from stages import world
+
+    cfg = _cfg(config, set_, out_dir)
+    with progress_bars() as bars:
+        world.calibrate(cfg, log=_log, progress=bars, force=force)
+    out.print(f"calibration: {world.Paths(cfg.out).calib / 'calibration.json'}")
+
+
+@world_app.command("compare")
+@cli_errors
+def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
+    """Run every objective x bank x sharpness x seed with `sgsd loop`, evaluate, write the table, results.json and the PNG."""
+    from stages import world
+
+    cfg = _cfg(config, set_, out_dir)
+    with progress_bars() as bars:
+        res = world.compare(cfg, log=_log, progress=bars)
+    out.print(f"results: {world.Paths(cfg.out).compare / 'results.json'}  plot: {res['png']}")
+
+
+@world_app.command("demo")
+@cli_errors
+def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
+    """The first run: build the world and base model (cached), train SGSD, print before/after accuracy and the plot path."""
+    from stages import world
+
+    cfg = _cfg(config, set_, out_dir)
+    with progress_bars() as bars:
+        res = world.demo(cfg, log=_log, progress=bars)
+    out.print(res["table"])
+    out.print(f"learning curve: {res['png']}")

@@ -1,0 +1,470 @@
+"""`sgsd report`: plots and summaries from the tables the stages already wrote (nothing is recomputed).
+
+* :func:`load_run` -> per-step metrics of a run: ``metrics.parquet`` of ``sgsd loop`` (one row per loop step),
+  or for a standalone ``sgsd train`` run its ``train.parquet`` (one row per optimizer step); plus every eval
+  summary found (``step_*/eval/summary.parquet`` and ``eval/summary.parquet``).
+* :func:`write_report` -> PNG files (matplotlib) and one self-contained HTML page embedding them; several
+  runs are overlaid with a legend.
+* :func:`run_summary` / :func:`eval_summary` -> short rich tables printed at the end of ``sgsd loop`` /
+  ``sgsd eval``, readable at 80 columns; :func:`compare_view` is ``eval --compare`` with protocol, n and
+  problem count per row.
+* :func:`skill_stats` -> per bank item over a whole run: times retrieved (teacher rows holding it) and its
+  teachers' helpful / warning / misleading / over_suppressive / neutral counts.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import polars as pl
+
+from stages.engine.io import InputError, atomic_write_bytes, atomic_write_text, read_manifest, read_table
+from stages.engine.objectives.sgsd import CATEGORIES
+
+STAGE_WALLS = ("rollout", "score_teachers", "polarize", "grade", "train", "eval", "skills")
+
+
+def _table_path(d: Path, name: str) -> Path | None:
+    return d / f"{name}.parquet" if (d / f"{name}.parquet").exists() else (d / name if (d / name).is_dir() else None)
+
+
+def _step_no(p: Path) -> int | None:
+    m = re.fullmatch(r"step_(\d+)", p.name)
+    return int(m.group(1)) if m else None
+
+
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    return sorted((n, d) for d in run_dir.glob("step_*") if d.is_dir() and (n := _step_no(d)) is not None)
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """{'name', 'path', 'kind' (loop | train), 'metrics' (DataFrame with a 'step' column), 'evals'
+    (DataFrame: step, bench, n, problems, avg_at_n, avg_at_n_se, protocol)}."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise InputError(p, "not a run directory")
+    if (p / "metrics.parquet").exists():
+        m = read_table(p / "metrics.parquet", required={"step": int})
+        kind = "loop"
+    elif _table_path(p, "train"):
+        m = read_table(_table_path(p, "train"), required={"policy_step": int, "loss": float})
+        # a standalone train run: x = optimizer step; rename to the loop's metric names where they match
+        m = m.with_columns(pl.col("policy_step").alias("step")).rename(
+            {k: v for k, v in {"accuracy": "reward", "mean_support": "support_mean", "completion_len": "completion_len_mean",
+                               "clip_frac": "clipped_frac_grpo"}.items() if k in m.columns and v not in m.columns})
+        kind = "train"
+    else:
+        m = pl.DataFrame({"step": []}, schema={"step": pl.Int64})
+        kind = "eval"
+    evals = []
+    cands = [(n, d / "eval" / "summary.parquet") for n, d in step_dirs(p)] + [(None, p / "eval" / "summary.parquet")]
+    for n, sp in cands:
+        if sp.exists():
+            s = read_table(sp, required={"bench": str, "avg_at_n": float})
+            cols = [c for c in ("bench", "n", "problems", "avg_at_n", "avg_at_n_se", "protocol") if c in s.columns]
+            evals.append(s.select(cols).with_columns(step=pl.lit(n, dtype=pl.Int64)))
+    ev = pl.concat(evals, how="diagonal_relaxed") if evals else None
+    if m.height == 0 and ev is None:
+        raise InputError(p, "no metrics.parquet, train table or eval summary here (run `sgsd loop`, `sgsd train` or `sgsd eval`)")
+    return {"name": p.name if p.name else str(p), "path": p, "kind": kind, "metrics": m, "evals": ev}
+
+
+# --------------------------------------------------------------------------------------------------
+# plots
+
+PANELS: list[tuple[str, str, list[str]]] = [
+    # (file stem, title, columns); polarity and wall time: one small axes per column
+    ("reward", "reward / accuracy per step", ["reward"]),
+    ("loss", "loss", ["loss"]),
+    ("polarity", "polarity fractions", [f"frac_{c}" for c in CATEGORIES]),
+    ("support", "mean support a_k", ["support_mean", "support_abs_mean"]),
+    ("clipped", "clipped fraction (|Δ| > 3)", ["clipped_frac"]),
+    ("lengths", "completion length (tokens)", ["completion_len_mean", "completion_len_max"]),
+    ("truncated", "truncated fraction", ["truncated_frac"]),
+    ("grad_norm", "grad norm (before clipping)", ["grad_norm"]),
+    ("lr", "learning rate", ["lr"]),
+    ("tokens_per_s", "train tokens / s", ["tokens_per_s"]),
+    ("wall", "wall time per stage (s)", [f"wall_{s}_s" for s in STAGE_WALLS] + ["wall_s"]),
+]
+
+
+SPLIT = {"polarity", "wall"}
+
+
+def _label(run: dict, runs: Sequence[dict]) -> str:
+    names = [r["name"] for r in runs]
+    return run["name"] if names.count(run["name"]) == 1 else str(run["path"])
+
+
+def _png(fig) -> bytes:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: Path, split: bool = False) -> Path | None:
+    """One PNG: each run a colour; several columns are line styles of one axes, or with ``split`` one small
+    axes each.  None when no run has any of the columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols_used = [c for c in columns if any(c in r["metrics"].columns and r["metrics"][c].drop_nulls().len() > 0
+                                           for r in runs)]
+    if not cols_used:
+        return None
+    styles = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1)), (0, (3, 1, 1, 1)), (0, (5, 3))]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups = [[c] for c in cols_used] if split else [cols_used]
+    nc = min(3, len(groups))
+    nr = math.ceil(len(groups) / nc)
+    fig, axes = plt.subplots(nr, nc, figsize=(6.4 if nc == 1 else 4.2 * nc, 3.6 if nr == 1 else 2.9 * nr),
+                             dpi=110, squeeze=False)
+    for gi, group in enumerate(groups):
+        ax = axes[gi // nc][gi % nc]
+        for ri, r in enumerate(runs):
+            m = r["metrics"].sort("step")
+            for ci, c in enumerate(group):
+                if c not in m.columns:
+                    continue
+                d = m.select("step", c).drop_nulls()
+                if d.height == 0:
+                    continue
+                lab = " ".join(x for x in ((_label(r, runs) if len(runs) > 1 else ""),
+                                           (c if len(group) > 1 else "")) if x) or c
+                ax.plot(d["step"].to_list(), d[c].cast(pl.Float64).to_list(), color=colors[ri % len(colors)],
+                        linestyle=styles[ci % len(styles)], marker="o" if d.height < 30 else None, markersize=3,
+                        label=lab)
+        ax.set_title(group[0] if split else title, fontsize=10 if split else 12)
+        ax.set_xlabel("step" if all(r["kind"] != "train" for r in runs) else "step (loop) / optimizer step (train)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if all(c.startswith("frac_") for c in group):  # polarity shares: the whole [0, 1] range
+            ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        if len(runs) > 1 or len(group) > 1:
+            ax.legend(fontsize=7, loc="best")
+    for gi in range(len(groups), nr * nc):
+        axes[gi // nc][gi % nc].axis("off")
+    if split:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return atomic_write_bytes(path, _png(fig))
+
+
+def plot_evals(runs: Sequence[dict], path: Path) -> Path | None:
+    """avg@n with its standard error per benchmark over steps, every run overlaid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    data = [(r, r["evals"]) for r in runs if r["evals"] is not None]
+    if not data:
+        return None
+    benches = []
+    for _, e in data:
+        benches += [b for b in e["bench"].unique(maintain_order=True).to_list() if b not in benches]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(benches), figsize=(max(6.4, 3.4 * len(benches)), 3.6), dpi=110, squeeze=False)
+    for bi, b in enumerate(benches):
+        ax = axes[0][bi]
+        for ri, (r, e) in enumerate(data):
+            d = e.filter(pl.col("bench") == b).sort("step", nulls_last=True)
+            if d.height == 0:
+                continue
+            last = max([s for s in d["step"].to_list() if s is not None] or [0])
+            xs = [s if s is not None else last + 1 for s in d["step"].to_list()]  # a final eval/ after the steps
+            ys = [100 * v for v in d["avg_at_n"].to_list()]
+            se = [100 * v if v is not None and not math.isnan(v) else 0.0 for v in
+                  (d["avg_at_n_se"].to_list() if "avg_at_n_se" in d.columns else [0.0] * d.height)]
+            n = d["n"][0] if "n" in d.columns else None
+            P = d["problems"][0] if "problems" in d.columns else None
+            ax.errorbar(xs, ys, yerr=se, color=colors[ri % len(colors)], marker="o", markersize=3, capsize=3,
+                        label=f"{_label(r, runs)} (n={n}, {P} problems)")
+        ax.set_title(f"{b}: avg@n ± se (%)")
+        ax.set_xlabel("step (last: the run's final eval/)" if any(s is None for s in d["step"].to_list()) else "step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return atomic_write_bytes(path, _png(fig))
+
+
+def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
+    """PNGs + ``report.html`` (the PNGs embedded as data: URIs, so the page is one self-contained file)."""
+    runs = [load_run(r) for r in run_dirs]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figs: list[tuple[str, Path]] = []
+    p = plot_evals(runs, out / "eval_avg_at_n.png")
+    if p:
+        figs.append(("eval avg@n ± standard error per benchmark", p))
+    for stem, title, cols in PANELS:
+        p = plot_panel(runs, title, cols, out / f"{stem}.png", split=stem in SPLIT)
+        if p:
+            figs.append((title, p))
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>sgsd report</title><style>"
+             "body{font-family:system-ui,sans-serif;margin:24px;color:#222}"
+             ".grid{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;border:1px solid #ddd;padding:6px}"
+             "figcaption{font-size:13px;color:#555}img{max-width:100%;height:auto;display:block}"
+             "table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px}"
+             "td.num{text-align:right}</style></head><body><h1>sgsd report</h1><table><tr><th>run</th><th>kind</th>"
+             "<th>steps</th><th>path</th></tr>"]
+    for r in runs:
+        parts.append(f"<tr><td>{e(_label(r, runs))}</td><td>{r['kind']}</td><td class='num'>{r['metrics'].height}</td>"
+                     f"<td>{e(str(r['path']))}</td></tr>")
+    parts.append("</table><div class='grid'>")
+    for title, p in figs:
+        b64 = base64.b64encode(p.read_bytes()).decode()
+        parts.append(f"<figure><img alt='{e(title)}' src='data:image/png;base64,{b64}'>"
+                     f"<figcaption>{e(title)} ({e(p.name)})</figcaption></figure>")
+    parts.append("</div>")
+    for r in runs:
+        try:
+            st = skill_stats(r["path"])
+        except InputError:
+            continue
+        parts.append(f"<h2>skills of {e(_label(r, runs))}: retrieved and their teachers' polarity over the run</h2>"
+                     "<table><tr><th>kind</th><th>id</th><th>item</th><th>retrieved</th>"
+                     + "".join(f"<th>{c}</th>" for c in CATEGORIES) + "</tr>")
+        for x in st.iter_rows(named=True):
+            parts.append(f"<tr><td>{x['kind']}</td><td>{e(x['item_id'])}</td><td>{e(x['label'] or '')}</td>"
+                         f"<td class='num'>{x['retrieved']}</td>" + "".join(f"<td class='num'>{x[c]}</td>" for c in CATEGORIES)
+                         + "</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return atomic_write_text(out / "report.html", "".join(parts))
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries printed by the loop / eval commands
+
+
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def _hms(s: float) -> str:
+    if s < 60:
+        return f"{s:.1f}s"
+    s = int(round(s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def run_summary(run_dir: str | Path, report_path: str | Path | None = None):
+    """rich Table: steps, reward first -> last, polarity mix, eval avg@n first -> last, wall time per stage."""
+    from rich.table import Table
+
+    r = load_run(run_dir)
+    m = r["metrics"].sort("step")
+    t = Table(title=f"sgsd {r['kind']}: {r['path']}", title_justify="left", show_header=False, box=None,
+              padding=(0, 1))
+    t.add_column("what", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_row("steps", str(m.height))
+    if "reward" in m.columns and m["reward"].drop_nulls().len():
+        rw = m["reward"].drop_nulls()
+        t.add_row("accuracy", f"{_pct(rw[0])}% -> {_pct(rw[-1])}% (first -> last step)")
+    if "loss" in m.columns and m["loss"].drop_nulls().len():
+        ls = m["loss"].drop_nulls()
+        t.add_row("loss", f"{ls[0]:.4g} -> {ls[-1]:.4g}")
+    fr = [c for c in CATEGORIES if f"frac_{c}" in m.columns]
+    if fr:
+        t.add_row("polarity mix", ", ".join(f"{c} {_pct(m[f'frac_{c}'].mean())}%" for c in fr))
+    if r["evals"] is not None:
+        e = r["evals"].sort("step", nulls_last=True)
+        for b in e["bench"].unique(maintain_order=True).to_list():
+            d = e.filter(pl.col("bench") == b)
+            a = d["avg_at_n"].to_list()
+            t.add_row(f"eval {b}", f"avg@n {_pct(a[0])}% -> {_pct(a[-1])}% ({d.height} evals)")
+    walls = [(s, float(m[f"wall_{s}_s"].sum())) for s in STAGE_WALLS if f"wall_{s}_s" in m.columns]
+    if walls:
+        tot = sum(w for _, w in walls)
+        t.add_row("wall time", f"{_hms(tot)} total: " + ", ".join(f"{s} {_hms(w)}" for s, w in walls if w > 0))
+    if report_path:
+        t.add_row("report", str(report_path))
+    return t
+
+
+def eval_summary(summary: str | Path | pl.DataFrame):
+    """rich Table of an eval summary (one row per benchmark + mean) that fits 80 columns."""
+    from rich.table import Table
+
+    if isinstance(summary, pl.DataFrame):
+        s = summary
+    else:
+        from stages.eval import read_summary
+
+        s = read_summary(summary)
+    first = s.row(0, named=True)
+    t = Table(title=f"eval: {first.get('model', '')} ({first.get('protocol', '')} protocol), %",
+              title_justify="left", padding=(0, 1), pad_edge=False)
+    cols = [("bench", "bench"), ("probs", "problems"), ("n", "n"), ("avg@n", "avg_at_n"), ("±se", "avg_at_n_se"),
+            ("p@1", "pass_at_1"), ("p@n", "pass_at_n"), ("maj", "maj_at_n"), ("fmt", "format_rate"),
+            ("trunc", "truncation_rate"), ("tok", "mean_tokens")]
+    for h, _ in cols:
+        t.add_column(h, justify="left" if h == "bench" else "right", no_wrap=h != "bench", overflow="fold",
+                     style="bold" if h == "avg@n" else None)
+    for r in s.iter_rows(named=True):
+        if r["bench"] == "mean":
+            t.add_section()
+        t.add_row(r["bench"], str(r.get("problems", "")), "-" if r.get("n") is None else str(r["n"]),
+                  _pct(r["avg_at_n"]), _pct(r.get("avg_at_n_se")), _pct(r.get("pass_at_1")), _pct(r.get("pass_at_n")),
+                  _pct(r.get("maj_at_n")), _pct(r.get("format_rate")), _pct(r.get("truncation_rate")),
+                  "-" if r.get("mean_tokens") is None else f"{r['mean_tokens']:.0f}")
+    return t
+
+
+def compare_rows(runs: Sequence[str | Path], metric: str = "avg_at_n", with_paper: bool = True):
+    """``stages.eval.compare_table`` plus, per row, the protocol and the problem count (paper rows: the paper's
+    protocol; problems = the benchmarks' sizes when the runs evaluated the full sets, else '?')."""
+    from stages import eval as ev
+
+    cols, rows = ev.compare_table(runs, metric=metric, with_paper=with_paper)
+    info: dict[str, tuple[str, int | None]] = {}
+    for r in runs:
+        s = ev.read_summary(r).filter(pl.col("bench") != "mean")
+        protos = s["protocol"].unique().to_list() if "protocol" in s.columns else []
+        probs = int(s["problems"].sum()) if "problems" in s.columns else None
+        info[str(Path(r))] = (protos[0] if len(protos) == 1 else "mixed", probs)
+    out = []
+    for label, n, vals, kind in rows:
+        proto, probs = ("paper", None) if kind == "paper" else info.get(label, ("?", None))
+        out.append({"label": label, "kind": kind, "protocol": proto, "n": n, "problems": probs, "values": vals})
+    return cols, out
+
+
+def compare_view(runs: Sequence[str | Path], metric: str = "avg_at_n", with_paper: bool = True):
+    """rich Table for ``eval --compare``: run, protocol, n, problems, then the metric per benchmark and mean."""
+    from rich.table import Table
+
+    from stages import eval as ev
+
+    cols, rows = compare_rows(runs, metric, with_paper)
+    model = ev.paper_results()[0].get("model", "") if with_paper else ""
+    title = f"{metric} (%)" + (f"; paper rows: {model} as published" if model and any(r["kind"] == "paper" for r in rows) else "")
+    t = Table(title=title, title_justify="left", padding=(0, 1), pad_edge=False)
+    t.add_column("run", overflow="fold", ratio=1)
+    for h in ("proto", "n", "probs"):
+        t.add_column(h, justify="right", no_wrap=True)
+    for c in cols:
+        t.add_column(c, justify="right", no_wrap=True, style="bold" if c == "mean" else None)
+    sep = False
+    for r in rows:
+        if r["kind"] == "run" and not sep and any(x["kind"] == "paper" for x in rows):
+            t.add_section()
+            sep = True
+        label = r["label"].replace(f"paper {model} ", "paper ") if r["kind"] == "paper" and model else r["label"]
+        t.add_row(label, r["protocol"], "-" if r["n"] is None else str(r["n"]),
+                  "-" if r["problems"] is None else str(r["problems"]), *[_pct(v) for v in r["values"]],
+                  style="dim" if r["kind"] == "paper" else None)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# skills over a run
+
+
+def _run_bank_labels(run_dir: Path, steps: Sequence[Path]) -> dict[tuple[str, str], tuple[str, str]]:
+    from stages.engine.skills.bank import KINDS, item_label, load_bank
+
+    cands: list[Path] = sorted((run_dir / "bank").glob("v*.json"), reverse=True) if (run_dir / "bank").is_dir() else []
+    seen = set()
+    for sd in steps:
+        man = sd / "score_teachers.manifest.json"
+        if man.exists():
+            try:
+                b = (read_manifest(man).get("inputs") or {}).get("bank")
+            except (OSError, ValueError):
+                b = None
+            if b and b not in seen:
+                seen.add(b)
+                cands.append(Path(b))
+    labels: dict[tuple[str, str], tuple[str, str]] = {}
+    for c in cands:
+        try:
+            bank = load_bank(c)
+        except InputError:
+            continue
+        for kind, (_, fields) in KINDS.items():
+            for it in bank.items(kind):
+                labels.setdefault((kind, it[fields[0]]), (item_label(kind, it), it.get("origin", "static")))
+    return labels
+
+
+def skill_stats(run_dir: str | Path) -> pl.DataFrame:
+    """Per bank item over every step of a run: ``retrieved`` = teacher rows (rollout, teacher) holding it, and
+    the counts of those teachers' polarity categories.  Items of the run's bank(s) never retrieved have 0.
+
+    Columns: kind, item_id, label, origin, retrieved, helpful, warning, misleading, over_suppressive, neutral,
+    steps (steps in which it was retrieved); sorted by kind, then retrieved (most first)."""
+    p = Path(run_dir)
+    steps = [d for _, d in step_dirs(p)] or [p]
+    frames = []
+    for sd in steps:
+        sc, po = _table_path(sd, "score_teachers"), _table_path(sd, "polarize")
+        if sc is None or po is None:
+            continue
+        s = read_table(sc, required={"rollout_id": str, "teacher_rank": int, "skill_id": str, "mistake_id": str},
+                       allow_empty=True).select("rollout_id", "teacher_rank", "skill_id", "mistake_id")
+        c = read_table(po, required={"rollout_id": str, "teacher_rank": int, "category": str},
+                       allow_empty=True).select("rollout_id", "teacher_rank", "category")
+        bad = c.filter(~pl.col("category").is_in(list(CATEGORIES)))
+        if bad.height:
+            raise InputError(po, f"unknown category '{bad['category'][0]}'")
+        frames.append(s.join(c, on=["rollout_id", "teacher_rank"], how="inner").with_columns(step=pl.lit(sd.name)))
+    if not frames:
+        raise InputError(p, "no step holds both score_teachers and polarize tables (sgsd objective)")
+    rows = pl.concat(frames)
+    long = pl.concat([
+        rows.select(pl.lit("skill").alias("kind"), pl.col("skill_id").alias("item_id"), "category", "step"),
+        rows.select(pl.lit("mistake").alias("kind"), pl.col("mistake_id").alias("item_id"), "category", "step"),
+    ])
+    agg = long.group_by("kind", "item_id").agg(
+        retrieved=pl.len().cast(pl.Int64),
+        **{c: (pl.col("category") == c).sum().cast(pl.Int64) for c in CATEGORIES},
+        steps=pl.col("step").n_unique().cast(pl.Int64),
+    )
+    labels = _run_bank_labels(p, steps)
+    known = pl.DataFrame({"kind": [k for k, _ in labels], "item_id": [i for _, i in labels],
+                          "label": [v[0] for v in labels.values()], "origin": [v[1] for v in labels.values()]},
+                         schema={"kind": pl.String, "item_id": pl.String, "label": pl.String, "origin": pl.String})
+    out = known.join(agg, on=["kind", "item_id"], how="full", coalesce=True)
+    fill = ["retrieved", *CATEGORIES, "steps"]
+    out = out.with_columns([pl.col(c).fill_null(0) for c in fill])
+    return out.select("kind", "item_id", "label", "origin", *fill).sort(
+        ["kind", "retrieved", "item_id"], descending=[True, True, False])
+
+
+def skill_stats_table(df: pl.DataFrame, top: int = 0):
+    """rich Table of :func:`skill_stats` (one per call; both kinds, most retrieved first)."""
+    from rich.table import Table
+
+    t = Table(title="skills over the run: retrieved = teacher rows holding the item; then its teachers' categories",
+              title_justify="left", padding=(0, 1), pad_edge=False)
+    t.add_column("kind", no_wrap=True)
+    t.add_column("id", no_wrap=True)
+    t.add_column("item", overflow="fold", ratio=1)
+    for h in ("ret", "help", "warn", "misl", "over", "neut"):
+        t.add_column(h, justify="right", no_wrap=True)
+    for kind in ("skill", "mistake"):
+        sub = df.filter(pl.col("kind") == kind)
+        for x in (sub.head(top) if top else sub).iter_rows(named=True):
+            t.add_row(kind, x["item_id"], x["label"] or "", str(x["retrieved"]), *[str(x[c]) for c in CATEGORIES])
+        t.add_section()
+    return t

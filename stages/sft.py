@@ -1,0 +1,248 @@
+"""`sgsd sft`: supervised fine-tuning on any JSONL of prompt/completion pairs.
+
+Each row's ``prompt`` is one user turn put through the model's chat template (assistant header appended,
+``thinking`` as configured); ``completion`` is tokenized and closed with the EOS token.  The loss is the
+mean negative log-likelihood of the completion tokens only (the prompt is context), computed by the packed
+scoring core (:func:`stages.engine.scoring.score_segments`, fp32 log-softmax, varlen attention).
+
+Checkpoint and resume contract of ``sgsd train`` (:mod:`stages.engine.checkpoint`): ``<run_dir>/checkpoint``
+after the last step, ``<run_dir>/checkpoints/step_XXXXXX`` every ``save_every`` steps; each holds the
+model (the folder is a model folder), optimizer, scheduler, RNG states, metrics so far and the sampler
+position, with checksums.  A rerun resumes from the newest valid checkpoint (``resume``: auto,
+latest-valid, never or a path) and reproduces an uninterrupted run; a finished run with the same config
+and data is skipped.  Output table ``sft.parquet``: one row per optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+from stages.engine import checkpoint as ckpt
+from stages.engine.distributed import rng_state, seed_all, set_rng_state
+from stages.engine.io import InputError, StageRun, atomic_write_json, read_table, write_parquet
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""  # HF folder / hub id / .gguf / adapter folder / checkpoint folder to start from
+    data: str = ""  # JSONL or Parquet with columns prompt, completion (strings)
+    gguf_file: str | None = None
+    steps: int = 0  # optimizer steps; 0 = epochs x (rows // batch_size)
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio) or constant
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    thinking: bool = False  # chat template thinking flag of the prompts (match the rollout stage's)
+    limit: int | None = None  # first N rows only
+    token_budget: int = 16384
+    logit_chunk: int = 2048
+    seed: int = 0
+    # not part of the stage key
+    device: str = "auto"
+    save_every: int = 0
+    keep_last: int = 2
+    log_every: int = 50
+
+    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "log_every")
+
+    def check(self) -> "SFTConfig":
+        for ok, msg in [
+            (bool(self.model), "a model is required (--model)"),
+            (bool(self.data), "a data file is required (--data)"),
+            (self.steps >= 0 and self.epochs >= 1, "steps must be >= 0 and epochs >= 1"),
+            (self.batch_size >= 1, "batch size must be at least 1"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"), "lr schedule must be cosine or constant"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0 and self.save_every >= 0 and self.keep_last >= 0, "warmup, save_every, keep_last >= 0"),
+            (self.limit is None or self.limit >= 1, "limit must be at least 1"),
+        ]:
+            if not ok:
+                raise InputError(None, msg)
+        return self
+
+    def key(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+
+
+def load_pairs(path: str | Path, limit: int | None = None) -> pl.DataFrame:
+    df = read_table(Path(path), {"prompt": str, "completion": str})
+    if limit:
+        df = df.head(limit)
+    if df.height == 0:
+        raise InputError(path, "no prompt/completion rows")
+    bad = df.filter((pl.col("completion").str.len_chars() == 0) | pl.col("prompt").is_null() | pl.col("completion").is_null())
+    if bad.height:
+        raise InputError(path, f"{bad.height} rows have an empty or null prompt/completion")
+    return df
+
+
+def encode(tok, df: pl.DataFrame, thinking: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(prompt ids through the chat template, completion ids + EOS) per row; identical prompts encoded once."""
+    from stages.engine.prompts import chat_prompt_ids
+
+    eos = tok.eos_token_id
+    cache: dict[str, tuple[int, ...]] = {}
+    out = []
+    for p, c in zip(df["prompt"].to_list(), df["completion"].to_list()):
+        if p not in cache:
+            cache[p] = tuple(chat_prompt_ids(tok, p, thinking))
+        out.append((cache[p], tuple(tok(c, add_special_tokens=False)["input_ids"]) + (eos,)))
+    return out
+
+
+def lr_factor(step: int, cfg: SFTConfig, total: int) -> float:
+    """Linear warmup to 1, then cosine to min_lr_ratio at ``total`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    prog = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def batch_indices(n: int, B: int, seed: int, b: int) -> list[int]:
+    """Global batch b: a fresh seeded permutation per epoch, partial last batch dropped (train.Sampler's rule)."""
+    per = max(1, n // B)
+    epoch, j = divmod(b, per)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [int(x) for x in perm[j * B : (j + 1) * B]]
+
+
+def nll_loss(model, pairs, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
+    """Mean NLL over the completion tokens of ``pairs`` (the prompt tokens carry no loss)."""
+    from stages.engine.scoring import Segment, score_segments
+
+    segs = [Segment.of(p, c) for p, c in pairs]
+    lps = score_segments(model, segs, token_budget=cfg.token_budget, logit_chunk=cfg.logit_chunk, grad=True)
+    flat = torch.cat(lps)
+    return -flat.mean(), int(flat.numel())
+
+
+def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], meta: dict) -> Path:
+    from stages.engine.models import save_model
+
+    def fill(tmp: Path) -> None:
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / "rank_00000.pt")
+        save_model(model, tok, tmp / "model")
+        for f in (tmp / "model").iterdir():
+            os.replace(f, tmp / f.name)
+        (tmp / "model").rmdir()
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(sched.state_dict(), tmp / "scheduler.pt")
+        if rows:
+            write_parquet(pl.DataFrame(rows), tmp / "metrics.parquet")
+        atomic_write_json(tmp / ckpt.STATE, state)
+        atomic_write_json(tmp / ckpt.META, meta)
+
+    return ckpt.write(path, fill)
+
+
+def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: bool = False,
+        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        log: Callable[[str], None] | None = None) -> Path:
+    """Stage entry point: returns ``<run_dir>/sft.parquet``; the model is ``<run_dir>/checkpoint``."""
+    from stages.engine.models import ModelSpec, load_model
+    from stages.engine.scoring import varlen_attention
+
+    say = log or (lambda s: None)
+    cfg.check()
+    run_dir = Path(run_dir)
+    df = load_pairs(cfg.data, cfg.limit)  # bad data fails before any model is loaded or file written
+    stage = StageRun(run_dir, "sft", cfg.key(), inputs={"data": cfg.data}, force=force, seed=cfg.seed)
+    if stage.done:
+        say(f"sft: {stage.output} is up to date")
+        return stage.output
+    if force and resume in ckpt.RESUME_MODES:
+        resume = "never"
+        import shutil
+
+        for p in ckpt.candidates(run_dir):
+            shutil.rmtree(p, ignore_errors=True)
+    start = ckpt.find_resume(run_dir, resume, warn=say)
+    state = ckpt.validate(start) if start else None
+    if state is not None and state.get("config_key") != cfg.key():
+        raise ckpt.CheckpointError(start, "the sft config changed since this checkpoint was written; pass --force "
+                                          "to start over or --resume never")
+    model, tok, spec = load_model(str(start) if start else cfg.model, None if start else cfg.gguf_file,
+                                  device=cfg.device, dtype="fp32", trainable=True)
+    base_spec = ModelSpec(**json.loads((start / ckpt.META).read_text())["base_model"]) if start else spec
+    for p in model.parameters():
+        p.requires_grad_(True)
+    pairs = encode(tok, df, cfg.thinking)
+    n, B = len(pairs), min(cfg.batch_size, len(pairs))
+    total = cfg.steps or cfg.epochs * max(1, n // B)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total))
+    done, rows = 0, []
+    if start:
+        opt.load_state_dict(torch.load(start / "optimizer.pt", weights_only=False))
+        sched.load_state_dict(torch.load(start / "scheduler.pt", weights_only=False))
+        done = int(state["local_step"])
+        if (start / "metrics.parquet").exists():
+            rows = pl.read_parquet(start / "metrics.parquet").to_dicts()
+        set_rng_state(torch.load(start / "rng" / "rank_00000.pt", weights_only=False))
+        say(f"sft: resuming from {start} at step {done}/{total}")
+
+    def save(path: Path, step: int) -> Path:
+        st = {"policy_step": step, "local_step": step, "run_dir": str(run_dir.resolve()), "config_key": cfg.key(),
+              "config": asdict(cfg), "sampler": {"rows": n, "batch_size": B, "seed": cfg.seed, "position": step},
+              "world_size": 1, "stage": "sft"}
+        meta = {"format": ckpt.FORMAT, "policy_step": step, "objective": "sft", "bank_version": None,
+                "base_model": base_spec.to_json(), "adapter": False, "teacher_mode": None, "teacher_init": None,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return _save(path, model, tok, opt, sched, st, rows, meta)
+
+    advance = progress("sft", total) if progress else None
+    if advance and done:
+        advance(done)
+    model.train()
+    t_run = time.time()
+    for step in range(done, total):
+        seed_all(cfg.seed, step, 0)
+        t0 = time.time()
+        batch = [pairs[i] for i in batch_indices(n, B, cfg.seed, step)]
+        with varlen_attention(model):
+            loss, ntok = nll_loss(model, batch, cfg)
+            if not torch.isfinite(loss):
+                raise InputError(cfg.data, f"the loss became non-finite at step {step + 1}; lower --lr")
+            loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        rows.append({"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(gn), "lr": lr,
+                     "tokens": ntok, "wall_s": time.time() - t0})
+        if advance:
+            advance(1)
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            say(f"sft step {step + 1}/{total}: loss {rows[-1]['loss']:.4f} lr {lr:.3g} ({time.time() - t_run:.0f}s)")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            save(ckpt.step_dir(run_dir, step + 1), step + 1)
+            ckpt.prune(run_dir, cfg.keep_last)
+    final = run_dir / ckpt.FINAL
+    if not (start is not None and start.resolve() == final.resolve() and done == total):
+        save(final, total)
+    model.eval()
+    stage.finish(pl.DataFrame(rows, schema={"step": pl.Int64, "loss": pl.Float64, "grad_norm": pl.Float64,
+                                           "lr": pl.Float64, "tokens": pl.Int64, "wall_s": pl.Float64}),
+                 extra={"resolved_config": asdict(cfg), "checkpoint": str(final), "steps": total, "rows_in_data": n,
+                        "batch_size": B, "final_loss": rows[-1]["loss"] if rows else None})
+    return stage.output
