@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 SGSD = [sys.executable, "-m", "sgsd_cli.main"]
 CPU = ["--device", "cpu"]
-ENV = {**os.environ, "SGSD_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SGSD_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
 def sh(argv, timeout=600, env=None):
@@ -87,7 +87,7 @@ def build_base(work: Path) -> tuple[Path, Path]:
         steps = [
             ["rollout", "--run-dir", base, "--model", model, "--problems", DEMO / "problems.jsonl", "--limit", 3,
              "--max-new-tokens", 8, "--backend", "hf", *CPU],
-            ["score-teachers", "--run-dir", base, "--model", model, "--k", 2, *CPU],
+            ["score-teachers", "--run-dir", base, "--model", model, "--k", 2, "--retrieval", "lexical", *CPU],
             ["polarize", "--run-dir", base, "--workers", 1],
             ["train", "--run-dir", base, "--model", model, "--steps", 1, "--batch-size", 2, "--micro-batch-size", 2,
              "--teacher-mode", "fixed", *CPU],
@@ -282,7 +282,8 @@ def cases() -> list[Case]:
     # ---------------- score-teachers
     def sc(*extra, bank=None, model=None):
         return lambda c: SGSD + ["score-teachers", "--run-dir", c.run, "--model", model(c) if model else c.model,
-                                 *(["--bank", bank(c)] if bank else []), *CPU, "--force", *extra]
+                                 *(["--bank", bank(c)] if bank else []), "--retrieval", "lexical", *CPU, "--force",
+                                 *extra]
 
     rl = lambda c: c.run / "rollout.parquet"  # noqa: E731
     add("rollout table missing", "score-teachers", sc(), lambda c: (c.run / "rollout.parquet").unlink())

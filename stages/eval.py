@@ -47,6 +47,16 @@ from stages.engine.generation.factory import make_backend, resolve_backend, vllm
 from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
 from stages.engine.prompts import chat_prompt_ids, load_template, student_prompt
+from stages.engine.skills.bank import load_bank
+from stages.engine.grading import grade_texts
+from stages.engine.verify import normalize_answer
+from stages.engine.prompts import teacher_prompt
+from stages.engine.skills.retrieval import make_retriever, retrieve_many
+from stages.engine.models import ModelSpec
+from stages.engine.io import read_table
+from stages.engine.io import DATA_DIR
+from stages.engine.models import load_tokenizer
+from stages.engine.models import load_model
 
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
@@ -93,7 +103,6 @@ SUMMARY_SCHEMA = {
 
 class InjectedCrash(RuntimeError):
     """Raised by the SGSD_EVAL_CRASH_AFTER fault injection (tests of resume)."""
-
 
 @dataclass
 class EvalConfig(Checked):
@@ -329,7 +338,6 @@ def default_chunk_problems(kind: str, batch_size: int, n: int) -> int:
 
 class _Generator:
     """Loads the model and builds the backend on first use (a fully resumed run loads nothing)."""
-
     def __init__(self, cfg: EvalConfig, spec, kind: str, loaded=None, backend: GenerationBackend | None = None):
         self.cfg, self.spec, self.kind = cfg, spec, kind
         self.model, self.tok = (loaded[0], loaded[1]) if loaded else (None, None)
@@ -338,14 +346,12 @@ class _Generator:
     def get(self) -> tuple[GenerationBackend, Any]:
         if self.backend is None or self.tok is None:
             if self.kind == "vllm" and self.model is None:
-                from stages.engine.models import load_tokenizer
 
                 self.tok = self.tok or load_tokenizer(self.spec)
                 self.backend = self.backend or make_backend("vllm", tokenizer=self.tok, spec=self.spec,
                                                             dtype=self.cfg.dtype, seed=self.cfg.seed)
             else:
                 if self.model is None:
-                    from stages.engine.models import load_model
 
                     self.model, self.tok, _ = load_model(self.spec, device=self.cfg.device, dtype=self.cfg.dtype)
                 self.backend = self.backend or make_backend(self.kind, model=self.model, tokenizer=self.tok,
@@ -357,7 +363,6 @@ def _bank_id(bank: str | None, retrieval: str) -> str | None:
     """The guidance bank's content version and retrieval mode (None: plain student prompt)."""
     if not bank:
         return None
-    from stages.engine.skills.bank import load_bank
 
     return f"{load_bank(bank).version}:{retrieval}"
 
@@ -399,8 +404,6 @@ class _Counter:
 
 
 def _grade(texts: list[str], golds: list[str], cfg: EvalConfig):
-    from stages.engine.grading import grade_texts
-    from stages.engine.verify import normalize_answer
 
     grades = grade_texts(texts, golds, timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
     norm = [normalize_answer(g.pred) if g.pred is not None else None for g in grades]
@@ -412,9 +415,6 @@ def eval_prompts(cfg: EvalConfig, problems: list[str]) -> list[str]:
     problem's top-ranked (skill, mistake) pair (stages.engine.skills.retrieval, as score-teachers does)."""
     if not cfg.guidance_bank:
         return [student_prompt(p) for p in problems]
-    from stages.engine.prompts import teacher_prompt
-    from stages.engine.skills.bank import load_bank
-    from stages.engine.skills.retrieval import make_retriever, retrieve_many
 
     retriever = make_retriever(load_bank(cfg.guidance_bank), mode=cfg.guidance_retrieval, seed=cfg.seed)
     pools = retrieve_many(retriever, problems, k=1)
@@ -524,7 +524,6 @@ def run(
     ``progress(description, total)`` returns an advance callback (the CLI passes rich bars); ``loaded`` =
     (model, tokenizer, spec) reuses a resident model and ``backend`` a built generation backend (the loop).
     """
-    from stages.engine.models import ModelSpec
 
     cfg = cfg.resolved()
     if loaded is not None:
@@ -637,7 +636,6 @@ def read_summary(run: str | Path) -> pl.DataFrame:
     p = Path(run)
     for cand in (p / "eval" / "summary.parquet", p / "summary.parquet", p):
         if cand.is_file():
-            from stages.engine.io import read_table
 
             return read_table(cand, required={"bench": str, "avg_at_n": float})
     raise InputError(p, "no eval summary here (expected RUN/eval/summary.parquet; run `sgsd eval` first)")
@@ -647,7 +645,6 @@ def paper_results(path: str | Path | None = None) -> tuple[dict, pl.DataFrame]:
     """(meta, table) of the paper's published rows in data/paper_results.toml; values are fractions."""
     import tomllib
 
-    from stages.engine.io import DATA_DIR
 
     p = Path(path) if path else DATA_DIR / "paper_results.toml"
     try:

@@ -167,8 +167,21 @@ def token_pieces(ids: Sequence[int], tokenizer) -> list[str]:
     """Text of each token (the tokenizer's decode of that id alone); ``<id>`` without a tokenizer."""
     if tokenizer is None:
         return [f"<{i}>" for i in ids]
-    return tokenizer.batch_decode([[int(i)] for i in ids], skip_special_tokens=False,
-                                  clean_up_tokenization_spaces=False)
+    ids = [int(i) for i in ids]
+    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    # a character split over byte-level tokens decodes to U+FFFD alone: give it to its first token (the others
+    # show nothing), so each token still has one piece
+    i = 0
+    while i < len(ids):
+        if "\ufffd" in pieces[i]:
+            for j in range(i + 2, min(len(ids), i + 4) + 1):
+                text = tokenizer.decode(ids[i:j], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                if "\ufffd" not in text:
+                    pieces[i:j] = [text] + [""] * (j - i - 1)
+                    i = j - 1
+                    break
+        i += 1
+    return pieces
 
 
 def tokenizer_candidates(t: StepTables) -> list[str]:

@@ -35,6 +35,24 @@ from stages.engine import checkpoint as ckpt
 from stages.engine.config import build
 from stages.engine.generation.factory import make_backend
 from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
+from stages.polarize import PolarizeConfig
+from stages.rollout import RolloutConfig
+from stages.score_teachers import ScoreTeachersConfig
+from stages.train import TrainConfig
+from stages.eval import EvalConfig
+from stages.update_skills import UpdateSkillsConfig
+from stages.engine.models import ModelSpec
+from stages.engine.objectives.sgsd import CATEGORIES
+from stages.engine.io import run_dir_lock
+from stages import polarize, rollout, score_teachers
+from stages.engine.benchmarks import load_problems
+from stages.train import Trainer
+from stages.engine.skills.versions import init_bank_versions
+from stages.engine.skills.bank import load_bank
+from stages import eval as eval_stage
+from stages.engine.skills.versions import latest_bank_version
+from stages import update_skills
+from stages.train import OBJECTIVES
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
 LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device")
@@ -61,7 +79,6 @@ class LoopConfig(Checked):
     wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging")
 
     def check(self) -> None:
-        from stages.train import OBJECTIVES
 
         for ok, msg in [
             (self.objective in OBJECTIVES, f"loop.objective must be one of {', '.join(OBJECTIVES)}"),
@@ -131,7 +148,6 @@ def completed_steps(run_dir: Path, steps: int) -> int:
 @dataclass
 class Sections:
     """Every stage's config for the whole run, built once from the resolved TOML sections."""
-
     loop: LoopConfig
     rollout: Any
     score: Any
@@ -152,10 +168,6 @@ class Sections:
 
 
 def build_sections(sections: dict, source: str = "config") -> Sections:
-    from stages.polarize import PolarizeConfig
-    from stages.rollout import RolloutConfig
-    from stages.score_teachers import ScoreTeachersConfig
-    from stages.train import TrainConfig
 
     lc = build(LoopConfig, sections.get("loop", {}), "loop", source)
     lc.check()
@@ -171,7 +183,6 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
         tr = replace(tr, schedule_steps=lc.steps * per_step)
     ev = None
     if lc.eval_every:
-        from stages.eval import EvalConfig
 
         ev = build(EvalConfig, sections.get("eval", {}), "eval", source, data_dir=lc.data_dir, **common)
         if not ev.benches and not ev.problems:
@@ -179,7 +190,6 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
         ev.resolved()  # protocol and sampling values are checked before the first step, not after it
     up = None
     if lc.skill_update_every:
-        from stages.update_skills import UpdateSkillsConfig
 
         up = build(UpdateSkillsConfig, sections.get("update_skills", {}), "update_skills", source,
                    last_steps=lc.skill_update_every, **common)
@@ -188,7 +198,6 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
 
 
 def _spec_for(policy: str, gguf_file: str | None):
-    from stages.engine.models import ModelSpec
 
     spec = ModelSpec.parse(policy, gguf_file)
     return spec
@@ -216,7 +225,6 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
     if (sd / "polarize_rollouts.parquet").exists():
         row["reward"] = float(pl.read_parquet(sd / "polarize_rollouts.parquet")["correct"].cast(pl.Float64).mean())
     if objective == "sgsd" and (sd / "polarize.parquet").exists():
-        from stages.engine.objectives.sgsd import CATEGORIES
 
         pt = pl.read_parquet(sd / "polarize.parquet")
         for c in CATEGORIES:
@@ -255,7 +263,6 @@ def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
 
 class _Loggers:
     """Optional tensorboard / wandb sinks (used only when installed and asked for)."""
-
     def __init__(self, lc: LoopConfig, run_dir: Path, resolved: dict, log: Callable[[str], None]):
         self.tb = self.wb = None
         if lc.tensorboard:
@@ -336,7 +343,6 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
 
     The run directory is locked for the whole run (a second loop or a stage in it is refused, naming the
     holder); taking the lock clears the temp files a killed run left."""
-    from stages.engine.io import run_dir_lock
 
     run_dir = Path(build_sections(sections, source).loop.run_dir)
     with run_dir_lock(run_dir, "sgsd loop"):
@@ -346,9 +352,6 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
 def _run(sections: dict, *, source: str = "config", force: bool = False,
          progress: Callable[[str, int], Callable[[int], None]] | None = None,
          log: Callable[[str], None] | None = None) -> Path:
-    from stages import polarize, rollout, score_teachers
-    from stages.engine.benchmarks import load_problems
-    from stages.train import Trainer
 
     say = log or (lambda s: None)
     S = build_sections(sections, source)
@@ -390,8 +393,6 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
     trainer.policy.eval()
     bank_hist = None
     if lc.skill_update_every and lc.objective == "sgsd":
-        from stages.engine.skills.versions import init_bank_versions
-        from stages.engine.skills.bank import load_bank
 
         init_bank_versions(run_dir, load_bank(S.score.bank))
         bank_hist = run_dir
@@ -417,7 +418,6 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
             if lc.objective == "sgsd":
                 bank = S.score.bank
                 if bank_hist is not None:
-                    from stages.engine.skills.versions import latest_bank_version
 
                     bank = str(latest_bank_version(run_dir).path)
                 scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n)
@@ -436,10 +436,9 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
             if (want_eval or want_update) and engine is not None:
                 engine.update_weights(trainer.model)
             if want_eval:
-                from stages import eval as eval_stage
 
                 eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress,
-                               loaded=new_loaded, backend=None)
+                               loaded=new_loaded, backend=engine)
             if want_update:
                 _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
             metrics = collect_metrics(run_dir, n, lc.objective)
@@ -456,7 +455,6 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
 
 
 def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress, backend=None) -> None:
-    from stages import update_skills
 
     marker = sd / "skills_update.json"
     if marker.exists():
@@ -471,7 +469,5 @@ def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress,
 def write_step_problems(pool: str, step: int, per_step: int, seed: int, out: str | Path,
                         data_dir: str | None = None) -> Path:
     """The problems the loop gives step ``step`` (used by the shell recipes in scripts/)."""
-    from stages.engine.benchmarks import load_problems
-
     df = step_problems(load_problems(pool, data_dir=data_dir).sort("id"), step, per_step, seed)
     return write_parquet(df, out)

@@ -28,13 +28,17 @@ from stages.engine.skills.bank import bank_json_text, bank_to_table, load_bank
 from stages.engine.skills.writer import Writer, WriterConfig, make_writer
 from stages.engine.grading import grades_for
 from stages.engine.skills.mining import MiningParams, ROLLOUT_REQUIRED, template_texts, build_memories, candidate_counts, extract_candidates, merge_candidates
+from stages.engine.benchmarks import load_problems
+from stages.rollout import RolloutConfig
+from stages.rollout import run as rollout_run
+from stages.engine.models import load_model
 
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 
 @dataclass
 class MineSkillsConfig(Checked):
-    writer: WriterConfig = opt("Where the skill writer runs (an endpoint or a local model).", group="Writer", prefix="writer-", factory=WriterConfig)
-    params: MiningParams = opt("Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
+    writer: WriterConfig = opt(help="Where the skill writer runs (an endpoint or a local model).", group="Writer", prefix="writer-", factory=WriterConfig)
+    params: MiningParams = opt(help="Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
     # sampling, when no rollout table is given (docs/DESIGN.md 1.1 step 1)
     model: str | None = opt(None, "Policy model that samples the attempts (and, by default, writes the skills).", group="Attempts")
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Attempts")
@@ -59,7 +63,6 @@ class MineSkillsConfig(Checked):
 
 
 def _load_problems(spec: str) -> pl.DataFrame:
-    from stages.engine.benchmarks import load_problems
 
     return load_problems(spec)
 
@@ -67,9 +70,6 @@ def _load_problems(spec: str) -> pl.DataFrame:
 def sample_attempts(cfg: MineSkillsConfig, run_dir: Path, *, force: bool = False, progress: ProgressFn | None = None,
                     loaded=None) -> Path:
     """Roll out the model once on a seeded sample of ``n_problems`` problems (``sgsd rollout``'s engine)."""
-    from stages.rollout import RolloutConfig
-    from stages.rollout import run as rollout_run
-
     if not cfg.model:
         raise InputError(None, "mine-skills needs --rollouts (a graded rollout table) or --model to sample attempts")
     problems = _load_problems(cfg.problems)
@@ -115,7 +115,6 @@ def run(cfg: MineSkillsConfig, run_dir: str | Path, *, rollouts: str | Path | No
     cfg.params.check()
     if rollouts is None:
         if loaded is None and not (run_dir / "rollout.parquet").exists():
-            from stages.engine.models import load_model
 
             loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype) if cfg.model else None
         rollouts = sample_attempts(cfg, run_dir, force=force, progress=progress, loaded=loaded)

@@ -20,6 +20,7 @@ from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, check_finite, read_table, stage_table_path, write_parquet
 from stages.engine.objectives.sgsd import (CATEGORIES, CLIP, category, clipped_fraction, delta, maskable_token_ids,
                                           polarity, stance, support_score, token_mask)
+from stages.engine.models import ModelSpec, load_tokenizer
 
 POLARIZE_SCHEMA = {
     "rollout_id": pl.String,
@@ -113,7 +114,6 @@ def run(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     tokenizer=None,
 ) -> Path:
-    from stages.engine.models import ModelSpec, load_tokenizer
 
     r_src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     s_src = Path(scores) if scores else stage_table_path(run_dir, "score_teachers")

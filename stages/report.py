@@ -301,6 +301,17 @@ def run_summary(run_dir: str | Path, report_path: str | Path | None = None):
     return t
 
 
+def end_of_run(run_dir: str | Path):
+    """What ``sgsd loop`` prints at its end: writes RUN_DIR/report/ and returns :func:`run_summary` with the
+    report's path.  Plotting never fails the finished run: an error becomes the table's 'report' row."""
+    run_dir = Path(run_dir)
+    try:
+        path: str | Path = write_report([run_dir], run_dir / "report")
+    except Exception as e:  # noqa: BLE001 - the run is done; say why there is no report instead of failing it
+        path = f"not written ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return run_summary(run_dir, report_path=path)
+
+
 def eval_summary(summary: str | Path | pl.DataFrame):
     """rich Table of an eval summary (one row per benchmark + mean) that fits 80 columns."""
     from rich.table import Table

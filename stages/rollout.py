@@ -18,6 +18,8 @@ from stages.engine.generation.factory import make_backend
 from stages.engine.config import Checked, opt
 from stages.engine.io import DATA_DIR, StageRun, shard_output_name
 from stages.engine.prompts import chat_prompt_text, student_prompt
+from stages.engine import benchmarks
+from stages.engine.models import load_model
 
 ROLLOUT_SCHEMA = {
     "rollout_id": pl.String,
@@ -132,8 +134,6 @@ def run(
     ``loaded`` = (model, tokenizer, spec) to reuse a resident model (the loop); ``backend`` a resident
     generation engine (e.g. one vLLM engine kept across loop steps, refreshed with ``update_weights``).
     """
-    from stages.engine import benchmarks
-    from stages.engine.models import load_model
 
     src = benchmarks.load(cfg.problems, data_dir=cfg.data_dir)
     problems = select_problems(src.df, cfg.limit, cfg.shard)

@@ -21,6 +21,9 @@ from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
 from stages.engine.skills.bank import load_bank
 from stages.engine.skills.retrieval import make_retriever, retrieve_many
+from stages.engine.models import load_model
+from stages.build_index import require_pairs
+from stages.engine.models import check_token_ids
 
 ROLLOUT_COLUMNS = {"rollout_id": str, "problem_id": str, "problem": str, "prompt_ids": list, "completion_ids": list}
 
@@ -138,7 +141,6 @@ def run(
     progress: Callable[[str, int], Callable[[int], None]] | None = None,
     loaded=None,
 ) -> Path:
-    from stages.engine.models import load_model
 
     src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     table = read_table(src, ROLLOUT_COLUMNS)
@@ -146,7 +148,6 @@ def run(
     if n > 1:
         table = table.with_row_index("_r").filter(pl.col("_r") % n == i).drop("_r")
     bank = load_bank(cfg.bank)
-    from stages.build_index import require_pairs
 
     require_pairs(bank, cfg.bank)
     if cfg.k < 1:
@@ -159,7 +160,6 @@ def run(
     retriever = make_retriever(bank, mode=cfg.retrieval, index_path=cfg.index, encoder=cfg.encoder, seed=cfg.seed,
                                query_prompt=cfg.query_prompt)
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
-    from stages.engine.models import check_token_ids
 
     vocab = model.get_input_embeddings().num_embeddings
     check_token_ids([(r, c, ids) for c in ("prompt_ids", "completion_ids")

@@ -45,6 +45,11 @@ from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion
 from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
 from stages.engine.objectives.sgsd import CATEGORIES, rollout_loss
 from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
+from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
+from stages.engine.grading import grade_rollouts
+from stages.engine.models import ModelSpec, load_model, pick_device
+from stages.engine.models import save_model
+from stages.engine.models import check_token_ids
 
 OBJECTIVES = ("sgsd", "opsd", "grpo")
 TEACHER_MODES = ("live", "fixed", "ema")
@@ -153,7 +158,6 @@ class TrainConfig(Checked):
 class TrainingDiverged(InputError):
     """The loss or the grad norm of a step is NaN / inf: training stops before that update, nothing is saved."""
 
-
 @dataclass
 class TeacherTarget:
     prompt_ids: tuple[int, ...]
@@ -261,7 +265,6 @@ def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
 
 
 def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-    from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 
     paths = input_paths("opsd", run_dir)
     rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
@@ -301,7 +304,6 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
         rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
         source = "rollout.reward"
     else:
-        from stages.engine.grading import grade_rollouts
 
         graded = grade_rollouts(read_table(paths["rollout"], {"rollout_id": str, "completion": str, "answer": str}),
                                 timeout_s=cfg.verify_timeout_s)
@@ -336,7 +338,6 @@ LOADERS = {"sgsd": load_sgsd, "opsd": load_opsd, "grpo": load_grpo}
 
 class Sampler:
     """Global batches of row indices: a fresh seeded permutation per epoch, partial last batch dropped."""
-
     def __init__(self, n_rows: int, batch_size: int, seed: int):
         self.n, self.B, self.seed = n_rows, batch_size, seed
         self.per_epoch = max(1, n_rows // batch_size)
@@ -426,7 +427,6 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, start: Path | None = None, dist: Dist | None = None, loaded=None,
                  log: Callable[[str], None] | None = None):
-        from stages.engine.models import ModelSpec, load_model, pick_device
 
         self.cfg = cfg = cfg.resolved()
         self.dist = dist or Dist()
@@ -794,7 +794,6 @@ class Trainer:
              commit: bool = True) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-        from stages.engine.models import save_model
 
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         osd = get_optimizer_state_dict(self.wrapped, self.opt, options=full)
@@ -945,8 +944,6 @@ class Trainer:
 
     def _check_tokens(self) -> None:
         """Token ids outside the model's vocabulary, or no completion token at all: one line naming the table."""
-        from stages.engine.models import check_token_ids
-
         vocab = self.model.get_input_embeddings().num_embeddings
         src = self.data.inputs.get("rollout")
         seqs = []

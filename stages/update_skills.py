@@ -37,6 +37,12 @@ from stages.engine.skills.bank import KINDS, SkillBank, load_bank
 from stages.engine.skills.versions import BankVersion, bank_dir, init_bank_versions, latest_bank_version, save_bank_version, version_label
 from stages.engine.skills.retrieval import make_retriever, retrieve_many
 from stages.engine.skills.writer import Writer, WriterConfig, make_writer
+from stages.engine.benchmarks import load_problems
+from stages.engine.generation.factory import make_backend
+from stages.engine.models import load_model
+from stages.engine.generation.base import SamplingConfig
+from stages.engine.prompts import chat_prompt_ids, teacher_prompt
+from stages.engine.grading import grade_texts
 
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 _STEP_RX = re.compile(r"^step_(\d+)$")
@@ -44,8 +50,8 @@ _STEP_RX = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class UpdateSkillsConfig(Checked):
-    writer: WriterConfig = opt("Where the skill writer runs.", group="Writer", prefix="writer-", factory=WriterConfig)
-    params: MiningParams = opt("Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
+    writer: WriterConfig = opt(help="Where the skill writer runs.", group="Writer", prefix="writer-", factory=WriterConfig)
+    params: MiningParams = opt(help="Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
     success_threshold: float = opt(0.8, "Update only when the window's success rate is below this.", group="Update", flag="threshold", ge=0, le=1)
     max_new_items: int = opt(5, "Dynamic items added per update and kind at most.", group="Update", flag="max-new", ge=0)
     capacity: int = opt(30, "Dynamic items per kind at most.", group="Update", ge=0)
@@ -195,7 +201,6 @@ def propose_update(bank: SkillBank, memories: pl.DataFrame, writer: Writer, cfg:
 
 class TeacherSuccessGate:
     """Held-out teacher success rate of a bank (see the module docstring)."""
-
     def __init__(self, backend, tokenizer, problems: pl.DataFrame, *, k: int = 2, retrieval: str = "lexical",
                  encoder: str | None = None, max_new_tokens: int = 1024, verify_timeout_s: float = 5.0, seed: int = 0):
         self.backend, self.tokenizer = backend, tokenizer
@@ -205,9 +210,6 @@ class TeacherSuccessGate:
         self._cache: dict[str, bool] = {}  # teacher prompt (it embeds the problem) -> correct
 
     def score(self, bank: SkillBank) -> float:
-        from stages.engine.generation.base import SamplingConfig
-        from stages.engine.prompts import chat_prompt_ids, teacher_prompt
-        from stages.engine.grading import grade_texts
 
         probs, golds = self.problems["problem"].to_list(), [str(a) for a in self.problems["answer"].to_list()]
         pools = retrieve_many(make_retriever(bank, self.retrieval, encoder=self.encoder, seed=self.seed), probs, k=self.k)
@@ -234,7 +236,6 @@ class TeacherSuccessGate:
 def load_gate_problems(path: str, max_problems: int, seed: int = 0) -> pl.DataFrame:
     """Held-out problems: a problems file / benchmark name (id, problem, answer) or a rollout table
     (one row per problem is kept)."""
-    from stages.engine.benchmarks import load_problems
 
     p = Path(path)
     if p.exists() and p.suffix == ".parquet" or p.is_dir():
@@ -332,13 +333,11 @@ def run(cfg: UpdateSkillsConfig, run_dir: str | Path, *, rollouts: Sequence[str 
 
 
 def _make_gate(cfg: UpdateSkillsConfig, loaded, backend=None) -> TeacherSuccessGate:
-    from stages.engine.generation.factory import make_backend
 
     if loaded is None:
         backend = None
         if not cfg.model:
             raise InputError(None, "--gate-split needs --model (the policy that answers with the teacher prompts)")
-        from stages.engine.models import load_model
 
         loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
     model, tok, spec = loaded

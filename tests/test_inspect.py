@@ -170,3 +170,15 @@ def test_cli(step, tmp_path):
     r = CliRunner().invoke(app, ["inspect", str(step), "--rollout", "zz#1"])
     assert r.exit_code == 2 and "no rollout 'zz#1'" in r.output
     assert len([x for x in r.output.splitlines() if x.strip()]) <= 2
+
+
+def test_token_pieces_keep_split_characters_whole(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "héllo 数学 ok"
+    ids = tok.encode(text)
+    pieces = ins.token_pieces(ids, tok)
+    assert len(pieces) == len(ids) and "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces) and "数" in pieces and "学" in pieces
+    assert ins.token_pieces([5, 6], None) == ["<5>", "<6>"]

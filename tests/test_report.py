@@ -194,3 +194,9 @@ def test_report_html_in_headless_chromium(run, tmp_path):
     subprocess.run(args + ["--window-size=1300,1800", f"--screenshot={shot}", page.as_uri()], capture_output=True,
                    timeout=120)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20000
+
+
+def test_end_of_run_writes_the_report_and_names_it(run):
+    flat = " ".join(_render(R.end_of_run(run), width=200).split())
+    assert (run / "report" / "report.html").exists()
+    assert f"report {run / 'report' / 'report.html'}" in flat and "25.0% -> 75.0%" in flat

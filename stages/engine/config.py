@@ -212,6 +212,8 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
     md = {"help": help, "group": group, "flag": flag, "choices": tuple(choices) if choices is not None else None,
           "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "prefix": prefix, "metavar": metavar, "what": what}
     if factory is not dataclasses.MISSING:
+        if default is not dataclasses.MISSING:
+            raise TypeError("opt(): give either a default or a factory, not both")
         return dataclasses.field(default_factory=factory, metadata={"opt": md})
     return dataclasses.field(default=default, metadata={"opt": md})
 

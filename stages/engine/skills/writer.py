@@ -44,7 +44,7 @@ class WriterConfig(Checked):
     concurrency: int = opt(8, "Parallel requests to the endpoint.", group="Writer", ge=1)
     max_new_tokens: int | None = opt(None, "Maximum tokens of one writer reply (default as the reference: 4096 when mining, 2048 for online updates).", group="Writer", ge=1)
     temperature: float = opt(0.0, "Writer sampling temperature (0 = greedy, the reference).", group="Writer", ge=0, cli=False)
-    extra_body: dict = opt("JSON object merged into each request body, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}'.", group="Writer", flag="extra", metavar="JSON", factory=dict)
+    extra_body: dict = opt(help="JSON object merged into each request body, e.g. '{\"chat_template_kwargs\": {\"enable_thinking\": false}}'.", group="Writer", flag="extra", metavar="JSON", factory=dict)
     # local model
     backend: str = opt("auto", "Local writer engine: auto (vLLM if installed), vllm, hf.", group="Writer", choices=("auto", "vllm", "hf-fast", "hf"))
     gguf_file: str | None = opt(None, "GGUF file name inside the local writer's model folder.", group="Writer")

@@ -1,0 +1,125 @@
+"""One way to wire a command (docs/DESIGN.md 2): options come from the config dataclasses, with ranges checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from stages.engine.config import Checked, check, field_opt, opt
+from stages.engine.io import InputError
+
+CONFIGS = [
+    ("stages.rollout", "RolloutConfig"), ("stages.score_teachers", "ScoreTeachersConfig"),
+    ("stages.polarize", "PolarizeConfig"), ("stages.train", "TrainConfig"), ("stages.eval", "EvalConfig"),
+    ("stages.mine_skills", "MineSkillsConfig"), ("stages.build_index", "BuildIndexConfig"),
+    ("stages.update_skills", "UpdateSkillsConfig"), ("stages.loop", "LoopConfig"),
+    ("stages.engine.skills.writer", "WriterConfig"), ("stages.engine.skills.mining", "MiningParams"),
+]
+
+
+def _cls(mod, name):
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)
+
+
+def _app():
+    from sgsd_cli.common import app
+    from sgsd_cli.main import _register
+
+    _register()
+    return app
+
+
+@pytest.mark.parametrize("mod,name", CONFIGS)
+def test_every_config_field_is_documented_and_checked(mod, name):
+    cls = _cls(mod, name)
+    assert issubclass(cls, Checked)
+    for f in dataclasses.fields(cls):
+        o = field_opt(f)
+        assert o["help"].strip(), f"{name}.{f.name} has no help text"
+        assert o["group"], f"{name}.{f.name} has no help panel"
+
+
+@dataclasses.dataclass
+class _Toy(Checked):
+    n: int = opt(1, "count", ge=1)
+    p: float = opt(0.5, "mass", gt=0, le=1)
+    mode: str = opt("a", "mode", choices=("a", "b"))
+    maybe: int | None = opt(None, "optional", ge=0)
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"n": 0}, "--n must be >= 1 (got 0)"),
+    ({"p": 0.0}, "--p must be > 0 and <= 1 (got 0.0)"),
+    ({"p": 1.5}, "--p must be > 0 and <= 1 (got 1.5)"),
+    ({"p": float("nan")}, "--p must be a finite number (got nan)"),
+    ({"mode": "c"}, "--mode must be one of a, b (got 'c')"),
+    ({"maybe": -1}, "--maybe must be >= 0 (got -1)"),
+])
+def test_range_checks_refuse_with_the_option_name(kw, msg):
+    with pytest.raises(InputError) as e:
+        _Toy(**kw)
+    assert e.value.problem == msg
+    with pytest.raises(InputError):  # dataclasses.replace goes through the same check
+        dataclasses.replace(_Toy(), **kw)
+
+
+def test_range_checks_accept_the_edges():
+    _Toy(n=1, p=1.0, mode="b", maybe=None)
+    _Toy(maybe=0)
+    check(_Toy())
+
+
+def test_stage_options_refused_before_any_work(tmp_path):
+    run = CliRunner()
+    app = _app()
+    for args, text in [(["--n", "0"], "--n must be >= 1 (got 0)"), (["--top-p", "2"], "--top-p must be > 0 and <= 1"),
+                       (["--temperature", "-1"], "--temperature must be >= 0"), (["--top-k", "-5"], "--top-k must be >= 0"),
+                       (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--limit", "-1"], "--limit must be >= 1"),
+                       (["--batch-size", "0"], "--batch-size must be >= 1"), (["--set", "n=0"], "--n must be >= 1")]:
+        r = run.invoke(app, ["rollout", "--run-dir", str(tmp_path / "r"), "--model", "nope", *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert text in r.output and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "r").exists()
+
+
+def test_precedence_defaults_toml_options_set(tmp_path):
+    toml = tmp_path / "r.toml"
+    toml.write_text('[rollout]\nn = 3\ntemperature = 0.7\n')
+    run = CliRunner()
+    app = _app()
+
+    def resolved(*args):
+        r = run.invoke(app, ["rollout", "--run-dir", str(tmp_path / "r"), "--model", "m", "--dry-run", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    assert resolved()["n"] == 1 and resolved()["temperature"] == 1.1          # dataclass defaults
+    assert resolved("--config", str(toml))["n"] == 3                            # TOML over defaults
+    got = resolved("--config", str(toml), "--n", "2")
+    assert got["n"] == 2 and got["temperature"] == 0.7                          # option over TOML
+    assert resolved("--config", str(toml), "--n", "2", "--set", "n=4")["n"] == 4  # --set over everything
+    assert resolved("--shard", "1/3")["shard"] == [1, 3]
+    assert not (tmp_path / "r").exists()  # --dry-run runs nothing
+
+
+def test_toml_value_out_of_range_names_the_file(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[rollout]\ntop_p = 3.0\n')
+    r = CliRunner().invoke(_app(), ["rollout", "--run-dir", str(tmp_path / "r"), "--model", "m", "--config", str(toml)])
+    assert r.exit_code == 2 and str(toml) in r.output and "--top-p" in r.output
+
+
+def test_help_shows_the_dataclass_defaults_and_panels():
+    from stages.train import TrainConfig
+
+    r = CliRunner().invoke(_app(), ["train", "--help"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0
+    for panel in ("Optimisation", "LoRA", "Teacher", "SGSD", "OPSD", "GRPO", "Checkpoints"):
+        assert panel in r.output
+    assert f"[default: {TrainConfig().lr}]" in r.output and "[default: 0.1]" in r.output  # max_grad_norm
+    assert "[tokens, vocab]" in r.output  # rich markup does not swallow it
