@@ -478,7 +478,7 @@ def run_case(case: Case, ctx: Ctx, is_root: bool) -> dict:
         if case.special:
             rc, err, same = case.special(ctx)
         else:
-            r = sh(case.argv(ctx))
+            r = sh(case.argv(ctx), timeout=300)
             rc, err = r.returncode, r.stderr
             same = snapshot(*watch) == before or all(snapshot(*watch).get(k) == v for k, v in before.items())
     except subprocess.TimeoutExpired:
@@ -497,6 +497,7 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="work folder (default: a temp folder)")
     ap.add_argument("--only", default=None, help="run the cases whose 'stage: name' contains this")
     ap.add_argument("--json", default=None, help="write the per-case results here")
+    ap.add_argument("--jobs", type=int, default=1, help="cases run at the same time (each in its own folder)")
     a = ap.parse_args()
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="sgsd-bad-inputs-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -506,15 +507,28 @@ def main() -> None:
     todo = [c for c in cases() if not a.only or a.only in f"{c.stage}: {c.name}"]
     results = []
     print(f"{'#':>3} {'stage':<15} {'case':<44} {'rc':>3} {'tb':<3} {'same':<4} first line")
-    for i, c in enumerate(todo, 1):
-        r = run_case(c, ctx, is_root)
-        results.append(r)
+    from concurrent.futures import ThreadPoolExecutor
+    from dataclasses import replace as dc_replace
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        outcomes = pool.map(lambda c: run_case(c, dc_replace(ctx, mounts=[]), is_root), todo)
+        for i, (c, r) in enumerate(zip(todo, outcomes), 1):
+            results.append(r)
+            _print(i, c, r)
+    _summary(results, a.json)
+
+
+def _print(i: int, c: Case, r: dict) -> None:
+    if True:
         if "skipped" in r:
             print(f"{i:>3} {c.stage:<15} {c.name[:44]:<44} {'-':>3} {'-':<3} {'-':<4} skipped: {r['skipped']}", flush=True)
-            continue
+            return
         mark = "" if r["clean"] else ("  <- option range check (lead)" if c.lead else "  <- NOT CLEAN")
         print(f"{i:>3} {c.stage:<15} {c.name[:44]:<44} {r['rc']:>3} {'yes' if r['traceback'] else 'no':<3} "
               f"{'yes' if r['same'] else 'NO':<4} {r['first_line'][:110]}{mark}", flush=True)
+
+
+def _summary(results: list[dict], json_out: str | None) -> None:
     ran = [r for r in results if "skipped" not in r]
     clean = sum(r["clean"] for r in ran)
     lead = [r for r in ran if not r["clean"] and r["lead"]]
@@ -522,8 +536,8 @@ def main() -> None:
     print(f"\nclean: {clean}/{len(ran)} cases ({len(results) - len(ran)} skipped); not clean: {len(lead)} option range "
           f"checks (lead), {len(other)} others; tracebacks: {sum(r['traceback'] for r in ran)}, "
           f"exit 0: {sum(r['rc'] == 0 for r in ran)}, prior files changed: {sum(not r['same'] for r in ran)}")
-    if a.json:
-        Path(a.json).write_text(json.dumps(results, indent=1))
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

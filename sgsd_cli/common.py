@@ -11,7 +11,6 @@ from typing import Annotated, Callable, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 # quiet third-party progress bars and warnings: sgsd shows its own rich progress
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -2,71 +2,19 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from sgsd_cli.common import Force, out, progress_bars
 from sgsd_cli.options import stage_command
 from stages import eval as ev
+from stages import report
 from stages.engine.io import InputError
 
 _BENCH_HELP = ("Benchmark name, repeatable: aime24, aime25, hmmt25, math500 (local files or hub), amc23, minerva "
                "(hub only), train, or 'all' (aime24, aime25, hmmt25, math500).")
-
-
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
-
-
-def print_summary(summary_path: Path) -> None:
-    s = ev.read_summary(summary_path)
-    first = s.row(0, named=True)
-    t = Table(title=f"sgsd eval — {first['model']} ({first['protocol']} protocol)", title_justify="left")
-    t.add_column("bench", no_wrap=True)
-    t.add_column("probs", justify="right")
-    t.add_column("n", justify="right")
-    t.add_column("avg@n", justify="right", style="bold", no_wrap=True)
-    t.add_column("±se", justify="right")
-    t.add_column("pass@1", justify="right")
-    t.add_column("pass@n", justify="right")
-    t.add_column("maj@n", justify="right")
-    t.add_column("format", justify="right")
-    t.add_column("trunc", justify="right")
-    t.add_column("tokens", justify="right")
-    for r in s.iter_rows(named=True):
-        if r["bench"] == "mean":
-            t.add_section()
-        t.add_row(r["bench"], str(r["problems"]), "—" if r["n"] is None else str(r["n"]), _pct(r["avg_at_n"]),
-                  _pct(r["avg_at_n_se"]), _pct(r["pass_at_1"]), _pct(r["pass_at_n"]), _pct(r["maj_at_n"]),
-                  _pct(r["format_rate"]), _pct(r["truncation_rate"]), f"{r['mean_tokens']:.0f}")
-    out.print(t)
-    out.print(f"summary: {summary_path}")
-
-
-def print_compare(runs: list[Path], metric: str, paper: bool) -> None:
-    cols, rows = ev.compare_table(runs, metric=metric, with_paper=paper)
-    meta, _ = ev.paper_results() if paper else ({}, None)
-    t = Table(title=f"{metric} (%)", title_justify="left")
-    t.add_column("run")
-    t.add_column("n", justify="right")
-    for c in cols[:-1]:
-        t.add_column(c, justify="right")
-    t.add_column("mean", justify="right", style="bold")
-    shown_sep = False
-    for label, n, vals, kind in rows:
-        if kind == "run" and not shown_sep and any(r[3] == "paper" for r in rows):
-            t.add_section()
-            shown_sep = True
-        t.add_row(label, "—" if n is None else str(n), *[_pct(v) for v in vals], style="dim" if kind == "paper" else None)
-    out.print(t)
-    if paper and metric == "avg_at_n":
-        over = ", ".join(meta.get("benches", []))
-        out.print(f"mean = mean over {over} (rows missing one have none); paper rows: {meta.get('model')} "
-                  f"avg@{meta.get('n')} as published (docs/DESIGN.md 1.6)")
 
 
 Runs = Annotated[list[Path] | None, typer.Argument(help="With --compare: run directories whose eval summaries to compare.", show_default=False)]
@@ -83,7 +31,7 @@ def eval_cmd(make_cfg, runs: Runs = None, run_dir: EvalRunDir = None, compare: C
     if compare:
         if not runs:
             raise InputError(None, "--compare needs one or more run directories: sgsd eval --compare RUN_A RUN_B")
-        print_compare(list(runs), metric, paper)
+        out.print(report.compare_view(list(runs), metric, paper))
         return
     if runs:
         raise InputError(None, f"unexpected argument '{runs[0]}' (run directories are only taken with --compare)")
@@ -92,4 +40,6 @@ def eval_cmd(make_cfg, runs: Runs = None, run_dir: EvalRunDir = None, compare: C
         raise InputError(None, "--run-dir is required")
     with progress_bars() as bars:
         path = ev.run(cfg, run_dir, force=force, progress=bars)
-    print_summary(path)
+    out.print(report.eval_summary(path))
+    out.print(f"summary: {path}")
+    out.print(f"report: {report.write_report([run_dir], Path(run_dir) / 'report')}")

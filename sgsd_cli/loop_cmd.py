@@ -10,7 +10,7 @@ import typer
 
 from sgsd_cli.common import UTILS, app, cli_errors, console, out, progress_bars
 from sgsd_cli.options import stage_command
-from stages import loop
+from stages import loop, report
 
 PrintConfig = Annotated[bool, typer.Option("--print-config", metavar="", help="Print the resolved config of every stage as JSON and exit.", rich_help_panel="Config")]
 Force = Annotated[bool, typer.Option("--force", metavar="", help="Accept a run directory that was started with another config.")]
@@ -30,6 +30,7 @@ def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force =
         path = loop.run(sections, source=source, force=force, progress=bars,
                         log=lambda s: console.print(s, highlight=False, markup=False))
     out.print(f"metrics: {path}")
+    out.print(report.end_of_run(Path(path).parent))
 
 
 @app.command("step-problems", rich_help_panel=UTILS)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 
-from sgsd_cli.common import app
+import typer
+
+from sgsd_cli import progress
+from sgsd_cli.common import app, out
+from stages.engine.io import SGSD_VERSION
 
 # each module registers its command(s) on `app` when imported, in --help order
 COMMAND_MODULES = [
@@ -23,6 +27,23 @@ COMMAND_MODULES = [
     "sgsd_cli.report_cmd",
     "sgsd_cli.world_cmd",
 ]
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"sgsd {SGSD_VERSION}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", metavar="", help="No progress output (bars or log lines)."),
+) -> None:
+    """Skill-Conditioned Gated Self-Distillation: mine skills, roll out, score with skill-conditioned teachers,
+    polarize, train and evaluate LLMs on math reasoning. Every stage reads and writes Parquet under --run-dir,
+    records a manifest, and resumes."""
+    progress.QUIET = quiet
+
 
 def _register() -> None:
     for m in COMMAND_MODULES:

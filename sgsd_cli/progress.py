@@ -21,6 +21,8 @@ from rich.text import Text
 
 QUIET = False  # module-level switch: the CLI sets it from --quiet
 LOG_EVERY_S = 30.0
+QUIET_BELOW_S = 2.0  # a task that ends sooner than this, with no line printed yet, prints nothing (short runs and
+                     # one-line errors stay one line)
 
 
 def _hms(s: float) -> str:
@@ -64,7 +66,7 @@ class LogProgress:
     def stop(self) -> None:
         for tid in list(self.tasks):
             t = self.tasks[tid]
-            if not t["ended"] and t["completed"] > t["last_done"]:
+            if not t["ended"] and t["completed"] > t["last_done"] and self.clock() - t["start"] >= QUIET_BELOW_S:
                 self._emit(tid)
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
@@ -92,7 +94,8 @@ class LogProgress:
         now = self.clock()
         finished = t["total"] is not None and t["completed"] >= t["total"]
         if finished and not t["ended"]:
-            self._emit(task)
+            if now - t["start"] >= QUIET_BELOW_S or t["last"] > t["start"]:
+                self._emit(task)
             t["ended"] = True
         elif not finished and now - t["last"] >= self.every_s:
             self._emit(task)

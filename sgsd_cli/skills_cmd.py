@@ -123,19 +123,33 @@ def diff_cmd(old: BankArg, new: BankArg, run_dir: RunDirOpt = None) -> None:
 @skills_app.command("stats")
 @cli_errors
 def stats_cmd(
-    bank: BankArg,
-    problems: Annotated[str, typer.Option("--problems", help="Problem set: file with a 'problem' column or a benchmark name.")],
+    bank: Annotated[str | None, typer.Argument(help="Bank: .json, .parquet, a run's bank/ folder (latest version), or vNNNN with --run-dir. Not needed with --run.")] = None,
+    problems: Annotated[str | None, typer.Option("--problems", help="Problem set: file with a 'problem' column or a benchmark name (needed without --run).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="A training run: per bank item, how often it was retrieved and how its teachers were judged (helpful, warning, misleading, over_suppressive, neutral) over every step.")] = None,
     mode: Annotated[str, typer.Option("--mode", help="Retrieval mode: lexical, embedding, hybrid, random.")] = "lexical",
     index: Annotated[str | None, typer.Option("--index", help="Index from `sgsd build-index` (must match the bank version).")] = None,
     encoder: Annotated[str | None, typer.Option("--encoder", help="Sentence encoder for embedding / hybrid retrieval without an index.")] = None,
-    k: Annotated[int, typer.Option("--k", help="Top-k skills and mistakes per problem.")] = 8,
-    top: Annotated[int, typer.Option("--top", help="Rows printed per kind (most retrieved first); 0 = all.")] = 0,
+    k: Annotated[int, typer.Option("--k", min=1, help="Top-k skills and mistakes per problem.")] = 8,
+    top: Annotated[int, typer.Option("--top", min=0, help="Rows printed per kind (most retrieved first); 0 = all.")] = 0,
     output: Annotated[Path | None, typer.Option("--output", help="Also write the statistics table to this Parquet file.")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Folder holding benchmark files.")] = None,
     seed: Seed = 0,
     run_dir: RunDirOpt = None,
 ) -> None:
-    """Which items are retrieved how often over a problem set."""
+    """Which items are retrieved how often over a problem set, or (--run) how their teachers fared over a run."""
+    if run is not None:
+        from stages import report
+        from stages.engine.io import write_parquet
+
+        df = report.skill_stats(run)
+        if output:
+            write_parquet(df, output)
+        out.print(report.skill_stats_table(df, top))
+        if output:
+            out.print(f"statistics: {output}")
+        return
+    if bank is None or problems is None:
+        raise InputError(None, "skills stats needs a BANK and --problems, or --run RUN_DIR")
     import polars as pl
 
     from stages.engine.benchmarks import load_problems

@@ -402,6 +402,8 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
         for n in range(done + 1, lc.steps + 1):
             sd = step_dir(run_dir, n)
             sd.mkdir(parents=True, exist_ok=True)
+            if hasattr(progress, "note"):  # the CLI's one live display: which step the bars belong to
+                progress.note(f"step {n}/{lc.steps}")
             policy = policy_name(n)
             loaded = (trainer.model, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
             t_step = time.time()

@@ -145,6 +145,9 @@ def run(
     if stage.done:
         return stage.output
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)
+    from stages.engine.models import check_problem_lengths
+
+    check_problem_lengths(problems, tok, model, cfg.max_new_tokens, src.path or cfg.problems)
     backend = backend or make_backend(cfg.backend, model=model, tokenizer=tok, spec=spec)
     advance = progress("rollout", problems.height * cfg.n) if progress else None
     df = generate_rollouts(backend, tok, problems, cfg, spec.adapter or spec.path, on_done=advance)

@@ -44,7 +44,7 @@ class WorldRunConfig:
     hidden_size: int = 128
     layers: int = 2
     vocab_size: int = 1000
-    sft_steps: int = 800
+    sft_steps: int = 1000
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     # experiment (fixed before comparing objectives)
@@ -146,8 +146,8 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -
     P = Paths(cfg.out)
     P.out.mkdir(parents=True, exist_ok=True)
     world = World(cfg.world)
-    stamp = {"world": asdict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
-             "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr]}
+    stamp = json.loads(json.dumps({"world": asdict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
+                                   "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr]}))
     stamp_path = P.out / "build.json"
     if (P.base / "config.json").exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         log(f"world: base model {P.base} is up to date (cached)")

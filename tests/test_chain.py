@@ -174,10 +174,10 @@ def test_smoke_script_on_shared_train_and_paper_bank(shared_data, tmp_path):
     run = tmp_path / "smoke"
     res = subprocess.run(["bash", str(REPO / "scripts" / "smoke.sh"), str(run)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for t in ["step_0000/rollout.parquet", "step_0000/score_teachers.parquet", "step_0000/polarize.parquet",
-              "step_0000/train.parquet", "step_0001/rollout.parquet"]:
+    for t in ["step_0001/rollout.parquet", "step_0001/score_teachers.parquet", "step_0001/polarize.parquet",
+              "step_0001/train.parquet", "step_0002/rollout.parquet"]:
         assert (run / t).exists(), t
-    assert pl.read_parquet(run / "step_0000" / "rollout.parquet")["problem_id"].to_list()[0] == "math_train-0000"
-    assert set(pl.read_parquet(run / "step_0000" / "score_teachers.parquet")["skill_id"]) <= {
+    assert pl.read_parquet(run / "step_0001" / "rollout.parquet")["problem_id"].to_list()[0] == "math_train-0000"
+    assert set(pl.read_parquet(run / "step_0001" / "score_teachers.parquet")["skill_id"]) <= {
         s["skill_id"] for s in json.loads((shared_data / "skill_banks" / "sgsd_qwen3_1.7b.json").read_text())["general_skills"]}
     assert pl.read_parquet(run / "step_0001" / "rollout.parquet")["policy_step"].to_list()[0] == 1

@@ -89,9 +89,15 @@ def test_live_display_drops_finished_bars_and_quiet_prints_nothing(monkeypatch):
 def test_common_progress_bars_is_this_display(monkeypatch):
     from sgsd_cli import common
 
+    from sgsd_cli import progress as P
+
     buf = io.StringIO()
     monkeypatch.setattr(common, "console", Console(file=buf, width=200))
     monkeypatch.delenv("SGSD_PROGRESS", raising=False)
+    with common.progress_bars() as bars:  # a task done at once prints nothing: one-line errors stay one line
+        bars("grade", 4)(4)
+    assert buf.getvalue() == ""
+    monkeypatch.setattr(P, "QUIET_BELOW_S", 0.0)
     with common.progress_bars() as bars:
         bars("grade", 4)(4)
     assert buf.getvalue().startswith("grade: 4/4 (100%)")

@@ -282,3 +282,23 @@ def test_step_problems_refuses_more_prompts_than_problems():
     pool = pl.DataFrame({"id": ["a", "b"], "problem": ["x", "y"], "answer": ["1", "2"]})
     with pytest.raises(InputError, match="exceeds the training pool"):
         step_problems(pool, 1, 3, seed=0)
+
+
+def test_lm_head_runs_in_fp32_under_bf16_autocast():
+    """Training logits: the LM head on the scored positions in fp32 even under bf16 autocast."""
+    import torch
+
+    from stages.engine.scoring import head_logits_fp32
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False)
+    h = torch.randn(7, 64)
+    want = h.double() @ head.weight.double().T
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, plain = head_logits_fp32(head, h), head(h)
+    assert got.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    assert (got.double() - want).abs().max() < 1e-4 < (plain.double() - want).abs().max()
+    head16 = torch.nn.Linear(64, 300, bias=False).to(torch.bfloat16)
+    got16 = head_logits_fp32(head16, h)  # bf16 weights: upcast for the product
+    assert got16.dtype == torch.float32
+    assert (got16.double() - h.double() @ head16.weight.double().T).abs().max() < 1e-4

@@ -103,3 +103,19 @@ def test_sgsd_trainer_loss_equals_an_independent_computation(tmp_path, tiny, tin
     want = sum(per_rollout.values()) / len(per_rollout)
     assert abs(want) > 1e-4  # the check is not trivially 0
     assert m["loss"][0] == pytest.approx(want, rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("source,ratio", [("policy", 1.0), ("sampler", math.exp(-0.1))])
+def test_grpo_pi_old_from_the_training_model_or_the_sampler(tmp_path, tiny, tiny_model_dir, source, ratio):
+    """Sampler log-probs shifted by +0.1 (an engine/trainer mismatch): 'sampler' puts it in the first ratio,
+    exp(-0.1) = 0.904837; 'policy' (default, as TRL) takes pi_old from the training model: ratio 1."""
+    from stages import train
+    from stages.engine.io import write_parquet
+
+    run = _grpo_run(tmp_path, tiny)
+    rt = pl.read_parquet(run / "rollout.parquet")
+    rt = rt.with_columns(pl.col("sample_logprobs").list.eval(pl.element() + 0.1))
+    write_parquet(rt, run / "rollout.parquet")
+    m = pl.read_parquet(train.run(train_cfg(tiny_model_dir, objective="grpo", steps=1, batch_size=4,
+                                            old_logprobs=source), run))
+    assert m["ratio_mean"][0] == pytest.approx(ratio, abs=1e-5)

@@ -201,6 +201,23 @@ def check_context(n_tokens: int, model, what: str, path: str | os.PathLike | Non
         raise InputError(path, f"{what} has {n_tokens} tokens, more than the model's context of {limit}")
 
 
+def check_problem_lengths(problems, tokenizer, model, max_new_tokens: int, path) -> None:
+    """Refuse a problem whose prompt plus ``max_new_tokens`` cannot fit the model's context, before generating.
+    Byte-level tokenizers give at most one token per byte, so only long texts are tokenized."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit <= 0:
+        return
+    room = limit - max(0, int(max_new_tokens or 0))
+    for pid, text in zip(problems["id"].to_list(), problems["problem"].to_list()):
+        text = text or ""
+        if len(text.encode("utf-8")) <= room:
+            continue
+        n = len(text) if len(text) > 50 * limit else len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n > room:
+            raise InputError(path, f"problem '{pid}' has {n} {'characters' if len(text) > 50 * limit else 'tokens'}: "
+                                   f"with {max_new_tokens} new tokens it does not fit the model's context of {limit}")
+
+
 def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpec | None = None) -> Path:
     """Save an HF folder (safetensors) or a LoRA adapter folder, into a temp dir renamed into place."""
     import shutil
