@@ -22,7 +22,7 @@ MODEL="${SGSD_SMOKE_MODEL:-$RUN/model}"
 if [ -z "${SGSD_SMOKE_MODEL:-}" ] && [ ! -f "$MODEL/config.json" ]; then
   $SGSD make-tiny-model "$MODEL"
 fi
-S0="$RUN/step_0000"; S1="$RUN/step_0001"
+S0="$RUN/step_0001"; S1="$RUN/step_0002"   # numbered as sgsd loop numbers its steps
 COMMON=(--device cpu --dtype fp32)
 
 $SGSD rollout        --run-dir "$S0" --model "$MODEL" --problems "$PROBLEMS" --limit "$LIMIT" --n 1 \

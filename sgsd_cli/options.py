@@ -168,7 +168,7 @@ def stage_command(command: str, cls: type, *, section: str, panel: str = PIPELIN
             shared = {k: v for k, v in sections.get("loop", {}).items() if k in shared_loop_keys}
             names = {f.name for f in dataclasses.fields(cls)}
             values = {**{k: v for k, v in shared.items() if k in names}, **sections.get(section, {})}
-            if lazy:
+            if lazy and not dry:
                 return fn(lambda: build(cls, values, section, source), **kw)
             cfg = build(cls, values, section, source)
             if dry:

@@ -507,7 +507,7 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict, l
             curve["unseen"].append(float(row["eval_eval_unseen_avg_at_n"]))
             curve["seen"].append(float(row["eval_eval_seen_avg_at_n"]))
             curve["wall"].append(float(cum_wall[i]))
-    final = evaluate(cfg, P, str(loop.step_dir(run_dir, cfg.steps) / "checkpoint"), run_dir / "final_eval",
+    final = evaluate(cfg, P, str(loop.step_dir(run_dir, cfg.steps) / "checkpoint"), run_dir / f"final_eval_step{cfg.steps:04d}",
                      log=log, progress=progress)
     row = {"run": spec.name, **asdict(spec), "wall_s": wall, "train_wall_s": float(cum_wall[-1]) if cum_wall else 0.0,
            "rollouts": cfg.steps * cfg.rollouts_per_step, "final": final, "curve": curve,

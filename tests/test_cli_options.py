@@ -123,3 +123,13 @@ def test_help_shows_the_dataclass_defaults_and_panels():
         assert panel in r.output
     assert f"[default: {TrainConfig().lr}]" in r.output and "[default: 0.1]" in r.output  # max_grad_norm
     assert "[tokens, vocab]" in r.output  # rich markup does not swallow it
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "update-skills"])
+def test_dry_run_runs_nothing_for_every_kind_of_command(tmp_path, command):
+    r = CliRunner().invoke(_app(), [command, "--run-dir", str(tmp_path / "r"), "--model", "m", "--dry-run",
+                                    "--config", "configs/sgsd_qwen3_1.7b.toml"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.output)
+    assert cfg["model"] == "m"
+    assert not (tmp_path / "r").exists()
