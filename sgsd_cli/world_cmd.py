@@ -59,13 +59,19 @@ def calibrate_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
 
 @world_app.command("compare")
 @cli_errors
-def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
+def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
+                results: Annotated[Path | None, typer.Option("--results", help="Also write the results file (markdown: command, date, machine, calibration, table, PNG path), e.g. bench/SKILL_WORLD_RESULTS.md.")] = None) -> None:
     """Run every objective x bank x sharpness x seed with `sgsd loop`, evaluate, write the table, results.json and the PNG."""
+    import sys
+
     from stages import world
+    from stages.engine.io import atomic_write_text
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
         res = world.compare(cfg, log=_log, progress=bars)
+    if results:
+        atomic_write_text(results, world.results_markdown(res, "sgsd " + " ".join(sys.argv[1:])))
     out.print(f"results: {world.Paths(cfg.out).compare / 'results.json'}  plot: {res['png']}")
 
 

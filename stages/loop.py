@@ -34,6 +34,7 @@ from stages.engine.config import Checked, opt
 from stages.engine import checkpoint as ckpt
 from stages.engine.config import build
 from stages.engine.generation.factory import make_backend
+from stages.engine.metrics_log import MetricSinks
 from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
 from stages.polarize import PolarizeConfig
 from stages.rollout import RolloutConfig
@@ -261,44 +262,6 @@ def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
-class _Loggers:
-    """Optional tensorboard / wandb sinks (used only when installed and asked for)."""
-    def __init__(self, lc: LoopConfig, run_dir: Path, resolved: dict, log: Callable[[str], None]):
-        self.tb = self.wb = None
-        if lc.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log("tensorboard is not installed: metrics go to metrics.parquet only")
-        if lc.wandb_project:
-            try:
-                import hashlib
-
-                import wandb
-
-                rid = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
-                self.wb = wandb.init(project=lc.wandb_project, dir=str(run_dir), config=resolved, id=rid, resume="allow")
-            except ImportError:
-                log("wandb is not installed: metrics go to metrics.parquet only")
-
-    def write(self, row: dict) -> None:
-        nums = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.tb is not None:
-            for k, v in nums.items():
-                self.tb.add_scalar(k, v, row["step"])
-            self.tb.flush()
-        if self.wb is not None:
-            self.wb.log(nums, step=row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wb is not None:
-            self.wb.finish()
-
-
 def _check_run_dir(run_dir: Path, resolved: dict, force: bool) -> None:
     """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change)."""
     path = run_dir / "loop_config.json"
@@ -396,7 +359,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
 
         init_bank_versions(run_dir, load_bank(S.score.bank))
         bank_hist = run_dir
-    loggers = _Loggers(lc, run_dir, resolved, say)
+    loggers = MetricSinks(lc.tensorboard, lc.wandb_project, run_dir, resolved, say)
     engine = None  # the resident generation engine (vllm / hf-fast / hf), refreshed with update_weights each step
     try:
         for n in range(done + 1, lc.steps + 1):
@@ -445,7 +408,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
                 _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
             metrics = collect_metrics(run_dir, n, lc.objective)
             write_parquet(metrics, metrics_path)
-            loggers.write(metrics.row(-1, named=True))
+            loggers.write(metrics.row(-1, named=True), n)
             say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
                 + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
             prune_steps(run_dir, n, lc.keep_last)

@@ -39,6 +39,7 @@ import torch
 from stages.engine import checkpoint as ckpt
 from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
 from stages.engine.config import Checked, opt
+from stages.engine.metrics_log import MetricSinks
 from stages.engine.io import (InputError, StageRun, atomic_write_json, check_finite, read_table, stage_table_path,
                               write_parquet)
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
@@ -118,8 +119,10 @@ class TrainConfig(Checked):
     device: str = opt("auto", "torch device: auto, cpu, cuda ...", group="Engine")
     save_every: int = opt(0, "Snapshot checkpoints/step_N every N optimizer steps (0: only the final checkpoint/).", group="Checkpoints", ge=0)
     keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
+    tensorboard: bool = opt(False, "Log every optimizer step's metrics row to RUN_DIR/tensorboard (needs the report extra).", group="Logging")
+    wandb_project: str = opt("", "Log every optimizer step to this Weights & Biases project (needs the report extra).", group="Logging")
 
-    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed")
+    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed", "tensorboard", "wandb_project")
 
     def resolved(self) -> "TrainConfig":
         cfg = replace(self)
@@ -900,6 +903,7 @@ class Trainer:
         self._start_consumed = True
         d.barrier()
 
+        sinks = MetricSinks(cfg.tensorboard, cfg.wandb_project, run_dir, asdict(cfg), self.log) if d.main else None
         advance = progress("train", n_steps) if progress and d.main else None
         if advance and start_local:
             advance(start_local)
@@ -909,12 +913,15 @@ class Trainer:
             if d.main:
                 r = rows[-1]
                 self.log(f"step {r['policy_step']}: loss {r['loss']:.6f} grad_norm {r['grad_norm']:.4f} lr {r['lr']:.3g}")
+                sinks.write(r, r["policy_step"])
             if advance:
                 advance(1)
             if cfg.save_every and (local + 1) % cfg.save_every == 0 and local + 1 < n_steps:
                 fresh.append(self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler))
                 if d.main:
                     ckpt.prune(run_dir, cfg.keep_last, among=fresh if force else None)
+        if sinks is not None:
+            sinks.close()
         final = run_dir / ckpt.FINAL
         staged = None
         if not (self.start is not None and self.start.resolve() == final.resolve() and start_local == n_steps):

@@ -632,6 +632,26 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None)
     return results
 
 
+def results_markdown(res: dict, command: str) -> str:
+    """The results file (bench/SKILL_WORLD_RESULTS.md): command, date, machine, calibration, table, PNG path."""
+    c = res["calibration"]
+    m = res["machine"]
+    cfg = res["config"]
+    lines = ["# Skill world results", "",
+             f"- command: `{command}`", f"- date: {res['date']}",
+             f"- machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), "
+             f"load average at the end {m['loadavg']} (the cores were shared with other jobs)",
+             f"- whole comparison wall time: {res['wall_s']:.0f} s; runs: {len(res['runs'])}",
+             f"- settings: objectives {cfg['objectives']}, p {cfg['p_values']}, levels {cfg['levels']}, seeds "
+             f"{cfg['seeds']}, {cfg['steps']} loop steps x {cfg['rollouts_per_step']} rollouts, lr {cfg['lr']}, "
+             f"K = {cfg['k_teachers']} teachers, rollout T = {cfg['temperature']}",
+             f"- learning curves: `{res['png']}`", "", "## Calibration (base model, held-out problems)", ""]
+    buf: list[str] = []
+    print_calibration(c, buf.append)
+    lines += ["```"] + buf + ["```", "", "## Comparison", "", res["markdown"], ""]
+    return "\n".join(lines)
+
+
 def _base_curve(cfg: WorldRunConfig, P: Paths, log: Log, progress: Progress) -> dict:
     """The base's avg@eval_n with the loop's eval settings (the curves' first point)."""
     from stages import eval as eval_stage

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from typing import Callable
+
 import torch
 
 
@@ -31,7 +33,9 @@ class HFBackend(GenerationBackend):
         self.model = model
 
     @torch.no_grad()
-    def _decode_batch(self, prompts: list[list[int]], cfg: SamplingConfig, gen: torch.Generator | None):
+    def _decode_batch(self, prompts: list[list[int]], cfg: SamplingConfig, gen: torch.Generator | None,
+                      on_done: Callable[[int], None] | None = None):
+        """Decode one left-padded batch; ``on_done(k)`` as k sequences of it finish (per-sequence progress)."""
         model = self.model
         device = next(model.parameters()).device
         B = len(prompts)
@@ -60,6 +64,8 @@ class HFBackend(GenerationBackend):
             is_stop = torch.isin(tok, stop) & ~done
             stopped |= is_stop
             done |= is_stop
+            if on_done is not None and bool(is_stop.any()):
+                on_done(int(is_stop.sum()))
             if bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
@@ -69,6 +75,8 @@ class HFBackend(GenerationBackend):
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
         toks, lps, stopped = toks.cpu(), lps.cpu(), stopped.cpu()
+        if on_done is not None and not bool(stopped.all()):
+            on_done(int((~stopped).sum()))  # the ones cut at max_new_tokens
         res = []
         for b in range(B):
             row = toks[b].tolist()
@@ -90,10 +98,8 @@ class HFBackend(GenerationBackend):
         results: dict[tuple[int, int], Completion] = {}
         for s in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[s : s + cfg.batch_size]
-            outs = self._decode_batch([list(prompts[pi]) for pi, _ in chunk], cfg, gen)
+            outs = self._decode_batch([list(prompts[pi]) for pi, _ in chunk], cfg, gen, on_done)
             for (pi, si), (toks, lps, fin) in zip(chunk, outs):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 results[(pi, si)] = Completion(pi, si, toks, lps, fin, text)
-            if on_done:
-                on_done(len(chunk))
         return [results[k] for k in sorted(results)]
