@@ -93,6 +93,8 @@ class ModelSpec:
         looks_local = p.exists() or self.path.startswith((".", "/", "~")) or self.path.count("/") != 1
         if looks_local and not p.exists():
             raise InputError(self.path, "model path does not exist")
+        if not looks_local:
+            check_hub_id(self.path)
         if p.is_dir():
             if self.gguf_file and not (p / self.gguf_file).exists():
                 raise InputError(p / self.gguf_file, "GGUF file does not exist")
@@ -105,6 +107,29 @@ class ModelSpec:
 
     def to_json(self) -> dict:
         return {"path": self.path, "gguf_file": self.gguf_file, "adapter": self.adapter}
+
+
+def check_hub_id(repo_id: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, on a hub id that cannot be loaded (instead of minutes of retries).
+
+    In the local HF cache: fine (loads offline).  Else with ``HF_HUB_OFFLINE=1``: refused.  Else one metadata
+    request: a missing repository or an unreachable hub is refused."""
+    import huggingface_hub as hh
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    cached = hh.try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise InputError(repo_id, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set "
+                                  "(download it first, or pass a model folder)")
+    try:
+        hh.model_info(repo_id, timeout=timeout_s)
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise InputError(repo_id, f"no such model on the Hugging Face hub, or no access ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy error ...
+        raise InputError(repo_id, f"the Hugging Face hub is unreachable ({type(e).__name__}) and the model is not "
+                                  f"in the local cache; pass a model folder or set HF_HUB_OFFLINE=1 with a cached copy") from None
 
 
 def _weights_file(spec: ModelSpec) -> str:
