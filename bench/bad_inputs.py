@@ -5,7 +5,8 @@ inputs, filesystem faults (read-only bind mount, a full tmpfs) and concurrent ru
 
 Per case it prints the exit code, whether a Python traceback was printed, whether every file that existed
 before the command is byte-identical afterwards (the idle ``.sgsd.lock`` excepted), and the first line of
-stderr.  A case is *clean* when it exits 2 with one ``error:`` line, no traceback, and nothing changed.
+stderr.  A case is *clean* when it exits 2 with exactly one ``error:`` line (shown as its first line), no traceback,
+and nothing changed.
 Filesystem cases need root (mount); without it they are reported as skipped.
 """
 
@@ -487,8 +488,9 @@ def run_case(case: Case, ctx: Ctx, is_root: bool) -> dict:
         unmount(ctx)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     tb = "Traceback (most recent call last)" in err
-    first = lines[0] if lines else ""
-    clean = rc == 2 and not tb and same and first.startswith("error:")
+    errs = [ln for ln in lines if ln.startswith("error:")]  # a stage may log progress lines before failing
+    first = errs[0] if errs else (lines[0] if lines else "")
+    clean = rc == 2 and not tb and same and len(errs) == 1
     return {**res, "rc": rc, "traceback": tb, "same": same, "first_line": first[:200], "clean": clean}
 
 

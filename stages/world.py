@@ -56,7 +56,7 @@ class WorldRunConfig:
     rollouts_per_step: int = 16  # generated rollouts per loop step for every objective (GRPO: 2 prompts x 8)
     group_size: int = 8
     steps: int = 30
-    lr: float = 1e-3
+    lr: float = 5e-4
     max_grad_norm: float = 1.0
     k_teachers: int = 4
     temperature: float = 1.1

@@ -31,7 +31,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from stages.engine.io import _FS_ERRNOS, InputError, _fsync_dir, atomic_write_json, write_failed
+from stages.engine.io import InputError, _fsync_dir, as_write_error, atomic_write_json
 
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"
@@ -93,15 +93,12 @@ def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
             atomic_write_json(tmp / CHECKSUMS, {"format": FORMAT, "files": sums})
-    except OSError as e:
+    except BaseException as e:  # a full disk shows up as OSError, SafetensorError or torch's RuntimeError
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno in _FS_ERRNOS:
-            raise write_failed(getattr(e, "filename", None) or tmp, e) from None
-        raise
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        err = as_write_error(e, tmp) if isinstance(e, Exception) else None
+        if err is not None and err is not e:
+            raise err from None
         raise
     if not commit:
         sync()

@@ -95,6 +95,26 @@ def write_failed(path: str | os.PathLike, e: OSError) -> WriteError:
     return WriteError(path, f"cannot write ({why}); nothing was replaced")
 
 
+_FS_MESSAGES = (("No space left on device", "No space left on device"), ("os error 28", "No space left on device"),
+                ("Read-only file system", "Read-only file system"), ("os error 30", "Read-only file system"),
+                ("Disk quota exceeded", "Disk quota exceeded"), ("PytorchStreamWriter failed", "write failed, disk full?"),
+                ("file write failed", "write failed, disk full?"))
+
+
+def as_write_error(e: BaseException, path: str | os.PathLike) -> WriteError | None:
+    """A failed write from any library (OSError, safetensors' SafetensorError, torch's RuntimeError) as a
+    WriteError naming ``path``; None when ``e`` is not a file-system fault."""
+    if isinstance(e, WriteError):
+        return e
+    if isinstance(e, OSError) and e.errno in _FS_ERRNOS:
+        return write_failed(getattr(e, "filename", None) or path, e)
+    text = str(e)
+    for needle, why in _FS_MESSAGES:
+        if needle in text:
+            return WriteError(path, f"cannot write ({why}); nothing was replaced")
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
     """Write to a temp file in the same folder, fsync, then rename into place.
 
@@ -304,14 +324,40 @@ def _holder_info(command: str) -> dict:
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _describe_holder(lock: Path) -> str:
+def _lock_holder(lock: Path) -> dict:
+    """pid / host / command / since of the process holding ``lock`` (from /proc/locks; the lock file itself
+    stays empty, so a run directory is byte-identical whether or not a run was refused or crashed in it)."""
     try:
-        h = json.loads(lock.read_text() or "{}")
-    except (OSError, json.JSONDecodeError):
-        h = {}
+        st = os.stat(lock)
+        ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        pid = None
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts:
+                    continue  # a process waiting for the lock
+                if len(parts) >= 6 and parts[5] == ino:
+                    pid = int(parts[4])
+                    break
+        if pid is None:
+            return {}
+        h = {"pid": pid, "host": socket.gethostname()}
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            h["command"] = " ".join(c.decode(errors="replace") for c in cmd if c)[:200]
+            h["since"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(os.stat(f"/proc/{pid}").st_mtime))
+        except OSError:
+            pass
+        return h
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(lock: Path) -> str:
+    h = _lock_holder(lock)
     if not h:
         return "another process"
-    return f"pid {h.get('pid')} on {h.get('host')} ('{h.get('command')}', since {h.get('since')})"
+    return f"pid {h.get('pid')} on {h.get('host')} ('{h.get('command', '?')}', since {h.get('since', '?')})"
 
 
 def check_run_dir(run_dir: str | os.PathLike) -> Path:
@@ -363,10 +409,10 @@ def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Call
         os.close(fd)
         raise InputError(run_dir, f"run directory is in use by {_describe_holder(lock)}; wait for it to finish "
                                   "or use another run directory") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder_info(command)).encode(), 0)
+    try:  # writable and not full? one byte written, fsynced, then removed again
+        os.pwrite(fd, b"\n", 0)
         os.fsync(fd)
+        os.ftruncate(fd, 0)
     except OSError as e:
         _unlock(fd)
         raise InputError(run_dir, f"run directory is not writable ({e.strerror or type(e).__name__})") from None

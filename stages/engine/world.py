@@ -92,10 +92,15 @@ class WorldConfig:
     items_per_family: int = 2  # skills and mistakes per family in a bank
     corpus_size: int = 24000  # SFT examples
     corpus_mix: tuple[float, float, float] = (0.4, 0.45, 0.15)  # plain, guidance, opsd-style
+    rule_set: list[str] = field(default_factory=lambda: list(RULE_NAMES))  # the R rules are its first R names
     seed: int = 0
 
     def check(self, where: str | None = None) -> None:
+        bad = [r for r in self.rule_set if r not in RULE_NAMES]
+        if bad or len(set(self.rule_set)) != len(self.rule_set):
+            raise InputError(where, f"world.rule_set must name distinct rules among {', '.join(RULE_NAMES)}, got {self.rule_set}")
         checks = [
+            (self.rules <= len(self.rule_set), f"world.rules (R) = {self.rules} but world.rule_set has {len(self.rule_set)} rules"),
             (2 <= self.rules <= len(RULE_NAMES), f"world.rules (R) must be in [2, {len(RULE_NAMES)}], got {self.rules}"),
             (1 <= self.families <= len(FAMILY_NAMES), f"world.families must be in [1, {len(FAMILY_NAMES)}], got {self.families}"),
             (0 <= self.seen < self.families, f"world.seen must leave at least one unseen family (0 <= seen < families), "
@@ -130,7 +135,7 @@ class World:
     def __init__(self, cfg: WorldConfig):
         cfg.check()
         self.cfg = cfg
-        self.rules = list(RULE_NAMES[: cfg.rules])
+        self.rules = list(cfg.rule_set[: cfg.rules])
         self.families = list(FAMILY_NAMES[: cfg.families])
         rng = random.Random(cfg.seed)
         # every rule is used by some family when F >= R: a shuffled cycle over the rules
