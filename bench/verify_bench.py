@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stages.engine.verify import Verifier, extract_answer, normalize_answer  # noqa: E402
+from stages.engine.verify import Verifier, extract_answer  # noqa: E402
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 

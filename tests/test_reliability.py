@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from stages.engine.io import (InputError, StageRun, WriteError, atomic_write_text, check_finite, clean_stale_temp,
+from stages.engine.io import (InputError, StageRun, WriteError, check_finite, clean_stale_temp,
                               lock_run_dir, write_parquet)
 
 REPO = Path(__file__).resolve().parents[1]
