@@ -180,4 +180,4 @@ def test_smoke_script_on_shared_train_and_paper_bank(shared_data, tmp_path):
     assert pl.read_parquet(run / "step_0001" / "rollout.parquet")["problem_id"].to_list()[0] == "math_train-0000"
     assert set(pl.read_parquet(run / "step_0001" / "score_teachers.parquet")["skill_id"]) <= {
         s["skill_id"] for s in json.loads((shared_data / "skill_banks" / "sgsd_qwen3_1.7b.json").read_text())["general_skills"]}
-    assert pl.read_parquet(run / "step_0001" / "rollout.parquet")["policy_step"].to_list()[0] == 1
+    assert pl.read_parquet(run / "step_0002" / "rollout.parquet")["policy_step"].to_list()[0] == 1
