@@ -368,9 +368,12 @@ def compare_view(runs: Sequence[str | Path], metric: str = "avg_at_n", with_pape
     cols, rows = compare_rows(runs, metric, with_paper)
     model = ev.paper_results()[0].get("model", "") if with_paper else ""
     title = f"{metric} (%)" + (f"; paper rows: {model} as published" if model and any(r["kind"] == "paper" for r in rows) else "")
-    t = Table(title=title, title_justify="left", padding=(0, 1), pad_edge=False)
-    t.add_column("run", overflow="fold", ratio=1)
-    for h in ("proto", "n", "probs"):
+    from rich import box
+
+    # no vertical rules: a paper row's label ("paper Qwen3-1.7B SGSD") stays whole at 80 columns
+    t = Table(title=title, title_justify="left", padding=(0, 1), pad_edge=False, box=box.SIMPLE_HEAD)
+    t.add_column("run", overflow="fold", min_width=min(24, max((len(r["label"]) for r in rows), default=3)))
+    for h in ("proto", "n", "problems"):
         t.add_column(h, justify="right", no_wrap=True)
     for c in cols:
         t.add_column(c, justify="right", no_wrap=True, style="bold" if c == "mean" else None)
@@ -379,8 +382,7 @@ def compare_view(runs: Sequence[str | Path], metric: str = "avg_at_n", with_pape
         if r["kind"] == "run" and not sep and any(x["kind"] == "paper" for x in rows):
             t.add_section()
             sep = True
-        label = r["label"].replace(f"paper {model} ", "paper ") if r["kind"] == "paper" and model else r["label"]
-        t.add_row(label, r["protocol"], "-" if r["n"] is None else str(r["n"]),
+        t.add_row(r["label"], r["protocol"], "-" if r["n"] is None else str(r["n"]),
                   "-" if r["problems"] is None else str(r["problems"]), *[_pct(v) for v in r["values"]],
                   style="dim" if r["kind"] == "paper" else None)
     return t

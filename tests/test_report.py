@@ -117,7 +117,7 @@ def test_compare_shows_protocol_n_and_problems(tmp_path):
     assert paper and all(r["protocol"] == "paper" and r["n"] == 12 for r in paper)
     txt = _render(R.compare_view([a, b]))
     line = next(x for x in txt.splitlines() if "quick" in x)
-    assert re.search(r"quick\s*│\s*2\s*│\s*12\s*│\s*25\.0", line)
+    assert re.search(r"quick\s+2\s+12\s+25\.0", line)  # protocol, n, problems, then the values
     assert "pro…" not in txt and "pass…" not in txt
 
 

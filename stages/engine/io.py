@@ -393,6 +393,8 @@ def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Call
     acquisition the directory's stale temp files of an earlier crashed write are removed.
     """
     run_dir = check_run_dir(run_dir).resolve()
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the ranks of one job are one run; rank 0 holds the lock
+        return lambda: None
     mine = _held_by_me(run_dir)
     if mine is not None:
         _HELD[mine][1] += 1
