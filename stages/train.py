@@ -40,6 +40,7 @@ from stages.engine import checkpoint as ckpt
 from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
 from stages.engine.config import Checked, opt
 from stages.engine.metrics_log import MetricSinks
+from stages.engine.io import commit_dir
 from stages.engine.io import (InputError, StageRun, atomic_write_json, check_finite, read_table, stage_table_path,
                               write_parquet)
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
@@ -930,7 +931,7 @@ class Trainer:
 
         def swap_in() -> None:  # the new checkpoint and table are complete: swap, then drop the old snapshots
             if staged is not None:
-                ckpt.commit_staged(staged, final)
+                commit_dir(staged, final)
             keep = {p.resolve() for p in fresh}
             for p in previous:
                 if p.parent.name == ckpt.INTERMEDIATE and p.resolve() not in keep:

@@ -23,7 +23,6 @@ file makes the checkpoint invalid.  ``--resume`` refuses an invalid latest check
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,7 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from stages.engine.io import InputError, _fsync_dir, as_write_error, atomic_write_json
+from stages.engine.io import InputError, as_write_error, atomic_write_json, commit_dir, file_hash
 
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"
@@ -46,14 +45,6 @@ RESUME_MODES = ("auto", "latest-valid", "never")
 
 class CheckpointError(InputError):
     """A checkpoint that must not be used (missing or mismatching files)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(root: Path) -> list[Path]:
@@ -88,7 +79,7 @@ def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 
         fill(tmp)
         sync()
         if rank == 0:
-            sums = {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}
+            sums = {str(p.relative_to(tmp)): file_hash(p) for p in _files(tmp)}
             for p in _files(tmp):
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -104,23 +95,8 @@ def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 
         sync()
         return tmp
     if rank == 0:
-        commit_staged(tmp, path)
+        commit_dir(tmp, path)
     sync()
-    return path
-
-
-def commit_staged(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """Swap a complete staged folder into ``path`` (the old one is renamed away first, deleted after)."""
-    tmp, path = Path(tmp), Path(path)
-    if path.exists():
-        old = path.parent / f".{path.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
     return path
 
 
@@ -140,7 +116,7 @@ def validate(path: str | os.PathLike) -> dict:
         f = path / rel
         if not f.is_file():
             raise CheckpointError(path, f"checkpoint is corrupt: '{rel}' is missing")
-        if _sha256(f) != want:
+        if file_hash(f) != want:
             raise CheckpointError(path, f"checkpoint is corrupt: '{rel}' does not match its checksum "
                                         f"(truncated or modified)")
     for required in (STATE, META):

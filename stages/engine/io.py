@@ -19,6 +19,7 @@ import sys
 import json
 import os
 import platform
+import shutil
 import socket
 import tempfile
 import time
@@ -292,6 +293,22 @@ def check_finite(df: pl.DataFrame, columns: Iterable[str], path: str | os.PathLi
             where = f"{key} '{r[key]}'" if key and key in r else f"row {r['_row']}"
             raise InputError(path, f"column '{col}' holds a non-finite value (NaN, inf or null) in {hit.height} "
                                    f"row(s) (first: {where})")
+
+
+def commit_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Swap a complete staged folder ``tmp`` into ``path``: the old folder is renamed away first and deleted
+    after, so ``path`` is at every moment either the old complete folder or the new one (checkpoints, models)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = path.parent / f".{path.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
 
 
 def file_hash(path: str | os.PathLike) -> str:

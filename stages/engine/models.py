@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stages.engine.io import InputError, atomic_write_text
+from stages.engine.io import InputError, atomic_write_text, commit_dir
 
 # A Qwen3-style chat template: ChatML turns, thinking on by default, and `enable_thinking=False`
 # pre-fills an empty think block exactly as Qwen3's template does.
@@ -261,14 +261,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpe
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if out_dir.exists():
-            old = out_dir.with_name(out_dir.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
