@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from sgsd_cli.common import Force, out, progress_bars
 from sgsd_cli.options import stage_command
@@ -19,30 +17,14 @@ _BENCH_HELP = ("Benchmark name, repeatable: aime24, aime25, hmmt25, math500 (loc
                "(hub only), train, or 'all' (aime24, aime25, hmmt25, math500).")
 
 
-def _pct(v: float | None, digits: int = 1) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.{digits}f}"
-
-
 def print_compare(runs: list[Path], metric: str, paper: bool) -> None:
-    cols, rows = ev.compare_table(runs, metric=metric, with_paper=paper)
+    """Runs beside the paper's rows, with each row's protocol, n and problem count (readable at 80 columns)."""
     meta, _ = ev.paper_results() if paper else ({}, None)
-    t = Table(title=f"{metric} (%)", title_justify="left")
-    t.add_column("run")
-    t.add_column("n", justify="right")
-    for c in cols[:-1]:
-        t.add_column(c, justify="right")
-    t.add_column("mean", justify="right", style="bold")
-    shown_sep = False
-    for label, n, vals, kind in rows:
-        if kind == "run" and not shown_sep and any(r[3] == "paper" for r in rows):
-            t.add_section()
-            shown_sep = True
-        t.add_row(label, "—" if n is None else str(n), *[_pct(v) for v in vals], style="dim" if kind == "paper" else None)
-    out.print(t)
+    out.print(report.compare_view(runs, metric=metric, with_paper=paper))
     if paper and metric == "avg_at_n":
         over = ", ".join(meta.get("benches", []))
         out.print(f"mean = mean over {over} (rows missing one have none); paper rows: {meta.get('model')} "
-                  f"avg@{meta.get('n')} as published (DESIGN 1.6)")
+                  f"avg@{meta.get('n')} as published (DESIGN 1.6); probs = problems scored per row")
 
 
 Runs = Annotated[list[Path] | None, typer.Argument(help="With --compare: run directories whose eval summaries to compare.", show_default=False)]

@@ -28,6 +28,29 @@ COMMAND_MODULES = [
     "sgsd_cli.world_cmd",
 ]
 
+def _plain_help_flag() -> None:
+    """Typer labels its own --help flag with its bool type (``--help  <bool>``); our flags carry no label."""
+    try:
+        from typer._click.core import Command
+    except ImportError:  # another typer layout: keep its default label
+        return
+    if getattr(Command.get_help_option, "_sgsd_plain", False):
+        return
+    original = Command.get_help_option
+
+    def get_help_option(self, ctx):
+        opt = original(self, ctx)
+        if opt is not None and getattr(opt, "metavar", "") is None:
+            opt.metavar = ""
+        return opt
+
+    get_help_option._sgsd_plain = True
+    Command.get_help_option = get_help_option
+
+
+_plain_help_flag()
+
+
 def _version(value: bool) -> None:
     if value:
         out.print(f"sgsd {SGSD_VERSION}")

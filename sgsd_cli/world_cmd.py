@@ -13,7 +13,7 @@ world_app = typer.Typer(help="The skill world: a controlled task family where sk
                              "base model, calibrate, compare objectives, demo.", no_args_is_help=True)
 app.add_typer(world_app, name="world", rich_help_panel=UTILS)
 
-Config = Annotated[Path | None, typer.Option("--config", help="TOML with a [world] table (families, rules, seen, unseen_spread, ...) and an [experiment] table (steps, seeds, levels, p_values, lr, ...); see configs/world.toml.")]
+Config = Annotated[Path | None, typer.Option("--config", help="TOML with a \\[world] table (families, rules, seen, unseen_spread, ...) and an \\[experiment] table (steps, seeds, levels, p_values, lr, ...); see configs/world.toml.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override one setting: world.key=value or experiment.key=value (TOML literal), e.g. --set world.rules=4 --set experiment.seeds=[0]; repeatable.")]
 Out = Annotated[Path | None, typer.Option("--out", help="Output folder (overrides experiment.out; default runs/world).")]
 
@@ -83,6 +83,4 @@ def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> N
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
-        res = world.demo(cfg, log=_log, progress=bars)
-    out.print(res["table"])
-    out.print(f"learning curve: {res['png']}")
+        world.demo(cfg, log=_log, progress=bars)  # logs the before/after table and the plot's path

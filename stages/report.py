@@ -370,10 +370,10 @@ def compare_view(runs: Sequence[str | Path], metric: str = "avg_at_n", with_pape
     title = f"{metric} (%)" + (f"; paper rows: {model} as published" if model and any(r["kind"] == "paper" for r in rows) else "")
     from rich import box
 
-    # no vertical rules: a paper row's label ("paper Qwen3-1.7B SGSD") stays whole at 80 columns
+    # no vertical rules, and a paper row says "paper SGSD" (its model is in the title): readable at 80 columns
     t = Table(title=title, title_justify="left", padding=(0, 1), pad_edge=False, box=box.SIMPLE_HEAD)
-    t.add_column("run", overflow="fold", min_width=min(24, max((len(r["label"]) for r in rows), default=3)))
-    for h in ("proto", "n", "problems"):
+    t.add_column("run", overflow="fold", min_width=min(12, max((len(r["label"]) for r in rows), default=3)))
+    for h in ("proto", "n", "probs"):
         t.add_column(h, justify="right", no_wrap=True)
     for c in cols:
         t.add_column(c, justify="right", no_wrap=True, style="bold" if c == "mean" else None)
@@ -382,7 +382,8 @@ def compare_view(runs: Sequence[str | Path], metric: str = "avg_at_n", with_pape
         if r["kind"] == "run" and not sep and any(x["kind"] == "paper" for x in rows):
             t.add_section()
             sep = True
-        t.add_row(r["label"], r["protocol"], "-" if r["n"] is None else str(r["n"]),
+        label = r["label"].replace(f" {model} ", " ") if r["kind"] == "paper" and model else r["label"]
+        t.add_row(label, r["protocol"], "-" if r["n"] is None else str(r["n"]),
                   "-" if r["problems"] is None else str(r["problems"]), *[_pct(v) for v in r["values"]],
                   style="dim" if r["kind"] == "paper" else None)
     return t

@@ -35,7 +35,7 @@ from stages.engine.io import InputError, StageRun, atomic_write_json, read_table
 @dataclass
 class SFTConfig:
     model: str = ""  # HF folder / hub id / .gguf / adapter folder / checkpoint folder to start from
-    data: str = ""  # JSONL or Parquet with columns prompt, completion (strings)
+    data: str = ""  # JSONL or Parquet with columns prompt, completion (strings) and optionally thinking (bool)
     gguf_file: str | None = None
     steps: int = 0  # optimizer steps; 0 = epochs x (rows // batch_size)
     epochs: int = 1
@@ -46,7 +46,8 @@ class SFTConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    thinking: bool = False  # chat template thinking flag of the prompts (match the rollout stage's)
+    thinking: bool = False  # chat template thinking flag of the prompts (match the rollout stage's); a row's
+    # own boolean `thinking` column wins (teacher prompts are scored with thinking on by default)
     limit: int | None = None  # first N rows only
     token_budget: int = 16384
     logit_chunk: int = 2048
@@ -88,20 +89,26 @@ def load_pairs(path: str | Path, limit: int | None = None) -> pl.DataFrame:
     bad = df.filter((pl.col("completion").str.len_chars() == 0) | pl.col("prompt").is_null() | pl.col("completion").is_null())
     if bad.height:
         raise InputError(path, f"{bad.height} rows have an empty or null prompt/completion")
+    if "thinking" in df.columns:
+        if df.schema["thinking"] != pl.Boolean or df["thinking"].null_count():
+            raise InputError(path, "column 'thinking' must be true/false on every row (or absent)")
     return df
 
 
 def encode(tok, df: pl.DataFrame, thinking: bool) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(prompt ids through the chat template, completion ids + EOS) per row; identical prompts encoded once."""
+    """(prompt ids through the chat template, completion ids + EOS) per row; identical prompts encoded once.
+    A row's ``thinking`` column (when present) is its chat-template thinking flag, else ``thinking``."""
     from stages.engine.prompts import chat_prompt_ids
 
     eos = tok.eos_token_id
-    cache: dict[str, tuple[int, ...]] = {}
+    cache: dict[tuple[str, bool], tuple[int, ...]] = {}
     out = []
-    for p, c in zip(df["prompt"].to_list(), df["completion"].to_list()):
-        if p not in cache:
-            cache[p] = tuple(chat_prompt_ids(tok, p, thinking))
-        out.append((cache[p], tuple(tok(c, add_special_tokens=False)["input_ids"]) + (eos,)))
+    flags = df["thinking"].to_list() if "thinking" in df.columns else [thinking] * df.height
+    for p, c, th in zip(df["prompt"].to_list(), df["completion"].to_list(), flags):
+        key = (p, bool(th))
+        if key not in cache:
+            cache[key] = tuple(chat_prompt_ids(tok, p, key[1]))
+        out.append((cache[key], tuple(tok(c, add_special_tokens=False)["input_ids"]) + (eos,)))
     return out
 
 

@@ -795,7 +795,7 @@ class Trainer:
         self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
 
     def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler,
-             commit: bool = True) -> Path:
+             commit: bool = True, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 
@@ -854,7 +854,8 @@ class Trainer:
             atomic_write_json(tmp / ckpt.STATE, state)
             atomic_write_json(tmp / ckpt.META, meta)
 
-        return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier, commit=commit)
+        return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier, commit=commit,
+                          progress=progress if self.dist.main else None)
 
     # ---- training on one run directory
 
@@ -918,7 +919,8 @@ class Trainer:
             if advance:
                 advance(1)
             if cfg.save_every and (local + 1) % cfg.save_every == 0 and local + 1 < n_steps:
-                fresh.append(self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler))
+                fresh.append(self.save(ckpt.step_dir(run_dir, self.policy_step), run_dir, local + 1, rows, sampler,
+                                       progress=progress))
                 if d.main:
                     ckpt.prune(run_dir, cfg.keep_last, among=fresh if force else None)
         if sinks is not None:
@@ -926,7 +928,7 @@ class Trainer:
         final = run_dir / ckpt.FINAL
         staged = None
         if not (self.start is not None and self.start.resolve() == final.resolve() and start_local == n_steps):
-            staged = self.save(final, run_dir, n_steps, rows, sampler, commit=False)
+            staged = self.save(final, run_dir, n_steps, rows, sampler, commit=False, progress=progress)
         self.policy.eval()
 
         def swap_in() -> None:  # the new checkpoint and table are complete: swap, then drop the old snapshots

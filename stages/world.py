@@ -44,7 +44,7 @@ class WorldRunConfig:
     hidden_size: int = 128
     layers: int = 2
     vocab_size: int = 1000
-    sft_steps: int = 1000
+    sft_steps: int = 1500
     sft_batch_size: int = 64
     sft_lr: float = 3e-3
     # experiment (fixed before comparing objectives)
@@ -55,7 +55,7 @@ class WorldRunConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rollouts_per_step: int = 16  # generated rollouts per loop step for every objective (GRPO: 2 prompts x 8)
     group_size: int = 8
-    steps: int = 30
+    steps: int = 40
     lr: float = 5e-4
     max_grad_norm: float = 1.0
     k_teachers: int = 4
@@ -64,7 +64,8 @@ class WorldRunConfig:
     eval_n: int = 4
     final_eval_n: int = 8
     base_skills: bool = True  # also evaluate base+skills (bank guidance in the eval prompt)
-    threads: int = 1  # torch intra-op threads (1 is fastest for this model size on a shared 2-core machine)
+    threads: int = 0  # torch intra-op threads per process; 0 = the machine's cores divided by the processes at work
+    jobs: int = 2  # compare: runs at once, each in its own process (build, calibrate and demo are one process)
 
     def check(self) -> "WorldRunConfig":
         self.world.check()
@@ -83,6 +84,7 @@ class WorldRunConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr must be a positive number"),
             (self.k_teachers >= 1, "k_teachers must be at least 1"),
             (bool(self.seeds), "seeds must name at least one seed"),
+            (self.jobs >= 1 and self.threads >= 0, "jobs must be at least 1 and threads at least 0"),
         ]:
             if not ok:
                 raise InputError(None, msg)
@@ -129,11 +131,15 @@ class Paths:
 # build
 
 
-def _threads(cfg: WorldRunConfig) -> None:
+def _threads(cfg: WorldRunConfig, jobs: int = 1) -> int:
+    """Set torch's intra-op threads: ``threads``, or the cores shared among ``jobs`` processes."""
+    import os
+
     import torch
 
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    n = cfg.threads if cfg.threads > 0 else max(1, (os.cpu_count() or 1) // jobs)
+    torch.set_num_threads(n)
+    return n
 
 
 def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -> Paths:
@@ -238,6 +244,8 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     P = build(cfg, log=log, progress=progress)
     out_json = P.calib / "calibration.json"
     stamp = json.loads((P.out / "build.json").read_text())
+    if force:  # measure everything again (the eval / rollout stages inside would refuse a changed config)
+        shutil.rmtree(P.calib, ignore_errors=True)
     if out_json.exists() and not force:
         c = json.loads(out_json.read_text())
         if c.get("build") == stamp and c.get("levels") == sorted(set(cfg.levels + [cfg.calibrated_level])):
@@ -253,15 +261,15 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     res["base_eval"] = evaluate(cfg, P, str(P.base), P.calib / "base_eval", log=log, progress=progress)
 
     # exact rule probabilities at the decision token, held-out problems
-    def enc(text: str) -> list[int]:
-        return chat_prompt_ids(tok, text, False)
+    def enc(text: str, teacher: bool = True) -> list[int]:
+        return chat_prompt_ids(tok, text, teacher and cfg.world.teacher_thinking)
 
     probs: dict[str, Any] = {}
     for split, fams in (("seen", world.seen), ("unseen", world.unseen)):
         rows = world.problems(fams, "eval")
         ab = [tuple(int(x) for x in r["id"].split("-")[1:]) for r in rows]
         fam = [r["family"] for r in rows]
-        plain = rule_probs(model, tok, [enc(student_prompt(r["problem"])) for r in rows], world.rules, ab)
+        plain = rule_probs(model, tok, [enc(student_prompt(r["problem"]), False) for r in rows], world.rules, ab)
         p_right = [d[world.rule_of[f]] for d, f in zip(plain, fam)]
         # guidance: own-family sharp skill naming the right rule / a wrong rule; other-family guidance
         right_pr, wrong_pr, other_pr, opsd_pr, law_tv = [], [], [], [], {lv: [] for lv in LEVELS}
@@ -309,13 +317,16 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     # |Delta| at the decision token through the real rollout -> score-teachers -> polarize stages
     lo, peak, hi = gate_band()
     res["gate_band"] = {"lo": lo, "peak": peak, "hi": hi, "meaning": "|Delta| where the gate passes >= 1/2 of its peak gradient"}
-    train_rows = world.problems(world.families, "train")
-    rng.shuffle(train_rows)
+    # probe: training-pool problems, mostly of unseen families (where the rule is learned), some seen ones
+    unseen_rows, seen_rows = world.problems(world.unseen, "train"), world.problems(world.seen, "train")
+    rng.shuffle(unseen_rows)
+    rng.shuffle(seen_rows)
+    train_rows = unseen_rows[:160] + seen_rows[:32]
     probe = P.calib / "probe_problems.jsonl"
-    atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows[:96]))
+    atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows))
     rdir = P.calib / "rollouts"
     rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=1, temperature=cfg.temperature,
-                                 max_new_tokens=16, backend="hf", batch_size=96, seed=3, device="cpu")
+                                 max_new_tokens=16, backend="hf", batch_size=192, seed=3, device="cpu")
     rollout.run(rcfg, rdir, progress=progress, loaded=(model, tok, spec))
     fam_of = {r["id"]: r["family"] for r in train_rows}
     deltas: dict[str, Any] = {}
@@ -328,7 +339,7 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
                 shutil.copy2(rdir / f, sd / f)
             scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv)), k=cfg.k_teachers,
                                                       index=str(P.index / key / "index.parquet"), retrieval="lexical",
-                                                      device="cpu")
+                                                      teacher_thinking=_thinking(cfg), device="cpu")
             score_teachers.run(scfg, sd, progress=progress, loaded=(model, tok, spec))
             polarize.run(polarize.PolarizeConfig(model=str(P.base)), sd, tokenizer=tok)
             deltas[key] = delta_stats(sd, tok, world, fam_of, (lo, hi))
@@ -344,31 +355,47 @@ def _quantiles(xs: list[float]) -> dict:
     return {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9)}
 
 
+DELTA_GROUPS = ("unseen_own_correct", "unseen_own_wrong", "seen_own", "other_family")
+
+
 def delta_stats(sd: Path, tok, world: World, fam_of: dict, band: tuple[float, float]) -> dict:
-    """|Delta| at the rule token per (rollout, teacher), split by outcome and by whether the teacher's
-    skill is about the rollout's family; share inside the gate's band; polarity categories."""
+    """Delta at the rule token per (rollout, teacher), in groups: unseen-family rollouts whose teacher's skill
+    is about their family, right or wrong (where learning happens), seen-family rollouts with own-family
+    teachers (Delta ~ 0 by design), and teachers about another family (~ 0: ignored).  Mean (signed),
+    |Delta| quantiles, the share inside the gate's band, and the polarity categories per group."""
     from stages.engine.world import decision_index
 
     st = pl.read_parquet(sd / "score_teachers.parquet")
     pt = pl.read_parquet(sd / "polarize.parquet").select("rollout_id", "teacher_rank", "correct", "category")
     ro = pl.read_parquet(sd / "rollout.parquet").select("rollout_id", "completion_ids")
     j = st.join(pt, on=["rollout_id", "teacher_rank"]).join(ro, on="rollout_id")
-    groups: dict[str, list[float]] = {"own_correct": [], "own_wrong": [], "other": []}
+    groups: dict[str, list[tuple[float, str]]] = {g: [] for g in DELTA_GROUPS}
     for r in j.iter_rows(named=True):
         i = decision_index(tok, r["completion_ids"])
         if i is None:
             continue
         d = r["teacher_logprobs"][i] - r["student_logprobs"][i]
-        own = r["skill_id"].split("-")[1] == fam_of[r["problem_id"]]
-        groups["other" if not own else ("own_correct" if r["correct"] else "own_wrong")].append(d)
+        fam = fam_of[r["problem_id"]]
+        own = r["skill_id"].split("-")[1] == fam
+        if not own:
+            g = "other_family"
+        elif fam in world.seen:
+            g = "seen_own"
+        else:
+            g = "unseen_own_correct" if r["correct"] else "unseen_own_wrong"
+        groups[g].append((d, r["category"]))
     lo, hi = band
     out: dict[str, Any] = {}
     for g, v in groups.items():
         if not v:
             continue
-        a = [abs(x) for x in v]
-        out[g] = {"n": len(v), "mean": statistics.fmean(v), "abs_quantiles": _quantiles(a),
-                  "in_band": sum(lo <= x <= hi for x in a) / len(a), "gated_out": sum(x > hi for x in a) / len(a)}
+        a = [abs(x) for x, _ in v]
+        cats: dict[str, int] = {}
+        for _, c in v:
+            cats[c] = cats.get(c, 0) + 1
+        out[g] = {"n": len(v), "mean": statistics.fmean(x for x, _ in v), "abs_quantiles": _quantiles(a),
+                  "in_band": sum(lo <= x <= hi for x in a) / len(a), "gated_out": sum(x > hi for x in a) / len(a),
+                  "categories": cats}
     cats = pt["category"].value_counts()
     out["categories"] = {c: int(n) for c, n in cats.iter_rows()}
     out["accuracy"] = float(pt.unique("rollout_id")["correct"].mean())
@@ -388,13 +415,13 @@ def print_calibration(c: dict, log: Log) -> None:
     b = c["gate_band"]
     log(f"  gate band |Delta| in [{b['lo']:.2f}, {b['hi']:.2f}] (peak {b['peak']:.2f}); |Delta| at the rule token:")
     for key, d in c["delta"].items():
-        parts = []
-        for g in ("own_correct", "own_wrong", "other"):
+        log(f"    {key} (rollout accuracy {d['accuracy']:.2f}):")
+        for g in DELTA_GROUPS:
             if g in d:
                 q = d[g]["abs_quantiles"]
-                parts.append(f"{g} n={d[g]['n']} med {q['p50']:.2f} [p10 {q['p10']:.2f}, p90 {q['p90']:.2f}] in-band {d[g]['in_band']:.2f}")
-        log(f"    {key}: " + "; ".join(parts))
-        log(f"      categories {d['categories']}")
+                cats = ", ".join(f"{c} {n}" for c, n in sorted(d[g]["categories"].items()))
+                log(f"      {g:<19} n={d[g]['n']:<4} mean {d[g]['mean']:+.2f}  |D| p10/p50/p90 {q['p10']:.2f}/{q['p50']:.2f}/"
+                    f"{q['p90']:.2f}  in band {d[g]['in_band']:.2f}  ({cats})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +494,8 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
     p = spec.p if spec.p is not None else 0.0
     train = {"lr": cfg.lr, "batch_size": R, "micro_batch_size": R, "max_grad_norm": cfg.max_grad_norm,
              "precision": "fp32"}
+    if objective == "opsd":
+        train["teacher_thinking"] = _thinking(cfg)
     if objective == "sgsd":
         train["polarity"] = "imitate" if spec.objective == "imitate" else "verifier"
     return {
@@ -476,13 +505,18 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
                  "backend": "hf", "eval_every": cfg.eval_every, "keep_last": 1},
         "rollout": {"n": cfg.group_size if grpo else 1, "temperature": cfg.temperature, "top_p": 1.0, "top_k": 0,
                     "max_new_tokens": 16, "batch_size": 64},
-        "score_teachers": {"k": cfg.k_teachers, "retrieval": "lexical",
+        "score_teachers": {"k": cfg.k_teachers, "retrieval": "lexical", "teacher_thinking": _thinking(cfg),
                            "index": str(P.index / bank_key(p, level) / "index.parquet")},
         "train": train,
         "eval": {"problems": [str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                  "protocol": "quick", "n": cfg.eval_n, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                  "max_new_tokens": 16, "thinking": False, "backend": "hf", "batch_size": 96, "seed": 11},
     }
+
+
+def _thinking(cfg: WorldRunConfig) -> str:
+    """The teacher prompts' thinking flag, as the base model's corpus presented them."""
+    return "on" if cfg.world.teacher_thinking else "off"
 
 
 WALL_COLS = ("wall_rollout_s", "wall_score_teachers_s", "wall_polarize_s", "wall_grade_s", "wall_train_s")
@@ -513,6 +547,12 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict, l
            "mean_reward": float(metrics["reward"].mean()) if "reward" in metrics.columns else None}
     atomic_write_json(run_dir / "world_result.json", row)
     return row
+
+
+def _run_in_worker(cfg: WorldRunConfig, spec: RunSpec, base_curve: dict) -> dict:
+    """One run in a worker process of ``compare`` (jobs > 1): no progress bars, the result row back."""
+    _threads(cfg, cfg.jobs)
+    return run_one(cfg, Paths(cfg.out), spec, base_curve=base_curve, log=lambda s: None, progress=None)
 
 
 def _curve_at(curve: dict, wall: float) -> tuple[float, float]:
@@ -607,18 +647,44 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None)
                 key = bank_key(p, lv)[5:]
                 base_skills[key] = evaluate(cfg, P, str(P.base), P.compare / "base_skills" / key,
                                             bank=str(P.bank(p, lv)), log=log, progress=progress)
-    rows = []
     specs = run_specs(cfg)
-    for i, spec in enumerate(specs):
+    done: dict[str, dict] = {}
+    todo = []
+    for spec in specs:
         cached = P.compare / spec.name / "world_result.json"
         if cached.exists():
-            rows.append(json.loads(cached.read_text()))
-            log(f"[{i + 1}/{len(specs)}] {spec.name}: cached")
-            continue
-        r = run_one(cfg, P, spec, base_curve=base_curve, log=log, progress=progress)
-        rows.append(r)
-        log(f"[{i + 1}/{len(specs)}] {spec.name}: unseen avg {r['final']['unseen']['avg']:.3f} "
+            done[spec.name] = json.loads(cached.read_text())
+        else:
+            todo.append(spec)
+    if done:
+        log(f"compare: {len(done)} of {len(specs)} runs cached")
+
+    def report(r: dict) -> None:
+        done[r["run"]] = r
+        log(f"[{len(done)}/{len(specs)}] {r['run']}: unseen avg {r['final']['unseen']['avg']:.3f} "
             f"seen avg {r['final']['seen']['avg']:.3f} ({r['wall_s']:.0f}s)")
+
+    if cfg.jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        n = _threads(cfg, cfg.jobs)
+        log(f"compare: {len(todo)} runs, {cfg.jobs} at a time ({n} torch thread(s) each)")
+        pool = ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futs = [pool.submit(_run_in_worker, cfg, spec, base_curve) for spec in todo]
+            for fut in as_completed(futs):
+                report(fut.result())
+        finally:
+            # every result is in (or a run failed): end the workers now; an idle worker's own exit can hang on
+            # its verifier pool, and waiting for it would hold up the table
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        for spec in todo:
+            report(run_one(cfg, P, spec, base_curve=base_curve, log=log, progress=progress))
+    rows = [done[s.name] for s in specs]
     table, md = summarize(cfg, base, base_skills, rows)
     png = plot(rows, P.compare / "learning_curves.png", f"skill world: {cfg.steps * cfg.rollouts_per_step} rollouts per run")
     results = {"config": _jsonable(asdict(cfg)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),

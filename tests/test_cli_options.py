@@ -133,3 +133,16 @@ def test_dry_run_runs_nothing_for_every_kind_of_command(tmp_path, command):
     cfg = json.loads(r.output)
     assert cfg["model"] == "m"
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["world", "--help"], ["world", "build", "--help"]])
+def test_help_flags_carry_no_type_label(argv):
+    """No flag shows a `<bool>` label (Typer's own --help included), and `[world]` survives rich markup."""
+    from sgsd_cli.main import _register
+
+    _register()
+    r = CliRunner().invoke(_app(), argv, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "--help" in r.output and "<bool>" not in r.output
+    if argv[-2:] == ["build", "--help"]:
+        assert "[world] table" in r.output and "[experiment] table" in r.output

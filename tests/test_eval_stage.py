@@ -308,7 +308,7 @@ def test_compare_prints_runs_beside_paper_rows(tiny, tmp_path):
     scripted_run(tiny, tmp_path / "B", n=2, limit=6, seed=1)
     res = invoke(["--compare", str(tmp_path / "A"), str(tmp_path / "B")])
     assert res.exit_code == 0, res.output
-    for s in ("paper Qwen3-1.7B SGSD", "57.8", "43.6", "29.7", "51.1", "problems"):
+    for s in ("paper SGSD", "Qwen3-1.7B", "57.8", "43.6", "29.7", "51.1", "probs", "quick"):
         assert s in res.output, s
     for run in ("A", "B"):
         v = pl.read_parquet(tmp_path / run / "eval" / "summary.parquet")["avg_at_n"][0]

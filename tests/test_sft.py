@@ -89,3 +89,22 @@ def test_bad_data_is_one_line_exit_2(tiny_model_dir, tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "completion" in lines[0]
     assert not (tmp_path / "r2" / "sft.parquet").exists()
+
+
+def test_row_thinking_column_sets_each_prompts_template(tiny, tmp_path):
+    """A row's `thinking` flag picks its chat-template form: the same prompt encodes to the template's
+    thinking-off form (empty think block in the assistant header) or its thinking-on form."""
+    import polars as pl
+
+    from stages.engine.prompts import chat_prompt_ids
+
+    _, tok, _ = tiny
+    df = pl.DataFrame({"prompt": ["Compute 1 + 2."] * 2, "completion": ["\\boxed{3}"] * 2, "thinking": [False, True]})
+    (p_off, _), (p_on, _) = sft.encode(tok, df, thinking=False)
+    assert list(p_off) == chat_prompt_ids(tok, "Compute 1 + 2.", False)
+    assert list(p_on) == chat_prompt_ids(tok, "Compute 1 + 2.", True)
+    assert p_on != p_off
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b", "thinking": "yes"}) + "\n")
+    with pytest.raises(InputError, match="thinking"):
+        sft.load_pairs(bad)

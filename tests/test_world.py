@@ -168,18 +168,41 @@ def small_world(tmp_path_factory):
     return cfg, P, World(cfg.world)
 
 
-def test_sgsd_learns_unseen_families(small_world):
+def _flip_polarity(monkeypatch):
+    import stages.polarize as pz
+
+    monkeypatch.setattr(pz, "polarity", lambda o, sigma: -o * sigma)
+
+
+def _flip_loss(monkeypatch):
+    import stages.train as tr
+
+    orig = tr.rollout_loss
+    monkeypatch.setattr(tr, "rollout_loss", lambda *a, **k: -orig(*a, **k))
+
+
+@pytest.mark.parametrize("breakage", [None, "polarity", "loss"])
+def test_sgsd_learns_unseen_families(small_world, monkeypatch, breakage):
     """SGSD (verifier polarity) raises p(right rule) on held-out unseen families clearly above the base.
 
-    Flipping the sign of the polarity (rho = -o sigma) or of the loss makes this fail (bench/SKILL_WORLD_RESULTS.md)."""
+    The same run with the sign of the polarity (rho = -o sigma) or of the loss flipped does not learn: the
+    assertion that the method passes is one that a sign error fails (the broken variants are run here too)."""
     from stages import loop
     from stages.world import RunSpec, loop_sections
 
     cfg, P, world = small_world
     before = _unseen_right_prob(P, world, P.base)
     assert before < 0.6  # the base does not know the unseen rules
+    if breakage == "polarity":
+        _flip_polarity(monkeypatch)
+    elif breakage == "loss":
+        _flip_loss(monkeypatch)
     spec = RunSpec("sgsd", 0.0, "sharp", 0)
-    loop.run(loop_sections(cfg, P, spec, P.compare / spec.name))
-    after = _unseen_right_prob(P, world, loop.step_dir(P.compare / spec.name, cfg.steps) / "checkpoint")
-    print(f"\nunseen p(right rule): base {before:.3f} -> SGSD {after:.3f}")
-    assert after > before + 0.15, (before, after)
+    run_dir = P.compare / f"{spec.name}_{breakage or 'ok'}"
+    loop.run(loop_sections(cfg, P, spec, run_dir))
+    after = _unseen_right_prob(P, world, loop.step_dir(run_dir, cfg.steps) / "checkpoint")
+    print(f"\nunseen p(right rule): base {before:.3f} -> SGSD ({breakage or 'as built'}) {after:.3f}")
+    if breakage is None:
+        assert after > before + 0.15, (before, after)
+    else:
+        assert after < before + 0.05, (before, after)

@@ -57,7 +57,7 @@ def staged_path(path: str | os.PathLike) -> Path:
 
 
 def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 0, barrier: Callable[[], None] | None = None,
-          commit: bool = True) -> Path:
+          commit: bool = True, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Write a checkpoint folder atomically.
 
     ``fill(tmp_dir)`` is called on every rank (each writes its own files, rank 0 the shared ones); rank 0
@@ -66,7 +66,9 @@ def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 
     complete.  ``commit=False`` stops before the swap and returns the complete staged folder
     (``.<name>.partial``): :func:`commit` puts it in place later (train swaps its final checkpoint only once
     its metrics table is written too).  A failing write (full disk ...) removes the staged folder, leaves the
-    previous checkpoint as it was and raises a one-line error naming the file.
+    previous checkpoint as it was and raises a one-line error naming the file.  ``progress(description,
+    total)`` (rank 0) counts the fill, then each file hashed and synced: a checkpoint of a large model shows
+    progress while it is written.
     """
     path = Path(path)
     tmp = staged_path(path)
@@ -79,10 +81,15 @@ def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 
         fill(tmp)
         sync()
         if rank == 0:
-            sums = {str(p.relative_to(tmp)): file_hash(p) for p in _files(tmp)}
-            for p in _files(tmp):
+            files = _files(tmp)
+            advance = progress(f"checkpoint {path.name}", 1 + len(files)) if progress else (lambda n: None)
+            advance(1)
+            sums = {}
+            for p in files:
+                sums[str(p.relative_to(tmp))] = file_hash(p)
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
+                advance(1)
             atomic_write_json(tmp / CHECKSUMS, {"format": FORMAT, "files": sums})
     except BaseException as e:  # a full disk shows up as OSError, SafetensorError or torch's RuntimeError
         if rank == 0:

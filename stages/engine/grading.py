@@ -27,18 +27,18 @@ def _ids(rollouts: pl.DataFrame) -> list[str]:
 
 
 def grade_texts(completions: list[str], golds: list[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                workers: int | None = None) -> list:
-    """Verdicts (:class:`stages.engine.verify.Grade`) of completions against golds: eval and the update gate."""
-    return grade_many(list(zip(completions, [str(g) for g in golds])), timeout_s=timeout_s, workers=workers)
+                workers: int | None = None, on_done: Callable[[int], None] | None = None) -> list:
+    """Verdicts (:class:`stages.engine.verify.Grade`) of completions against golds: eval and the update gate.
+    ``on_done(n)`` is called as answers are graded (progress)."""
+    return grade_many(list(zip(completions, [str(g) for g in golds])), timeout_s=timeout_s, workers=workers,
+                      progress=on_done or False)
 
 
 def grade_rollouts(rollouts: pl.DataFrame, *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None,
                    on_done: Callable[[int], None] | None = None) -> pl.DataFrame:
     """Verify every ``completion`` against its ``answer`` (math-verify under a hard timeout)."""
     grades = grade_texts(rollouts["completion"].to_list(), rollouts["answer"].to_list(), timeout_s=timeout_s,
-                         workers=workers)
-    if on_done:
-        on_done(len(grades))
+                         workers=workers, on_done=on_done)
     return pl.DataFrame({"rollout_id": _ids(rollouts), "correct": [g.correct for g in grades],
                          "status": [g.status for g in grades], "pred": [g.pred for g in grades]}, schema=GRADE_SCHEMA)
 

@@ -40,7 +40,7 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 __all__ = [
     "Grade",
@@ -631,8 +631,11 @@ class Verifier:
         return self.grade_many([(completion, gold)], timeout_s=timeout_s)[0]
 
     def grade_many(
-        self, pairs: Iterable[tuple[str, str]], progress: bool = False, timeout_s: float | None = None
+        self, pairs: Iterable[tuple[str, str]], progress: bool | Callable[[int], None] = False,
+        timeout_s: float | None = None
     ) -> list[Grade]:
+        """Grades in input order.  ``progress``: True for a tqdm bar, or a callback ``advance(n)`` called as
+        answers are graded (the CLI's rich bars / log lines)."""
         timeout = float(timeout_s) if timeout_s is not None else self.timeout_s
         if not timeout > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout}")
@@ -661,7 +664,10 @@ class Verifier:
 
         keys = sorted(todo, key=lambda k: k[1])  # same gold together: one gold parse per chunk per worker
         pbar = None
-        if progress:
+        if callable(progress):
+            pbar = _Advance(progress)
+            pbar.update(len(pairs) - sum(len(v) for v in todo.values()))
+        elif progress:
             try:
                 from tqdm import tqdm
 
@@ -815,11 +821,25 @@ def grade(completion: str, gold: str, timeout_s: float = 5.0, float_rounding: in
     return get_verifier(None, float_rounding, strict).grade(completion, gold, timeout_s=timeout_s)
 
 
+class _Advance:
+    """A progress callback seen as the tqdm interface ``update(n)`` / ``close()``."""
+
+    def __init__(self, fn: Callable[[int], None]):
+        self.fn = fn
+
+    def update(self, n: int) -> None:
+        if n:
+            self.fn(int(n))
+
+    def close(self) -> None:
+        pass
+
+
 def grade_many(
     pairs: Sequence[tuple[str, str]],
     timeout_s: float = 5.0,
     workers: int | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int], None] = False,
     float_rounding: int | None = None,
     strict: bool | None = None,
 ) -> list[Grade]:

@@ -93,6 +93,9 @@ class WorldConfig:
     corpus_size: int = 24000  # SFT examples
     corpus_mix: tuple[float, float, float] = (0.4, 0.45, 0.15)  # plain, guidance, opsd-style
     rule_set: list[str] = field(default_factory=lambda: list(RULE_NAMES))  # the R rules are its first R names
+    # chat-template thinking flag of the corpus's teacher (guidance / OPSD) prompts: on, as score-teachers and
+    # train score them by default (teacher_thinking = "on", the reference); plain prompts are non-thinking
+    teacher_thinking: bool = True
     seed: int = 0
 
     def check(self, where: str | None = None) -> None:
@@ -289,7 +292,11 @@ class World:
                 prompt = opsd_teacher_prompt(self.problem_text(f, a, b), str(ans))
                 dist = self.answer_distribution(a, b, ans)
             rule = rng.choices(list(dist), weights=list(dist.values()))[0]
-            out.append({"prompt": prompt, "completion": self.completion(rule, a, b), "kind": kind, "family": f})
+            # teacher prompts as score-teachers / train present them; guidance also without thinking (a quarter),
+            # the form of skills in the eval prompt (base+skills at inference)
+            thinking = self.cfg.teacher_thinking and (kind == "opsd" or (kind == "guidance" and rng.random() < 0.75))
+            out.append({"prompt": prompt, "completion": self.completion(rule, a, b), "kind": kind, "family": f,
+                        "thinking": thinking})
         return out
 
     def vocabulary_texts(self) -> list[str]:
