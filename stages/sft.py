@@ -140,7 +140,8 @@ def nll_loss(model, pairs, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
     return -flat.mean(), int(flat.numel())
 
 
-def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], meta: dict) -> Path:
+def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], meta: dict,
+          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     from stages.engine.models import save_model
 
     def fill(tmp: Path) -> None:
@@ -157,7 +158,7 @@ def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], met
         atomic_write_json(tmp / ckpt.STATE, state)
         atomic_write_json(tmp / ckpt.META, meta)
 
-    return ckpt.write(path, fill)
+    return ckpt.write(path, fill, progress=progress)
 
 
 def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: bool = False,
@@ -214,7 +215,7 @@ def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: boo
         meta = {"format": ckpt.FORMAT, "policy_step": step, "objective": "sft", "bank_version": None,
                 "base_model": base_spec.to_json(), "adapter": False, "teacher_mode": None, "teacher_init": None,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        return _save(path, model, tok, opt, sched, st, rows, meta)
+        return _save(path, model, tok, opt, sched, st, rows, meta, progress=progress)
 
     advance = progress("sft", total) if progress else None
     if advance and done:

@@ -246,7 +246,7 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     stamp = json.loads((P.out / "build.json").read_text())
     if force:  # measure everything again (the eval / rollout stages inside would refuse a changed config)
         shutil.rmtree(P.calib, ignore_errors=True)
-    if out_json.exists() and not force:
+    if out_json.exists():
         c = json.loads(out_json.read_text())
         if c.get("build") == stamp and c.get("levels") == sorted(set(cfg.levels + [cfg.calibrated_level])):
             print_calibration(c, log)
