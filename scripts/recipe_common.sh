@@ -25,3 +25,9 @@ eval_if_due() {  # eval_if_due STEP STEP_DIR POLICY: the recipe's [eval] table e
     run $SGSD eval --config "$CONFIG" --run-dir "$2" --model "$3" --device "$DEVICE"
   fi
 }
+
+torchrun_loop() {  # torchrun_loop GPUS CONFIG [sgsd loop options...]: the whole loop on GPUS ranks of this node
+  # --no-python: torchrun starts the sgsd command itself (a console script, a pyenv shim or a wrapper alike)
+  local gpus="$1" config="$2"; shift 2
+  run "${TORCHRUN:-torchrun}" --standalone --nproc_per_node "$gpus" --no-python "$SGSD" loop --config "$config" --run-dir "$RUN" "$@"
+}

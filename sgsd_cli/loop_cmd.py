@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from sgsd_cli import progress
 from sgsd_cli.common import UTILS, app, cli_errors, console, out, progress_bars
 from sgsd_cli.options import stage_command
 from stages import loop, report
@@ -22,15 +24,19 @@ def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force =
 
     --config names a TOML recipe with loop, rollout, score_teachers, polarize, train and optional eval,
     update_skills tables (see configs/); every [loop] key is also an option below, and --set section.key=value
-    overrides any table."""
+    overrides any table.  Many GPUs: torchrun --nproc_per_node N --no-python sgsd loop --config ... (every rank
+    generates and scores its share of each step's prompts; the ranks train together; rank 0 prints)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        progress.QUIET = True  # under torchrun rank 0 draws the bars and prints the summary
     if print_config:
         out.print_json(json.dumps(loop.build_sections(sections, source).resolved()))
         return
     with progress_bars() as bars:
         path = loop.run(sections, source=source, force=force, progress=bars,
                         log=lambda s: console.print(s, highlight=False, markup=False))
-    out.print(f"metrics: {path}")
-    out.print(report.end_of_run(Path(path).parent))
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.print(f"metrics: {path}")
+        out.print(report.end_of_run(Path(path).parent))
 
 
 @app.command("step-problems", rich_help_panel=UTILS)

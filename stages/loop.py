@@ -15,7 +15,13 @@ lr, tokens/s, wall time per stage).  Every stage keeps its manifest, so a loop k
 restarted skips what is complete and continues: the trainer restarts from the newest valid checkpoint of
 the interrupted step (a ``--save-every`` snapshot or its final checkpoint) or else from the previous step's
 final checkpoint, with the optimizer, scheduler, RNG, sampler position and policy step of that moment.
-Sampling seeds are functions of (seed, step), so a restarted run reproduces an uninterrupted one.
+Sampling seeds are functions of (seed, step, problem id), so a restarted run reproduces an uninterrupted one.
+
+Under ``torchrun --nproc_per_node N --no-python sgsd loop`` every rank runs this loop with its own colocated
+engine: it generates and scores its block of each step's prompts (``rollout/part-i-of-n``,
+``score_teachers/part-i-of-n``), rank 0 polarizes, the ranks train together on the global batch (DDP / FSDP2)
+and rank 0 writes the step's train manifest, checkpoint and metrics.  The results do not depend on N
+(docs/SCALE_OUT.md).
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ from typing import Any, Callable
 
 import numpy as np
 import polars as pl
+import torch
 
 from stages.engine.config import Checked, opt
 from stages.engine import checkpoint as ckpt
 from stages.engine.config import build
+from stages.engine.distributed import Dist, init_distributed
 from stages.engine.generation.factory import make_backend
 from stages.engine.metrics_log import MetricSinks
-from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
+from stages.engine.io import InputError, atomic_write_json, read_manifest, read_table, stage_table_path, write_parquet
 from stages.polarize import PolarizeConfig
 from stages.rollout import RolloutConfig
 from stages.score_teachers import ScoreTeachersConfig
@@ -56,7 +64,8 @@ from stages import update_skills
 from stages.train import OBJECTIVES
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
-LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device")
+LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device",
+                    "vllm_gpu_memory_utilization", "vllm_sleep")
 
 
 @dataclass
@@ -76,6 +85,9 @@ class LoopConfig(Checked):
     eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0)
     skill_update_every: int = opt(0, "Online skill-bank update every N steps (sgsd; 0: never).", group="Loop", ge=0)
     keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0)
+    vllm_tensor_parallel: int = opt(1, "vLLM tensor parallelism across this many consecutive torchrun ranks (colocated engine, external_launcher) for a policy that does not fit one GPU; the ranks of a group generate the same prompts. Must divide the number of ranks.", group="Scale-out", ge=1)
+    vllm_gpu_memory_utilization: float | None = opt(None, "GPU memory share of each colocated vLLM engine (weights + KV cache; default 0.85 alone, 0.3 under torchrun beside the trainer).", group="Scale-out", gt=0, le=1)
+    vllm_sleep: int = opt(0, "vLLM sleep mode while the ranks train: 0 off, 1 free the KV cache and offload the engine's weights to CPU, 2 free both (the new weights are loaded on wake anyway).", group="Scale-out", choices=(0, 1, 2))
     tensorboard: bool = opt(False, "Log the metrics row of every step to RUN_DIR/tensorboard (needs the `report` extra).", group="Logging")
     wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging")
 
@@ -205,10 +217,16 @@ def _spec_for(policy: str, gguf_file: str | None):
 
 
 def _wall(manifest: Path) -> float | None:
-    try:
-        return float(read_manifest(manifest).get("wall_time_s"))
-    except (OSError, json.JSONDecodeError, TypeError, ValueError):
-        return None
+    """Wall time of a stage: its manifest's, or for a sharded stage (``<stage>/part-*.manifest.json``, one per
+    rank) the slowest part's, which is what the ranks waited for."""
+    parts = sorted(manifest.with_suffix("").with_suffix("").glob("part-*.manifest.json"))
+    walls = []
+    for m in ([manifest] if manifest.exists() else []) + parts:
+        try:
+            walls.append(float(read_manifest(m).get("wall_time_s")))
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
+            pass
+    return max(walls) if walls else None
 
 
 def step_metrics(sd: Path, n: int, objective: str) -> dict:
@@ -219,7 +237,7 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
                 "loss": float(tr["loss"].mean()), "grad_norm": float(tr["grad_norm"].mean()),
                 "lr": float(tr["lr"][-1]), "train_tokens": int(tr["tokens"].sum()),
                 "tokens_per_s": float(tr["tokens"].sum() / max(1e-9, tr["wall_s"].sum()))})
-    ro = pl.read_parquet(sd / "rollout.parquet")
+    ro = read_table(stage_table_path(sd, "rollout"))
     lens = ro["completion_ids"].list.len()
     row.update({"rollouts": ro.height, "completion_len_mean": float(lens.mean()), "completion_len_max": int(lens.max()),
                 "truncated_frac": float((ro["finish_reason"] == "length").mean())})
@@ -305,32 +323,60 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
     """Run (or continue) the loop described by resolved config sections; returns metrics.parquet.
 
     The run directory is locked for the whole run (a second loop or a stage in it is refused, naming the
-    holder); taking the lock clears the temp files a killed run left."""
+    holder); taking the lock clears the temp files a killed run left.  Under ``torchrun`` every rank runs
+    this: rank 0 holds the lock, logs and draws the progress bars (see :func:`_run`)."""
 
-    run_dir = Path(build_sections(sections, source).loop.run_dir)
-    with run_dir_lock(run_dir, "sgsd loop"):
-        return _run(sections, source=source, force=force, progress=progress, log=log)
+    lc = build_sections(sections, source).loop
+    dist = init_distributed(lc.device)
+    if not dist.main:
+        progress, log = None, None
+    try:
+        with run_dir_lock(lc.run_dir, "sgsd loop"):
+            dist.barrier()  # no rank writes before rank 0 holds the lock and has cleared stale temp files
+            return _run(sections, source=source, force=force, progress=progress, log=log, dist=dist)
+    finally:
+        if dist.owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _shard(dist: Dist, tp: int = 1) -> tuple[int, int]:
+    """(block, blocks) of this rank's prompts: one block per rank, or per group of ``tp`` ranks that run one
+    tensor-parallel vLLM engine together (the group's ranks generate the same block)."""
+    if dist.world % tp:
+        raise InputError(None, f"loop.vllm_tensor_parallel ({tp}) must divide the number of ranks ({dist.world})")
+    return (dist.rank // tp, dist.world // tp)
 
 
 def _run(sections: dict, *, source: str = "config", force: bool = False,
          progress: Callable[[str, int], Callable[[int], None]] | None = None,
-         log: Callable[[str], None] | None = None) -> Path:
+         log: Callable[[str], None] | None = None, dist: Dist | None = None) -> Path:
+    """The loop body.  With N ranks (``dist``) every rank generates and scores its contiguous block of the
+    step's prompts (``rollout/part-i-of-n``, ``score_teachers/part-i-of-n``; sampling is seeded per problem,
+    so the parts in order are the table one process writes), rank 0 polarizes (cheap, CPU), all ranks train
+    on the global batch (DDP or FSDP2, :class:`stages.train.Trainer`) and rank 0 writes the train manifest,
+    checkpoint, metrics, eval and skill updates.  A barrier ends every stage."""
 
+    d = dist or Dist()
     say = log or (lambda s: None)
     S = build_sections(sections, source)
     lc = S.loop
     run_dir = Path(lc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = S.resolved()
-    _check_run_dir(run_dir, resolved, force)
+    if d.main:
+        _check_run_dir(run_dir, resolved, force)
+    d.barrier()
     pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
 
     done = completed_steps(run_dir, lc.steps)
     metrics_path = run_dir / "metrics.parquet"
-    prune_steps(run_dir, done, lc.keep_last)
+    if d.main:
+        prune_steps(run_dir, done, lc.keep_last)
     if done == lc.steps:
-        write_parquet(collect_metrics(run_dir, done, lc.objective), metrics_path)
+        if d.main:
+            write_parquet(collect_metrics(run_dir, done, lc.objective), metrics_path)
         say(f"loop: all {lc.steps} steps are complete")
+        d.barrier()
         return metrics_path
 
     def policy_name(n: int) -> str:
@@ -352,14 +398,23 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
         start = Path(lc.model)
     if done or start:
         say(f"loop: {done} step(s) complete; continuing at step {done + 1}" + (f" from {start}" if start else ""))
-    trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say)
+    tp = lc.vllm_tensor_parallel if lc.backend in ("vllm", "auto") else 1
+    shard = _shard(d, tp)
+    if lc.prompts_per_step < d.world:
+        raise InputError(None, f"loop.prompts_per_step ({lc.prompts_per_step}) is below the number of ranks ({d.world}): "
+                               "every rank needs at least one prompt per step")
+    if d.world > 1:
+        say(f"loop: {d.world} ranks; each generates and scores 1/{d.world} of every step's prompts")
+    trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say, dist=d, inference_copy=True)
     trainer.policy.eval()
     bank_hist = None
     if lc.skill_update_every and lc.objective == "sgsd":
 
-        init_bank_versions(run_dir, load_bank(S.score.bank))
+        if d.main:
+            init_bank_versions(run_dir, load_bank(S.score.bank))
+        d.barrier()
         bank_hist = run_dir
-    loggers = MetricSinks(lc.tensorboard, lc.wandb_project, run_dir, resolved, say)
+    loggers = MetricSinks(lc.tensorboard, lc.wandb_project, run_dir, resolved, say) if d.main else None
     engine = None  # the resident generation engine (vllm / hf-fast / hf), refreshed with update_weights each step
     try:
         for n in range(done + 1, lc.steps + 1):
@@ -368,55 +423,84 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
             if hasattr(progress, "note"):  # the CLI's one live display: which step the bars belong to
                 progress.note(f"step {n}/{lc.steps}")
             policy = policy_name(n)
-            loaded = (trainer.model, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
+            infer = trainer.inference_model
+            loaded = (infer, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
             t_step = time.time()
             probs = sd / "problems.parquet"
-            if not probs.exists():
+            if d.main and not probs.exists():
                 write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
+            d.barrier()
             rcfg = replace(S.rollout, model=policy, gguf_file=lc.gguf_file if n == 1 else None, problems=str(probs),
-                           policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None)
+                           policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None, shard=shard)
+            trainer.sync_inference()  # FSDP: the shards' newest weights into the full inference copy (all ranks)
             if engine is None:  # built once ("auto" resolved here), then refreshed in place
-                engine = make_backend(lc.backend, model=trainer.model, tokenizer=trainer.tok, spec=loaded[2])
+                engine = make_backend(lc.backend, model=infer, tokenizer=trainer.tok, spec=loaded[2], **_engine_options(lc))
             else:
-                engine.update_weights(trainer.model)
+                engine.wake_up()
+                engine.update_weights(infer)
             rollout.run(rcfg, sd, progress=progress, loaded=loaded, backend=engine)
+            if lc.vllm_sleep:
+                engine.sleep(lc.vllm_sleep)  # the KV cache (and at level 2 the weights) freed for scoring and training
+            d.barrier()
             if lc.objective == "sgsd":
                 bank = S.score.bank
                 if bank_hist is not None:
 
                     bank = str(latest_bank_version(run_dir).path)
-                scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n)
+                scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n,
+                               shard=(d.rank, d.world))  # scoring is per rank even when a TP group shares rollouts
                 score_teachers.run(scfg, sd, progress=progress, loaded=loaded)
-                polarize.run(replace(S.polarize, model=policy), sd, progress=progress, tokenizer=trainer.tok)
-            else:
+                d.barrier()
+                if d.main:
+                    polarize.run(replace(S.polarize, model=policy), sd, progress=progress, tokenizer=trainer.tok)
+            elif d.main:
                 polarize.grade(S.polarize, sd)
+            d.barrier()
             trainer.cfg = replace(trainer.cfg, model=policy)
             trainer.fit(sd, progress=progress)
             trainer.policy.eval()
             new_policy = str(sd / ckpt.FINAL)
-            new_loaded = (trainer.model, trainer.tok, _spec_for(new_policy, None))
             # eval and the skill update (writer, gate) generate with the one resident engine, holding the new weights
             want_eval = S.eval is not None and n % lc.eval_every == 0
             want_update = S.update is not None and bank_hist is not None and n % lc.skill_update_every == 0
-            if (want_eval or want_update) and engine is not None:
-                engine.update_weights(trainer.model)
-            if want_eval:
+            if want_eval or want_update:
+                trainer.sync_inference()
+                if engine is not None:
+                    engine.wake_up()
+                    engine.update_weights(trainer.inference_model)
+            new_loaded = (trainer.inference_model, trainer.tok, _spec_for(new_policy, None))
+            if d.main:  # rank 0 evaluates and updates the bank; the other ranks wait at the barrier below
+                if want_eval:
 
-                eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress,
-                               loaded=new_loaded, backend=engine)
-            if want_update:
-                _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
-            metrics = collect_metrics(run_dir, n, lc.objective)
-            write_parquet(metrics, metrics_path)
-            loggers.write(metrics.row(-1, named=True), n)
-            say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
-                + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
-            prune_steps(run_dir, n, lc.keep_last)
+                    eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress,
+                                   loaded=new_loaded, backend=engine)
+                if want_update:
+                    _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
+                metrics = collect_metrics(run_dir, n, lc.objective)
+                write_parquet(metrics, metrics_path)
+                loggers.write(metrics.row(-1, named=True), n)
+                say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
+                    + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
+                prune_steps(run_dir, n, lc.keep_last)
+            if lc.vllm_sleep and engine is not None:
+                engine.sleep(lc.vllm_sleep)
+            d.barrier()
     finally:
-        loggers.close()
+        if loggers is not None:
+            loggers.close()
         if engine is not None:
             engine.close()
     return metrics_path
+
+
+def _engine_options(lc: "LoopConfig") -> dict:
+    """vLLM options of the loop's engine (ignored by the transformers backends)."""
+    if lc.backend not in ("vllm", "auto"):
+        return {}
+    opts: dict[str, Any] = {"tensor_parallel_size": lc.vllm_tensor_parallel, "sleep_mode": bool(lc.vllm_sleep)}
+    if lc.vllm_gpu_memory_utilization is not None:
+        opts["gpu_memory_utilization"] = lc.vllm_gpu_memory_utilization
+    return opts
 
 
 def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress, backend=None) -> None:

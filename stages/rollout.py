@@ -13,10 +13,10 @@ from typing import Callable
 
 import polars as pl
 
-from stages.engine.generation.base import GenerationBackend, SamplingConfig
+from stages.engine.generation.base import GenerationBackend, SamplingConfig, prompt_key_of
 from stages.engine.generation.factory import make_backend
 from stages.engine.config import Checked, opt
-from stages.engine.io import DATA_DIR, StageRun, shard_output_name
+from stages.engine.io import DATA_DIR, StageRun, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from stages.engine import benchmarks
 from stages.engine.models import load_model
@@ -59,7 +59,7 @@ class RolloutConfig(Checked):
     batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Engine", ge=1)
     limit: int | None = opt(None, "Use only the first N problems.", group="Data", ge=1)
     policy_step: int = opt(0, "Policy step recorded in every row.", group="Data", ge=0)
-    shard: tuple[int, int] = opt((0, 1), "i/n: process every n-th problem starting at i and write rollout/part-i-of-n.parquet.", group="Data", metavar="i/n")
+    shard: tuple[int, int] = opt((0, 1), "i/n: process the i-th of n contiguous blocks of the problems and write rollout/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Data", metavar="i/n")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, hub).", group="Data")
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
@@ -72,13 +72,10 @@ class RolloutConfig(Checked):
 
 
 def select_problems(problems: pl.DataFrame, limit: int | None, shard: tuple[int, int]) -> pl.DataFrame:
-    """First ``limit`` rows, then every n-th row starting at i for shard i/n."""
+    """First ``limit`` rows, then the i-th of n contiguous blocks for shard i/n (:func:`stages.engine.io.shard_rows`)."""
     if limit is not None:
         problems = problems.head(limit)
-    i, n = shard
-    if n > 1:
-        problems = problems.with_row_index("_r").filter(pl.col("_r") % n == i).drop("_r")
-    return problems
+    return shard_rows(problems, shard)
 
 
 def generate_rollouts(
@@ -93,8 +90,10 @@ def generate_rollouts(
     texts = [student_prompt(p) for p in problems["problem"].to_list()]
     prompt_texts = [chat_prompt_text(tokenizer, t, cfg.thinking) for t in texts]
     prompt_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-    comps = backend.generate(prompt_ids, cfg.sampling(), on_done=on_done)
     ids, probs, answers = problems["id"].to_list(), problems["problem"].to_list(), problems["answer"].to_list()
+    sampling = cfg.sampling()
+    sampling.prompt_keys = [prompt_key_of(i) for i in ids]  # seeded per problem: the same draw in any shard or batch
+    comps = backend.generate(prompt_ids, sampling, on_done=on_done)
     rows = {k: [] for k in ROLLOUT_SCHEMA}
     for c in comps:
         p = c.prompt_index

@@ -15,7 +15,7 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import DATA_DIR, InputError, StageRun, read_table, shard_output_name, stage_table_path
+from stages.engine.io import DATA_DIR, InputError, StageRun, read_table, shard_output_name, shard_rows, stage_table_path
 from stages.engine.prompts import chat_prompt_text, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
@@ -63,7 +63,7 @@ class ScoreTeachersConfig(Checked):
     logit_chunk: int = opt(2048, "Positions per fp32 log-softmax chunk.", group="Scoring", ge=1)
     rollouts_per_batch: int = opt(16, "Rollouts whose student + K teacher sequences are scored together.", group="Scoring", ge=1)
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Scoring", ge=0)
-    shard: tuple[int, int] = opt((0, 1), "i/n: score every n-th rollout starting at i; writes score_teachers/part-i-of-n.parquet.", group="Scoring", metavar="i/n")
+    shard: tuple[int, int] = opt((0, 1), "i/n: score the i-th of n contiguous blocks of the rollouts; writes score_teachers/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Scoring", metavar="i/n")
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
@@ -144,9 +144,7 @@ def run(
 
     src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     table = read_table(src, ROLLOUT_COLUMNS)
-    i, n = cfg.shard
-    if n > 1:
-        table = table.with_row_index("_r").filter(pl.col("_r") % n == i).drop("_r")
+    table = shard_rows(table, cfg.shard)
     bank = load_bank(cfg.bank)
 
     require_pairs(bank, cfg.bank)

@@ -430,7 +430,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, *, start: Path | None = None, dist: Dist | None = None, loaded=None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, inference_copy: bool = False):
 
         self.cfg = cfg = cfg.resolved()
         self.dist = dist or Dist()
@@ -502,6 +502,10 @@ class Trainer:
         budget = sys.maxsize if self.mode == "fsdp" else cfg.token_budget  # FSDP: one forward per call on every rank
         self.policy = Policy(model, budget, cfg.logit_chunk)
         self.teacher_policy = Policy(self.teacher_model, budget, cfg.logit_chunk) if self.teacher_model is not None else None
+        # the loop's generation and scoring model: the policy itself, or under FSDP (whose forward is a collective
+        # every rank must join) one full unsharded copy, refreshed from the shards by sync_inference()
+        self._infer = (copy.deepcopy(model).eval().requires_grad_(False)
+                       if inference_copy and self.mode == "fsdp" else None)
         self.wrapped = self._wrap()
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -967,6 +971,21 @@ class Trainer:
                 check_token_ids([(it.rid, "teacher prompt", it.teacher_prompt_ids)], vocab, src)
         if not any(it.completion_ids for it in self.data.items):
             raise InputError(src, "every completion is empty (0 tokens): nothing to train on")
+
+    @property
+    def inference_model(self):
+        """The model the loop generates and scores with (each rank on its own share of the prompts)."""
+        return self._infer if self._infer is not None else self.model
+
+    @torch.no_grad()
+    def sync_inference(self) -> None:
+        """FSDP: copy the trained weights into the inference copy, gathering one parameter at a time (a full
+        copy of one tensor at most on top of the shards and the inference copy).  Every rank calls it."""
+        if self._infer is None:
+            return
+        dst = dict(self._infer.named_parameters())
+        for n, p in self.model.named_parameters():
+            dst[n].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
     def release(self) -> None:
         """Drop the DDP / FSDP wrappers' references (the loop keeps the model itself)."""

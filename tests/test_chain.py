@@ -6,6 +6,8 @@ import subprocess
 from pathlib import Path
 
 import polars as pl
+
+from stages.engine.io import read_table
 import pytest
 from typer.testing import CliRunner
 
@@ -115,6 +117,17 @@ def test_shards_write_part_files_read_as_directory(tiny_model_dir, tmp_path):
         assert r.exit_code == 0, r.output
     parts = sorted(p.name for p in (run / "rollout").glob("*.parquet"))
     assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
+    # contiguous blocks (1 + 2 of 3 problems), sampled per problem: the parts in order are the unsharded table
+    assert [pl.read_parquet(run / "rollout" / p).height for p in parts] == [1, 2]
+    one = tmp_path / "one"
+    r = sgsd("rollout", "--run-dir", one, "--model", tiny_model_dir, "--limit", 3, "--max-new-tokens", 6,
+             "--backend", "hf", *CPU)
+    assert r.exit_code == 0, r.output
+    whole = pl.read_parquet(one / "rollout.parquet")
+    joined = read_table(run / "rollout")
+    assert joined["rollout_id"].to_list() == whole["rollout_id"].to_list()
+    assert joined["completion_ids"].to_list() == whole["completion_ids"].to_list()
+    assert len(set(map(tuple, whole["completion_ids"].to_list()))) == 3  # the random model draws three completions
     r = sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", run, "--model", tiny_model_dir, "--k", 2, *CPU)
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(run / "score_teachers.parquet")["rollout_id"].n_unique() == 3

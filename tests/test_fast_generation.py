@@ -100,6 +100,27 @@ def test_sampling_reproducible_and_batch_invariant(tiny, prompts):
     assert [x.token_ids for x in a] != [x.token_ids for x in d]
 
 
+def test_prompt_keys_make_samples_independent_of_the_call_and_backend(tiny, prompts):
+    """Seeded per prompt key: a prompt draws the same samples alone, among others, in another order, with
+    the plain hf loop or the hf-fast engine (both use the same counter-based Gumbel noise)."""
+    from stages.engine.generation.hf import HFBackend
+
+    model, tok, _ = tiny
+    keys = [1000 + 37 * i for i in range(len(prompts))]
+    cfg = SamplingConfig(n=2, temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=10, seed=5, batch_size=3,
+                         prompt_keys=keys)
+    full = [x.token_ids for x in FastHFBackend(model, tok, max_batch=4).generate(prompts, cfg)]
+    plain = [x.token_ids for x in HFBackend(model, tok).generate(prompts, cfg)]
+    assert plain == full
+    order = [5, 0, 3]  # a shard of three prompts, in another order, in a smaller batch
+    sub = SamplingConfig(**{**cfg.__dict__, "prompt_keys": [keys[i] for i in order], "batch_size": 2})
+    got = [x.token_ids for x in HFBackend(model, tok).generate([prompts[i] for i in order], sub)]
+    assert got == [full[2 * i + s] for i in order for s in range(2)]
+    # keyed by index (no keys), the prompt at position 0 of the shard draws prompt 0's stream instead
+    idx = SamplingConfig(**{**sub.__dict__, "prompt_keys": None})
+    assert [x.token_ids for x in HFBackend(model, tok).generate([prompts[i] for i in order], idx)] != got
+
+
 def test_sampled_logprobs_match_scoring_core(tiny, prompts):
     model, tok, _ = tiny
     eng = FastHFBackend(model, tok, max_batch=3)

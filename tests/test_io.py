@@ -92,3 +92,13 @@ def test_part_directory_and_stage_table_path(tmp_path):
     assert read_table(d)["a"].to_list() == [1, 2]
     with pytest.raises(InputError, match="run the 'score-teachers' stage first"):
         stage_table_path(tmp_path, "score_teachers")
+
+
+def test_shard_bounds_are_contiguous_blocks_covering_every_row():
+    from stages.engine.io import shard_bounds
+
+    assert [shard_bounds(5, (i, 2)) for i in range(2)] == [(0, 2), (2, 5)]
+    assert [shard_bounds(3, (i, 2)) for i in range(2)] == [(0, 1), (1, 3)]
+    assert [shard_bounds(10, (i, 4)) for i in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert [shard_bounds(1, (i, 3)) for i in range(3)] == [(0, 0), (0, 0), (0, 1)]
+    assert shard_bounds(7, (0, 1)) == (0, 7)

@@ -264,3 +264,37 @@ def test_loop_keeps_one_resident_engine_and_refreshes_its_weights(tmp_path, tiny
     for n in (1, 2, 3):
         ro = pl.read_parquet(tmp_path / "run" / f"step_{n:04d}" / "rollout.parquet")
         assert set(ro["backend"]) == {"hf-fast"} and set(ro["policy_step"]) == {n - 1}
+
+
+@pytest.mark.parametrize("recipe,gpus,config", [("sgsd_4gpu", 4, "sgsd_qwen3_1.7b.toml"), ("opsd_8gpu", 8, "opsd_qwen3_1.7b.toml")])
+def test_multi_gpu_recipes_are_one_torchrun_line(tmp_path, recipe, gpus, config):
+    """--dry-run prints one torchrun line: N ranks of `sgsd loop` on the recipe's config, options that exist,
+    overrides that resolve."""
+    import shlex
+    import subprocess
+
+    from stages import loop
+    from stages.engine.config import resolve
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "scripts" / f"recipe_{recipe}.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "run")], capture_output=True, text=True,
+                       env={"PATH": __import__("os").environ["PATH"]}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1 and not (tmp_path / "run").exists()
+    words = lines[0]
+    assert words[0] == "torchrun" and words[words.index("--nproc_per_node") + 1] == str(gpus)
+    at = words.index("--no-python")
+    assert words[at + 1: at + 3] == ["sgsd", "loop"]
+    used = {w for w in words[at + 3:] if w.startswith("--")}
+    assert used <= _command_options()["loop"], used
+    cfg = words[words.index("--config") + 1]
+    assert cfg == f"configs/{config}"
+    sets = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    sections, source = resolve(root / cfg, sets)
+    S = loop.build_sections(sections, source)
+    assert S.train.distributed == "ddp" and S.loop.vllm_gpu_memory_utilization in (0.4, 0.6)
+    # the global batch is the step's prompts whatever the GPU count (micro batch x accumulation x ranks)
+    assert S.train.batch_size == 0 and S.loop.prompts_per_step % gpus == 0

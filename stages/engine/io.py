@@ -672,6 +672,19 @@ def stage_table_path(run_dir: str | os.PathLike, name: str) -> Path:
     raise InputError(single, f"not found (run the '{name.replace('_', '-')}' stage first, or pass its file)")
 
 
+def shard_bounds(rows: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Rows [lo, hi) of shard i/n: the i-th of n contiguous, near-equal blocks, so the part files read in
+    order (``part-00000`` first) give the rows of the unsharded table in the unsharded order."""
+    i, n = shard
+    return i * rows // n, (i + 1) * rows // n
+
+
+def shard_rows(df: pl.DataFrame, shard: tuple[int, int]) -> pl.DataFrame:
+    """The rows of shard i/n of ``df`` (:func:`shard_bounds`)."""
+    lo, hi = shard_bounds(df.height, shard)
+    return df.slice(lo, hi - lo)
+
+
 def shard_output_name(stage: str, shard: tuple[int, int]) -> str:
     """Output name of one shard: ``<stage>`` unsharded, ``<stage>/part-0000i-of-0000n`` sharded."""
     i, n = shard

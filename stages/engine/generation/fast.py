@@ -53,95 +53,11 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig
+from stages.engine.generation.base import (Completion, GenerationBackend, SamplingConfig, gumbel_noise,  # noqa: F401 (re-exported)
+                                           job_key, sample_tokens)
 from stages.engine.scoring import VARLEN_ATTN, split_lm, varlen_attention, varlen_sdpa_attention  # noqa: F401 (re-exported)
 
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral")
-
-# --------------------------------------------------------------------------------------------------
-# counter-based noise: murmur3's 32-bit finaliser in int64 arithmetic that never overflows
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2**32 for 0 <= h < 2**32, with every intermediate below 2**49."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _fmix32_int(h: int) -> int:
-    h &= _M32
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
-    h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def job_key(seed: int, prompt_index: int, sample_index: int) -> int:
-    """32-bit key of one (prompt, sample) job under ``seed``."""
-    h = _fmix32_int(seed ^ 0x5BD1E995)
-    h = _fmix32_int(h ^ (prompt_index & _M32))
-    h = _fmix32_int(h + 0x68E31DA4 ^ (prompt_index >> 32))
-    return _fmix32_int(h ^ (sample_index * 0x27D4EB2F & _M32))
-
-
-def gumbel_noise(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, K] (fp32) for jobs ``keys`` [B] at token positions ``steps`` [B], vocabulary
-    entries ``token_ids`` ([B, K] or [K]); the same (key, step, token) always gets the same value."""
-    r = _fmix32((keys + steps * 0x9E3779B1) & _M32)
-    r2 = _fmix32(r ^ 0x2545F491)
-    h = _fmix32(_fmix32(r[:, None] ^ token_ids) ^ r2[:, None])
-    u = (h.double() + 0.5) * (1.0 / 4294967296.0)  # in (0, 1), never 0 or 1
-    return (-torch.log(-torch.log(u))).float()
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    *,
-    greedy: bool,
-    top_k: int,
-    use_top_p: bool,
-    temperature: torch.Tensor,
-    top_p: torch.Tensor,
-    keys: torch.Tensor,
-    steps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [B], log-probs [B]) from logits [B, V], with :func:`stages.generation.sample_from_logits`'
-    semantics (log-prob of ``log_softmax(logits / T)`` before truncation; top-k, then top-p on what is
-    left) and Gumbel-max sampling with :func:`gumbel_noise` instead of a generator."""
-    logits = logits.float()
-    if greedy:
-        logp = F.log_softmax(logits, dim=-1)
-        tok = logits.argmax(dim=-1)
-        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-    scaled = logits / temperature
-    logp = F.log_softmax(scaled, dim=-1)
-    V = scaled.shape[-1]
-    if 0 < top_k < V:
-        vals, idx = torch.topk(scaled, top_k, dim=-1)
-    elif use_top_p:
-        vals, idx = torch.sort(scaled, dim=-1, descending=True)
-    else:
-        vals, idx = scaled, None
-    if use_top_p:
-        probs = F.softmax(vals, dim=-1)
-        remove = (probs.cumsum(-1) - probs) > top_p  # keep the smallest prefix whose mass reaches top_p
-        vals = vals.masked_fill(remove, float("-inf"))
-    ids = idx if idx is not None else torch.arange(V, device=logits.device)
-    choice = (vals + gumbel_noise(keys, steps, ids)).argmax(dim=-1)
-    tok = idx.gather(-1, choice[:, None]).squeeze(-1) if idx is not None else choice
-    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
-
 
 # --------------------------------------------------------------------------------------------------
 # running the decoder on the slot cache
@@ -750,7 +666,7 @@ class FastHFBackend(GenerationBackend):
                     slot_job[s], slot_plen[s], gen_host[s] = j, len(prompts[pi]), 1
                     assign.append((s, j))
                 self.keys[torch.tensor([s for s, _ in assign], device=self.device)] = torch.tensor(
-                    [_signed(job_key(cfg.seed, *jobs[j])) for _, j in assign], device=self.device)
+                    [_signed(job_key(cfg.seed, cfg.prompt_key(jobs[j][0]), jobs[j][1])) for _, j in assign], device=self.device)
                 self._admit(assign, jobs, prompts, cfg.max_new_tokens)
             elif not queue:
                 B = self._compact(B, slot_job, slot_plen, gen_host)

@@ -10,11 +10,12 @@ import torch
 
 
 
-from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig, sample_from_logits, cache_argument
+from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig, cache_argument, job_key, sample_tokens
 
 
 class HFBackend(GenerationBackend):
-    """transformers decode loop: left-padded batches, KV cache, on-device sampling, per-sequence EOS."""
+    """transformers decode loop: left-padded batches, KV cache, on-device batch-invariant sampling (the hf-fast
+    engine's Gumbel-max noise, so both draw the same tokens from the same logits), per-sequence EOS."""
 
     name = "hf"
 
@@ -33,9 +34,10 @@ class HFBackend(GenerationBackend):
         self.model = model
 
     @torch.no_grad()
-    def _decode_batch(self, prompts: list[list[int]], cfg: SamplingConfig, gen: torch.Generator | None,
+    def _decode_batch(self, prompts: list[list[int]], cfg: SamplingConfig, keys: list[int],
                       on_done: Callable[[int], None] | None = None):
-        """Decode one left-padded batch; ``on_done(k)`` as k sequences of it finish (per-sequence progress)."""
+        """Decode one left-padded batch; ``keys``: each sequence's sampling key (:func:`job_key`);
+        ``on_done(k)`` as k sequences of it finish (per-sequence progress)."""
         model = self.model
         device = next(model.parameters()).device
         B = len(prompts)
@@ -56,8 +58,12 @@ class HFBackend(GenerationBackend):
         lps = torch.empty((B, 0), dtype=torch.float32, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(cfg.max_new_tokens):
-            tok, lp = sample_from_logits(logits, cfg, gen)
+        key_t = torch.tensor(keys, dtype=torch.long, device=device)
+        top_k = int(cfg.top_k) if cfg.top_k and cfg.top_k > 0 else 0
+        for step in range(cfg.max_new_tokens):
+            tok, lp = sample_tokens(logits, greedy=cfg.greedy(), top_k=top_k, use_top_p=cfg.top_p < 1.0,
+                                    temperature=cfg.temperature, top_p=cfg.top_p, keys=key_t,
+                                    steps=torch.full_like(key_t, step))
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
             toks = torch.cat([toks, tok[:, None]], 1)
             lps = torch.cat([lps, lp[:, None]], 1)
@@ -88,17 +94,13 @@ class HFBackend(GenerationBackend):
 
     def generate(self, prompts, cfg, on_done=None):
         jobs = [(pi, si) for pi in range(len(prompts)) for si in range(cfg.n)]
-        gen = None
-        device = next(self.model.parameters()).device
-        if not cfg.greedy():
-            gen = torch.Generator(device=device)
-            gen.manual_seed(cfg.seed)
         # sort by prompt length so a batch wastes little padding
         jobs.sort(key=lambda j: -len(prompts[j[0]]))
         results: dict[tuple[int, int], Completion] = {}
         for s in range(0, len(jobs), cfg.batch_size):
             chunk = jobs[s : s + cfg.batch_size]
-            outs = self._decode_batch([list(prompts[pi]) for pi, _ in chunk], cfg, gen, on_done)
+            keys = [job_key(cfg.seed, cfg.prompt_key(pi), si) for pi, si in chunk]
+            outs = self._decode_batch([list(prompts[pi]) for pi, _ in chunk], cfg, keys, on_done)
             for (pi, si), (toks, lps, fin) in zip(chunk, outs):
                 text = self.tokenizer.decode(toks, skip_special_tokens=True)
                 results[(pi, si)] = Completion(pi, si, toks, lps, fin, text)

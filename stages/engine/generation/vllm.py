@@ -131,9 +131,9 @@ class VLLMBackend(GenerationBackend):
     """Generation with ``vllm.LLM`` over the model folder of a :class:`stages.models.ModelSpec`.
 
     Options (``make_backend("vllm", spec=..., tokenizer=..., **options)``): ``dtype`` (auto, fp32, bf16,
-    fp16), ``gpu_memory_utilization``, ``tensor_parallel_size``, ``max_model_len``, ``enforce_eager``,
+    fp16), ``gpu_memory_utilization`` (default 0.85, or 0.3 colocated under torchrun), ``tensor_parallel_size``, ``max_model_len``, ``enforce_eager``,
     ``seed``, ``kv_cache_gb`` (KV cache size; on CPU it defaults to ``$VLLM_CPU_KVCACHE_SPACE`` or 1 GiB),
-    ``max_lora_rank`` (LoRA adapter specs), ``in_process`` (run vLLM's engine core in this process, the
+    ``max_lora_rank`` (LoRA adapter specs), ``sleep_mode`` (enable :meth:`sleep` / :meth:`wake_up`), ``in_process`` (run vLLM's engine core in this process, the
     default; needed for in-memory ``update_weights``) and any other ``vllm.LLM`` keyword in ``llm_kwargs``.
     """
 
@@ -145,7 +145,7 @@ class VLLMBackend(GenerationBackend):
         tokenizer=None,
         *,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
+        gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
@@ -153,6 +153,7 @@ class VLLMBackend(GenerationBackend):
         kv_cache_gb: float | None = None,
         max_lora_rank: int = 64,
         in_process: bool = True,
+        sleep_mode: bool = False,
         llm_kwargs: dict[str, Any] | None = None,
     ):
         from stages.engine.models import ModelSpec, load_tokenizer
@@ -184,6 +185,17 @@ class VLLMBackend(GenerationBackend):
             logprobs_mode="processed_logits",
             logits_processors=[SamplingLogprobNormalizer],
         )
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if ranks > 1:
+            # colocated under torchrun (TRL's colocate mode): vLLM joins the launcher's process group, one engine
+            # per group of tensor_parallel_size ranks; per-request seeds make the group's samples identical
+            kw["distributed_executor_backend"] = "external_launcher"
+        if gpu_memory_utilization is None:  # under torchrun the trainer's shard, gradients and optimizer share the GPU
+            gpu_memory_utilization = 0.3 if ranks > 1 else 0.85
+        self.sleep_mode = bool(sleep_mode)
+        self._asleep = 0
+        if sleep_mode:
+            kw["enable_sleep_mode"] = True
         if self.on_cpu:
             # Without these vLLM's CPU worker keeps a core for the front end (a 2-core machine keeps 1)
             # and sizes the KV cache as a fraction of all RAM, refusing to start when RAM is in use.
@@ -250,8 +262,9 @@ class VLLMBackend(GenerationBackend):
     ) -> list[Completion]:
         """One Completion per (prompt, sample), ordered by prompt then sample.
 
-        Prompt ``i`` samples with seed ``cfg.seed + i * cfg.n`` (vLLM gives its ``j``-th sample
-        ``seed + j``), so every (prompt, sample) has its own stream whatever the batching.  Greedy
+        Prompt ``i`` samples with seed ``cfg.seed + key_i * cfg.n`` (``key_i = cfg.prompt_key(i)``: the problem
+        id's key in a rollout, else ``i``; vLLM gives its ``j``-th sample ``seed + j``), so every (prompt,
+        sample) has its own stream whatever the batching, the shard or the number of ranks.  Greedy
         decoding with ``n > 1`` (refused by vLLM) sends the prompt ``n`` times.
         """
         from vllm.inputs import TokensPrompt
@@ -269,7 +282,7 @@ class VLLMBackend(GenerationBackend):
             for first in range(0, cfg.n, per_req):
                 jobs.append((pi, first))
                 reqs.append(TokensPrompt(prompt_token_ids=[int(t) for t in p]))
-                params.append(self._params(cfg, per_req, cfg.seed + pi * cfg.n))
+                params.append(self._params(cfg, per_req, cfg.seed + cfg.prompt_key(pi) * cfg.n + first))
         engine = self.llm.llm_engine
         call = next(self._calls)
         where: dict[str, int] = {}
@@ -347,6 +360,17 @@ class VLLMBackend(GenerationBackend):
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         self.llm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM sleep mode: level 1 frees the KV cache and offloads the weights to CPU, level 2 frees both."""
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=int(level))
+            self._asleep = int(level)
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = 0
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
