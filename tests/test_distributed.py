@@ -89,3 +89,19 @@ def test_two_process_gloo_ddp_and_fsdp_equal_one_process(tmp_path, tiny, tiny_mo
     a, b = _weights(tmp_path / "single_cont" / "checkpoint"), _weights(tmp_path / "fsdp_cont" / "checkpoint")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert json.loads((tmp_path / "fsdp_cont" / "checkpoint" / "sgsd_checkpoint.json").read_text())["policy_step"] == 3
+
+
+def test_group_timeout_from_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from stages.engine.distributed import group_timeout
+    from stages.engine.io import InputError
+
+    monkeypatch.delenv("SGSD_DIST_TIMEOUT_S", raising=False)
+    assert group_timeout() == timedelta(hours=2)
+    monkeypatch.setenv("SGSD_DIST_TIMEOUT_S", "90")
+    assert group_timeout() == timedelta(seconds=90)
+    for bad in ("abc", "0", "-5", "inf", "nan"):
+        monkeypatch.setenv("SGSD_DIST_TIMEOUT_S", bad)
+        with pytest.raises(InputError, match="SGSD_DIST_TIMEOUT_S"):
+            group_timeout()

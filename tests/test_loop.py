@@ -298,3 +298,19 @@ def test_multi_gpu_recipes_are_one_torchrun_line(tmp_path, recipe, gpus, config)
     assert S.train.distributed == "ddp" and S.loop.vllm_gpu_memory_utilization in (0.4, 0.6)
     # the global batch is the step's prompts whatever the GPU count (micro batch x accumulation x ranks)
     assert S.train.batch_size == 0 and S.loop.prompts_per_step % gpus == 0
+
+
+def test_rank_blocks_and_engine_options():
+    """Which block of a step's prompts a rank generates (one per rank, or one per tensor-parallel group), and the
+    [loop] table's vLLM options as the engine receives them."""
+    from stages.engine.distributed import Dist
+    from stages.engine.io import InputError
+    from stages.loop import LoopConfig, _engine_options, _shard
+
+    assert [_shard(Dist(rank=r, world=4)) for r in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [_shard(Dist(rank=r, world=4), 2) for r in range(4)] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    with pytest.raises(InputError, match="must divide"):
+        _shard(Dist(rank=0, world=4), 3)
+    lc = LoopConfig(model="m", backend="vllm", vllm_tensor_parallel=2, vllm_sleep=1, vllm_gpu_memory_utilization=0.4)
+    assert _engine_options(lc) == {"tensor_parallel_size": 2, "sleep_mode": True, "gpu_memory_utilization": 0.4}
+    assert _engine_options(LoopConfig(model="m", backend="hf", vllm_sleep=1)) == {}

@@ -154,3 +154,52 @@ def test_hf_weights_merges_lora_without_touching_the_model(tiny):
         assert torch.equal(p, before[n]), n  # the training model is unchanged
     plain = dict(hf_weights(model))
     assert set(plain) == set(model.state_dict())
+
+
+def test_colocated_torchrun_options_reach_vllm(monkeypatch, tiny_model_dir):
+    """Under torchrun the engine joins the launcher (external_launcher), takes 0.3 of the GPU unless told,
+    and sleeps / wakes once per call pair; alone it keeps vLLM's defaults.  vllm.LLM is a recorder here."""
+    import sys
+    import types
+
+    from stages.engine.generation.vllm import VLLMBackend
+
+    calls: list = []
+
+    class LLM:
+        def __init__(self, **kw):
+            calls.append(("init", kw))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def wake_up(self):
+            calls.append(("wake_up",))
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM = LLM
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    b = VLLMBackend(str(tiny_model_dir), tensor_parallel_size=2, sleep_mode=True)
+    kw = calls[0][1]
+    assert kw["distributed_executor_backend"] == "external_launcher" and kw["tensor_parallel_size"] == 2
+    assert kw["enable_sleep_mode"] is True and kw["gpu_memory_utilization"] == 0.3
+    b.sleep(2)
+    b.sleep(1)  # already asleep: nothing
+    b.wake_up()
+    b.wake_up()  # awake: nothing
+    assert calls[1:] == [("sleep", 2), ("wake_up",)]
+
+    calls.clear()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    b = VLLMBackend(str(tiny_model_dir), gpu_memory_utilization=0.4)
+    kw = calls[0][1]
+    assert "distributed_executor_backend" not in kw and "enable_sleep_mode" not in kw
+    assert kw["gpu_memory_utilization"] == 0.4 and kw["tensor_parallel_size"] == 1
+    b.sleep(1)  # sleep mode off: a no-op
+    assert len(calls) == 1

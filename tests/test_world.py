@@ -163,7 +163,7 @@ def small_world(tmp_path_factory):
                           rule_set=["maximum", "minimum"]),
         hidden_size=64, layers=2, vocab_size=600, sft_steps=200, sft_batch_size=32, sft_lr=5e-3,
         objectives=["sgsd"], p_values=[0.0], levels=["sharp"], calibrated_level="sharp", seeds=[0],
-        rollouts_per_step=16, steps=12, lr=3e-3, eval_every=12, eval_n=2, final_eval_n=2, k_teachers=2)
+        rollouts_per_step=16, steps=20, lr=3e-3, eval_every=20, eval_n=2, final_eval_n=2, k_teachers=2)
     P = build(cfg, log=lambda s: None)
     return cfg, P, World(cfg.world)
 

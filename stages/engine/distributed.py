@@ -46,13 +46,32 @@ def init_distributed(device: str = "auto") -> Dist:
     import torch.distributed as tdist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = group_timeout()
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
     owns = not tdist.is_initialized()
     if owns:
         if use_cuda:
             torch.cuda.set_device(local)
-        tdist.init_process_group("nccl" if use_cuda else "gloo")
+        tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=local, owns_group=owns)
+
+
+def group_timeout():
+    """How long a rank waits at a collective: ``$SGSD_DIST_TIMEOUT_S`` seconds, default 2 h (torch's default is
+    10 min for NCCL), because in ``sgsd loop`` the other ranks wait while rank 0 alone evaluates or updates the
+    skill bank."""
+    from datetime import timedelta
+
+    raw = os.environ.get("SGSD_DIST_TIMEOUT_S", "7200")
+    try:
+        sec = float(raw)
+    except ValueError:
+        sec = float("nan")
+    if not (sec > 0 and sec < float("inf")):
+        from stages.engine.io import InputError
+
+        raise InputError(None, f"SGSD_DIST_TIMEOUT_S must be a positive number of seconds (got {raw!r})")
+    return timedelta(seconds=sec)
 
 
 def seed_all(seed: int, step: int, rank: int) -> None:
