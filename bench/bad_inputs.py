@@ -88,7 +88,8 @@ def build_base(work: Path) -> tuple[Path, Path]:
         steps = [
             ["rollout", "--run-dir", base, "--model", model, "--problems", DEMO / "problems.jsonl", "--limit", 3,
              "--max-new-tokens", 8, "--backend", "hf", *CPU],
-            ["score-teachers", "--run-dir", base, "--model", model, "--k", 2, "--retrieval", "lexical", *CPU],
+            ["score-teachers", "--run-dir", base, "--model", model, "--k", 2, "--retrieval", "lexical",
+             "--bank", DEMO / "skill_bank.json", *CPU],
             ["polarize", "--run-dir", base, "--workers", 1],
             ["train", "--run-dir", base, "--model", model, "--steps", 1, "--batch-size", 2, "--micro-batch-size", 2,
              "--teacher-mode", "fixed", *CPU],
@@ -276,7 +277,7 @@ def cases() -> list[Case]:
     add("--top-k -5", "rollout", ro("--top-k", "-5"), lead=True)
     add("--max-new-tokens 0", "rollout", ro("--max-new-tokens", "0"), lead=True)
     add("--limit -1", "rollout", ro("--limit", "-1"), lead=True)
-    add("--batch-size 0", "rollout", ro("--batch-size", "0"), lead=True)
+    add("--decode-batch 0", "rollout", ro("--decode-batch", "0"), lead=True)
     add("run dir is a file", "rollout", ro(run=lambda c: c.tmp / "afile"), lambda c: write(c.tmp / "afile", "x"),
         watch=lambda c: [c.tmp / "afile"])
     add("run dir read-only (bind mount)", "rollout", ro(), mount_ro, needs_root=True)
@@ -285,7 +286,7 @@ def cases() -> list[Case]:
     # ---------------- score-teachers
     def sc(*extra, bank=None, model=None):
         return lambda c: SGSD + ["score-teachers", "--run-dir", c.run, "--model", model(c) if model else c.model,
-                                 *(["--bank", bank(c)] if bank else []), "--retrieval", "lexical", *CPU, "--force",
+                                 "--bank", bank(c) if bank else DEMO / "skill_bank.json", "--retrieval", "lexical", *CPU, "--force",
                                  *extra]
 
     rl = lambda c: c.run / "rollout.parquet"  # noqa: E731
@@ -301,6 +302,12 @@ def cases() -> list[Case]:
         lambda c: poison(rl(c), "completion_ids", first_row(lambda l: [10 ** 6] + l[1:])))
     add("negative prompt token id", "score-teachers", sc(),
         lambda c: poison(rl(c), "prompt_ids", first_row(lambda l: [-5] + l[1:])))
+    add("all completions empty", "score-teachers", sc(),
+        lambda c: (poison(rl(c), "completion_ids", lambda vals: [[] for _ in vals]),
+                   poison(rl(c), "sample_logprobs", lambda vals: [[] for _ in vals])))
+    add("NaN sample log-prob", "score-teachers", sc(), lambda c: poison(rl(c), "sample_logprobs", nan_at(0)))
+    add("inf sample log-prob", "score-teachers", sc(),
+        lambda c: poison(rl(c), "sample_logprobs", nan_at(0, float("inf"))))
     add("bank missing", "score-teachers", sc(bank=lambda c: c.tmp / "none.json"))
     add("bank not JSON", "score-teachers", sc(bank=lambda c: write(c.tmp / "b.json", "{x")))
     add("bank not an object", "score-teachers", sc(bank=lambda c: write(c.tmp / "b.json", "[1]")))
@@ -419,8 +426,8 @@ def cases() -> list[Case]:
     add("bank field wrong type", "build-index",
         bi(lambda c: bank_json(c, 2, 2, mutate=lambda b: b["general_skills"][0].update(title=5))))
     add("--mode bogus", "build-index", bi(lambda c: DEMO / "skill_bank.json", "--mode", "bogus"))
-    add("--batch-size 0 (embedding)", "build-index",
-        lambda c: SGSD + ["build-index", "--run-dir", c.run, "--bank", DEMO / "skill_bank.json", "--batch-size", "0"],
+    add("--encode-batch 0 (embedding)", "build-index",
+        lambda c: SGSD + ["build-index", "--run-dir", c.run, "--bank", DEMO / "skill_bank.json", "--encode-batch", "0"],
         lead=True)
     add("encoder path missing", "build-index",
         lambda c: SGSD + ["build-index", "--run-dir", c.run, "--bank", DEMO / "skill_bank.json", "--encoder",
@@ -429,16 +436,19 @@ def cases() -> list[Case]:
     # ---------------- loop
     def lp(*extra, model=None):
         return lambda c: SGSD + ["loop", "--run-dir", c.run / "loop", "--model", model(c) if model else c.model,
-                                 "--problems", DEMO / "problems.jsonl", "--steps", 1, "--prompts-per-step", 2,
-                                 "--device", "cpu", "--set", "rollout.max_new_tokens=4", *extra]
+                                 "--problems", DEMO / "problems.jsonl", "--bank", DEMO / "skill_bank.json", "--steps", 1,
+                                 "--prompts-per-step", 2, "--device", "cpu", "--set", "rollout.max_new_tokens=4", *extra]
 
     add("loop: model missing", "loop", lp(model=lambda c: c.tmp / "missing"))
     add("loop: --steps 0", "loop", lp("--steps", "0"))
     add("loop: --prompts-per-step 0", "loop", lp("--prompts-per-step", "0"))
     add("loop: --objective bogus", "loop", lp("--objective", "bogus"))
     add("loop: bank missing", "loop", lp("--bank", "/nonexistent/bank.json"))
+    add("loop: bank that forms no teacher", "loop", lambda c: lp("--bank", c.tmp / "bank.json")(c),
+        lambda c: bank_json(c, 3, 0))
     add("loop: problems missing", "loop", lambda c: SGSD + ["loop", "--run-dir", c.run / "loop", "--model", c.model,
-                                                            "--problems", c.tmp / "none.jsonl", "--steps", 1, "--device", "cpu"])
+                                                            "--problems", c.tmp / "none.jsonl", "--bank", DEMO / "skill_bank.json",
+                                                            "--steps", 1, "--device", "cpu"])
     add("loop: config not TOML", "loop", lambda c: SGSD + ["loop", "--config", write(c.tmp / "c.toml", "[loop\nx="),
                                                            "--run-dir", c.run / "loop"])
     add("loop: --set unknown key", "loop", lp("--set", "train.no_such_key=1"))

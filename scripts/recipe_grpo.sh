@@ -3,7 +3,7 @@
 # Each step: problems -> rollout (G=8 per prompt, T=1.2) -> train (the verifier grades each rollout, reward 1/0;
 # group-normalised advantages, PPO clip 0.2, no reference), eval every EVAL_EVERY steps.  Rerunning continues.
 #
-#   scripts/recipe_grpo.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
+#   scripts/recipe_grpo.sh [--dry-run] [RUN_DIR]      --dry-run checks the recipe as `sgsd loop --dry-run` does, then prints the commands; runs nothing
 #
 # Every stage reads its table of configs/grpo_qwen3_1.7b.toml (--config); environment overrides: MODEL STEPS PROMPTS
 # SEED PROBLEMS MAX_NEW_TOKENS LR EVAL_EVERY DEVICE BACKEND SGSD.
@@ -15,6 +15,7 @@ CONFIG="configs/grpo_qwen3_1.7b.toml"
 source scripts/recipe_common.sh "$@"
 STEPS="${STEPS:-150}"; PROMPTS="${PROMPTS:-4}"; EVAL_EVERY="${EVAL_EVERY:-25}"   # the [loop] table's values
 ITERS=2                                                                          # [train] num_iterations
+check_recipe --steps "$STEPS" --prompts-per-step "$PROMPTS" --eval-every "$EVAL_EVERY"
 
 POLICY="$MODEL"
 for ((n = 1; n <= STEPS; n++)); do

@@ -3,7 +3,7 @@
 # Each step: problems -> rollout -> train (clipped forward KL to the initial model prompted with the gold
 # answer), eval every EVAL_EVERY steps.  Rerunning continues.
 #
-#   scripts/recipe_opsd.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
+#   scripts/recipe_opsd.sh [--dry-run] [RUN_DIR]      --dry-run checks the recipe as `sgsd loop --dry-run` does, then prints the commands; runs nothing
 #
 # Every stage reads its table of configs/opsd_qwen3_1.7b.toml (--config); environment overrides: MODEL STEPS PROMPTS
 # SEED PROBLEMS MAX_NEW_TOKENS LR EVAL_EVERY DEVICE BACKEND SGSD.
@@ -14,6 +14,7 @@ RECIPE_RUN="runs/opsd_qwen3_1.7b_sh"
 CONFIG="configs/opsd_qwen3_1.7b.toml"
 source scripts/recipe_common.sh "$@"
 STEPS="${STEPS:-300}"; PROMPTS="${PROMPTS:-32}"; EVAL_EVERY="${EVAL_EVERY:-50}"   # the [loop] table's values
+check_recipe --steps "$STEPS" --prompts-per-step "$PROMPTS" --eval-every "$EVAL_EVERY"
 
 POLICY="$MODEL"
 for ((n = 1; n <= STEPS; n++)); do

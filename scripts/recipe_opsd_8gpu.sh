@@ -4,7 +4,7 @@
 # global batch of 32.  Same settings as configs/opsd_qwen3_1.7b.toml (whose reference run used 4 GPUs x 2
 # accumulation steps: the same global batch, so the same result).
 #
-#   scripts/recipe_opsd_8gpu.sh [--dry-run] [RUN_DIR]      --dry-run prints the torchrun line, runs nothing
+#   scripts/recipe_opsd_8gpu.sh [--dry-run] [RUN_DIR]      --dry-run checks the recipe as `sgsd loop --dry-run` does, then prints the torchrun line
 #
 # Environment: GPUS (8), TORCHRUN (torchrun), SGSD (the sgsd command).
 set -euo pipefail

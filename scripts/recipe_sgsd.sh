@@ -4,7 +4,7 @@
 # eval every EVAL_EVERY steps and a skill-bank update every SKILLS_EVERY steps.  Every stage skips itself
 # when its manifest matches, so rerunning the script after a crash continues where it stopped.
 #
-#   scripts/recipe_sgsd.sh [--dry-run] [RUN_DIR]      --dry-run prints the resolved commands, runs nothing
+#   scripts/recipe_sgsd.sh [--dry-run] [RUN_DIR]      --dry-run checks the recipe as `sgsd loop --dry-run` does, then prints the commands; runs nothing
 #
 # Every stage reads its table of configs/sgsd_qwen3_1.7b.toml (--config); environment overrides: BACKEND MODEL STEPS
 # PROMPTS SEED PROBLEMS BANK MAX_NEW_TOKENS LR EVAL_EVERY SKILLS_EVERY DEVICE SGSD (the sgsd command).
@@ -17,6 +17,7 @@ source scripts/recipe_common.sh "$@"
 STEPS="${STEPS:-200}"; PROMPTS="${PROMPTS:-16}"; EVAL_EVERY="${EVAL_EVERY:-50}"   # the [loop] table's values
 BANK="${BANK:-../shared/data/skill_banks/sgsd_qwen3_1.7b.json}"
 SKILLS_EVERY="${SKILLS_EVERY:-25}"
+check_recipe --steps "$STEPS" --prompts-per-step "$PROMPTS" --eval-every "$EVAL_EVERY" --bank "$BANK" --skill-update-every "$SKILLS_EVERY"
 
 bank_now() {  # the run's latest bank version once updates started, else the initial bank
   local latest

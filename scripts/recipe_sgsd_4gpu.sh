@@ -4,7 +4,7 @@
 # the step's 16 prompts, and the 4 ranks train together on the global batch of 16 (DDP; distributed=fsdp shards
 # the policy).  Same settings as configs/sgsd_qwen3_1.7b.toml, so the result does not depend on the GPU count.
 #
-#   scripts/recipe_sgsd_4gpu.sh [--dry-run] [RUN_DIR]      --dry-run prints the torchrun line, runs nothing
+#   scripts/recipe_sgsd_4gpu.sh [--dry-run] [RUN_DIR]      --dry-run checks the recipe as `sgsd loop --dry-run` does, then prints the torchrun line
 #
 # Environment: GPUS (4), TORCHRUN (torchrun), SGSD (the sgsd command); multi-node: run torchrun yourself with
 # --nnodes/--node_rank/--rdzv-endpoint and the same arguments.

@@ -29,9 +29,14 @@ $SGSD rollout        --run-dir "$S0" --model "$MODEL" --problems "$PROBLEMS" --l
                      --max-new-tokens "$MAXTOK" --backend hf --seed 0 "${COMMON[@]}"
 $SGSD score-teachers --run-dir "$S0" --model "$MODEL" --bank "$BANK" --k 4 --retrieval lexical "${COMMON[@]}"
 $SGSD polarize       --run-dir "$S0"
-$SGSD train          --run-dir "$S0" --model "$MODEL" --objective sgsd --steps 2 --batch-size 8 --lr 1e-3 "${COMMON[@]}"
+$SGSD train          --run-dir "$S0" --model "$MODEL" --objective sgsd --steps 2 --batch-size 8 --lr 1e-3 \
+                     --device cpu --precision fp32
 $SGSD rollout        --run-dir "$S1" --model "$S0/checkpoint" --problems "$PROBLEMS" --limit "$LIMIT" --n 1 \
                      --max-new-tokens "$MAXTOK" --backend hf --seed 1 --policy-step 1 "${COMMON[@]}"
 
 echo "smoke run finished in $(( $(date +%s) - start )) s; tables:"
 find "$RUN" -name '*.parquet' -not -path '*/model/*' | sort
+echo
+echo "look at it next:"
+echo "  $SGSD report $RUN                                        # plots + $RUN/report/report.html"
+echo "  $SGSD inspect $S0 --worst --html $RUN/inspect.html   # one rollout token by token under its teachers"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Callable, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderHook
 from rich.markup import escape
 
 # quiet third-party progress bars and warnings: sgsd shows its own rich progress
@@ -17,10 +17,56 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stages.engine.io import InputError  # noqa: E402
+from stages.engine.io import InputError, visible  # noqa: E402
 
-console = Console(stderr=True)
-out = Console()
+
+class _Visible:
+    """Renders another renderable with every control character of its text made visible (``io.visible``): model
+    and bank text never reaches the terminal as escape sequences.  Rich's own control segments pass."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __rich_console__(self, console, options):
+        from rich.segment import Segment
+
+        for seg in console.render(self.inner, options):
+            yield seg if seg.control else Segment(visible(seg.text), seg.style)
+
+    def __rich_measure__(self, console, options):
+        from rich.measure import Measurement
+
+        return Measurement.get(console, options, self.inner)
+
+
+class _PlainText(RenderHook):
+    def process_renderables(self, renderables):
+        return [_Visible(r) for r in renderables]
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; written to a pipe or file (no terminal, no COLUMNS) it does not wrap tables and titles at
+    rich's default 80 columns: lines are as long as their content.  Strings are printed as plain text (markup only
+    where a call passes ``markup=True``, with the data in it escaped: a table cell, a skill's text or a path is
+    never read as markup) and control characters are shown as escapes."""
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty and not os.environ.get("COLUMNS"):
+        c = Console(stderr=stderr, width=PIPE_WIDTH, markup=False)
+    else:
+        c = Console(stderr=stderr, markup=False)
+    c.push_render_hook(_PlainText())
+    return c
+
+
+PIPE_WIDTH = 1000
+console = _console(stderr=True)
+out = _console()
 
 app = typer.Typer(
     name="sgsd",
@@ -39,6 +85,11 @@ UTILS = "Utilities"
 F = TypeVar("F", bound=Callable)
 
 
+def report_error(e: InputError) -> None:
+    """The one line of the error contract: ``error: <file>: <problem>`` on stderr."""
+    console.print(f"[bold red]error:[/] {escape(e.line())}", soft_wrap=True, highlight=False, markup=True)
+
+
 def cli_errors(fn: F) -> F:
     """Turn InputError into one line on stderr and exit code 2 (no traceback)."""
 
@@ -47,7 +98,7 @@ def cli_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InputError as e:
-            console.print(f"[bold red]error:[/] {escape(e.line())}", soft_wrap=True, highlight=False)
+            report_error(e)
             raise typer.Exit(2)
 
     return wrapper  # type: ignore[return-value]

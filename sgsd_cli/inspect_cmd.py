@@ -38,7 +38,8 @@ def inspect_cmd(
     if tokenizer and tok is None:
         raise InputError(tokenizer, "no tokenizer here")
     if tok is None:
-        out.print("[dim]no tokenizer found (rollout model, checkpoints, loop model): tokens are shown as ids; pass --tokenizer[/]")
+        out.print("no tokenizer found (rollout model, checkpoints, loop model): tokens are shown as ids; pass --tokenizer",
+                  style="dim")
     views = [ins.rollout_view(t, i, tok) for i in ids]
     for v in views:
         out.print(ins.render_terminal(v, teacher))

@@ -13,13 +13,14 @@ from sgsd_cli import progress
 from sgsd_cli.common import UTILS, app, cli_errors, console, out, progress_bars
 from sgsd_cli.options import stage_command
 from stages import loop, report
+from stages.engine.config import deprecated
 
-PrintConfig = Annotated[bool, typer.Option("--print-config", metavar="", help="Print the resolved config of every stage as JSON and exit.", rich_help_panel="Config")]
+PrintConfig = Annotated[bool, typer.Option("--print-config", metavar="", hidden=True, help="Deprecated: --dry-run.")]
 Force = Annotated[bool, typer.Option("--force", metavar="", help="Accept a run directory that was started with another config.")]
 
 
 @stage_command("loop", loop.LoopConfig, section="loop")
-def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force = False) -> None:
+def loop_cmd(sections, source, dry_run: bool = False, print_config: PrintConfig = False, force: Force = False) -> None:
     """The on-policy loop: rollout -> score-teachers -> polarize -> train (-> eval, skill updates) per step, model resident; restartable at any point.
 
     --config names a TOML recipe with loop, rollout, score_teachers, polarize, train and optional eval,
@@ -29,7 +30,17 @@ def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force =
     if int(os.environ.get("RANK", "0")) != 0:
         progress.QUIET = True  # under torchrun rank 0 draws the bars and prints the summary
     if print_config:
-        out.print_json(json.dumps(loop.build_sections(sections, source).resolved()))
+        deprecated("sgsd loop --print-config", "--dry-run")
+        dry_run = True
+    if dry_run:  # the run's own config resolution and input checks; stdout: the resolved config (JSON)
+        from stages import loop_plan
+        from stages.engine.io import to_jsonable
+
+        resolved, lines = loop_plan.check(sections, source, force=force)
+        out.print_json(json.dumps(to_jsonable(resolved)))
+        for line in lines:
+            console.print(f"dry run: {line}", highlight=False, markup=False, soft_wrap=True)
+        console.print("dry run: every input checked; nothing was run", highlight=False, markup=False)
         return
     with progress_bars() as bars:
         path = loop.run(sections, source=source, force=force, progress=bars,
@@ -43,7 +54,7 @@ def loop_cmd(sections, source, print_config: PrintConfig = False, force: Force =
 @cli_errors
 def step_problems_cmd(
     pool: Annotated[str, typer.Option("--pool", help="Training pool: benchmark name or problems file (id, problem, answer).")],
-    step: Annotated[int, typer.Option("--step", min=0, help="Loop step (0-based).")],
+    step: Annotated[int, typer.Option("--step", help="Loop step, 1-based as `sgsd loop` numbers them (step_0001 is step 1).")],
     per_step: Annotated[int, typer.Option("--per-step", min=1, help="Prompts per step.")],
     out_path: Annotated[Path, typer.Option("--out", help="Parquet file to write.")],
     seed: Annotated[int, typer.Option("--seed", min=0, help="The loop's seed.")] = 0,

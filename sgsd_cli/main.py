@@ -7,7 +7,7 @@ import importlib
 import typer
 
 from sgsd_cli import progress
-from sgsd_cli.common import app, out
+from sgsd_cli.common import app, out, report_error
 from stages.engine.io import SGSD_VERSION
 
 # each module registers its command(s) on `app` when imported, in --help order
@@ -73,7 +73,53 @@ def _register() -> None:
         importlib.import_module(m)
 
 
+def _run_dir_arg(argv: list[str]) -> str | None:
+    """The run directory a command line names (``--run-dir X``, ``--run-dir=X``, ``--set [section.]run_dir=X``, or
+    the ``run_dir`` of the command's table in its ``--config`` recipe), read without importing any stage."""
+    found = None
+    cfg = None
+    for i, a in enumerate(argv):
+        val = argv[i + 1] if i + 1 < len(argv) else None
+        if a == "--run-dir" and val is not None:
+            found = val
+        elif a.startswith("--run-dir="):
+            found = a.split("=", 1)[1]
+        elif a == "--set" and val is not None and val.split("=", 1)[0].split(".")[-1] == "run_dir" and "=" in val:
+            v = val.split("=", 1)[1].strip()
+            found = v.strip("'\"") if v[:1] in "'\"" else v
+        elif a == "--config" and val is not None:
+            cfg = val
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if found is None and cfg is not None and command:
+        try:
+            import tomllib
+
+            with open(cfg, "rb") as f:
+                table = tomllib.load(f).get(command.replace("-", "_"), {})
+            found = table.get("run_dir") if isinstance(table, dict) and isinstance(table.get("run_dir"), str) else None
+        except (OSError, ValueError):
+            return None  # the command itself reports a bad recipe
+    return found
+
+
+def _refuse_busy_run_dir(argv: list[str]) -> None:
+    """A run directory another process holds is refused now, in one line, before the stages' heavy imports
+    (torch, transformers: many seconds); the stage takes the lock itself later."""
+    run_dir = _run_dir_arg(argv)
+    if not run_dir or "--help" in argv or "--dry-run" in argv:
+        return
+    from stages.engine.io import run_dir_in_use
+
+    err = run_dir_in_use(run_dir)
+    if err is not None:
+        report_error(err)
+        raise SystemExit(2)
+
+
 def main() -> None:
+    import sys
+
+    _refuse_busy_run_dir(sys.argv[1:])
     _register()
     app()
 

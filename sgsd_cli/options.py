@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable
 import typer
 
 from sgsd_cli.common import PIPELINE, app, cli_errors, out
-from stages.engine.config import build, field_opt, flag_of, parse_sets, resolve
+from stages.engine.config import build, deprecated, field_opt, flag_of, parse_sets, resolve
 from stages.engine.io import InputError, to_jsonable
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML recipe; its table for this stage gives defaults for every option below.", rich_help_panel="Config")]
@@ -65,6 +65,7 @@ class _Param:
     is_list: bool
     is_bool: bool
     convert: Callable[[Any], Any] | None
+    old_of: str | None = None  # a former flag of the field: the new flag's name (deprecation notice)
 
 
 def _params(cls: type, prefix: str = "", path: tuple[str, ...] = (), converters: dict | None = None,
@@ -110,6 +111,13 @@ def _params(cls: type, prefix: str = "", path: tuple[str, ...] = (), converters:
         conv = (converters or {}).get(".".join(path + (f.name,)))
         out_.append((_Param(path + (f.name,), name, flag, kind, is_list, is_bool, conv),
                      inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ann)))
+        for i, old in enumerate(x for x in o.get("old", ()) if x.startswith("--")):  # former flags, hidden
+            old_decl = [f"{old}/--no-{old[2:]}"] if is_bool else [old]
+            old_opt = typer.Option(*old_decl, hidden=True, show_default=False)
+            old_name = f"{name}__old{i}"
+            out_.append((_Param(path + (f.name,), old_name, old[2:], kind, is_list, is_bool, conv, old_of=flag),
+                         inspect.Parameter(old_name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=Annotated[(list[kind] if is_list else kind) | None, old_opt])))
     return out_
 
 
@@ -137,7 +145,7 @@ def stage_command(command: str, cls: type, *, section: str, panel: str = PIPELIN
         own = [p for p in inspect.signature(fn).parameters.values() if p.name not in ("cfg", "make_cfg", "sections")]
         whole = first == "sections"  # fn(sections, source, ...): every table of a recipe (sgsd loop)
         if whole:
-            own = [p for p in own if p.name != "source"]
+            own = [p for p in own if p.name not in ("source", "dry_run")]
         own_hints = typing.get_type_hints(fn, include_extras=True)
         own = [p.replace(annotation=own_hints.get(p.name, p.annotation), kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         fields = _params(cls, converters=converters, skip=set(skip))
@@ -151,28 +159,28 @@ def stage_command(command: str, cls: type, *, section: str, panel: str = PIPELIN
         def command_fn(**kw):
             config, sets, dry = kw.pop("config"), kw.pop("set_") or [], kw.pop("dry_run")
             given = {}
-            for fp, _ in fields:
+            for fp, _ in sorted(fields, key=lambda x: x[0].old_of is None):  # a new flag wins over its old name
                 v = kw.pop(fp.name)
                 if v is None or (fp.is_list and v == []):
                     continue
+                if fp.old_of:
+                    deprecated(f"--{fp.flag}", f"--{fp.old_of}")
                 given[fp.path] = fp.convert(v) if fp.convert else v
             stray = sorted(set(parse_sets(sets, section)) - {section})
             if stray and not whole:
                 raise InputError("--set", f"sgsd {command} takes {section}.* overrides only (got {', '.join(s + '.*' for s in stray)})")
             sections, source = resolve(config, sets, {section: _nest(given)}, default_section=section)
-            if whole:
-                if dry:
-                    out.print_json(json.dumps(to_jsonable(sections)))
-                    return None
-                return fn(sections, source, **kw)
+            if whole:  # fn checks and prints the whole recipe itself on --dry-run (sgsd loop)
+                return fn(sections, source, dry_run=dry, **kw)
             shared = {k: v for k, v in sections.get("loop", {}).items() if k in shared_loop_keys}
             names = {f.name for f in dataclasses.fields(cls)}
             values = {**{k: v for k, v in shared.items() if k in names}, **sections.get(section, {})}
             if lazy and not dry:
                 return fn(lambda: build(cls, values, section, source), **kw)
             cfg = build(cls, values, section, source)
-            if dry:
-                out.print_json(json.dumps(to_jsonable(dataclasses.asdict(cfg))))
+            if dry:  # as the stage will run it: presets and per-objective defaults filled in (eval, train)
+                shown = cfg.resolved() if callable(getattr(cfg, "resolved", None)) else cfg
+                out.print_json(json.dumps(to_jsonable(dataclasses.asdict(shown))))
                 return None
             return fn(cfg, **kw)
 

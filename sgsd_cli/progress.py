@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable
 
@@ -53,17 +54,43 @@ class LogProgress:
         self.tasks: dict[int, dict] = {}
         self._next = 0
         self.header = ""
+        self._lock = threading.RLock()
+        self._halt = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> "LogProgress":
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     def start(self) -> None:
-        pass
+        """A clock thread calls :meth:`tick`, so the line comes every ``every_s`` even while no work item
+        finishes (one long decode batch reports nothing until it ends)."""
+        if self._beat is None:
+            self._halt.clear()
+            self._beat = threading.Thread(target=self._run_beat, name="sgsd-progress", daemon=True)
+            self._beat.start()
+
+    def _run_beat(self) -> None:
+        while not self._halt.wait(max(0.05, min(1.0, self.every_s / 4))):
+            self.tick()
+
+    def tick(self) -> None:
+        """A line for every unfinished task whose last line is ``every_s`` old, whether or not it advanced."""
+        with self._lock:
+            now = self.clock()
+            for tid, t in list(self.tasks.items()):
+                finished = t["total"] is not None and t["completed"] >= t["total"]
+                if not finished and not t["ended"] and now - t["last"] >= self.every_s:
+                    self._emit(tid)
 
     def stop(self) -> None:
+        self._halt.set()
+        if self._beat is not None:
+            self._beat.join(timeout=2)
+            self._beat = None
         for tid in list(self.tasks):
             t = self.tasks[tid]
             if not t["ended"] and t["completed"] > t["last_done"] and self.clock() - t["start"] >= QUIET_BELOW_S:
@@ -82,6 +109,10 @@ class LogProgress:
 
     def update(self, task: int, *, total: float | None = None, completed: float | None = None,
                advance: float | None = None, description: str | None = None, **_) -> None:
+        with self._lock:
+            self._update(task, total, completed, advance, description)
+
+    def _update(self, task, total, completed, advance, description) -> None:
         t = self.tasks[task]
         if total is not None:
             t["total"] = total
@@ -101,7 +132,8 @@ class LogProgress:
             self._emit(task)
 
     def remove_task(self, task: int) -> None:
-        self.tasks.pop(task, None)
+        with self._lock:
+            self.tasks.pop(task, None)
 
     def finished_tasks(self) -> list[int]:
         return [i for i, t in self.tasks.items() if t["total"] is not None and t["completed"] >= t["total"]]
@@ -156,7 +188,7 @@ def make_progress(console: Console):
         every = float(os.environ.get("SGSD_PROGRESS_EVERY", LOG_EVERY_S))
         return LogProgress(console, every_s=every)
     p = LiveProgress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), console=console, disable=m == "off", transient=False,
     )
     return p

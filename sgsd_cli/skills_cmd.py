@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from sgsd_cli.common import UTILS, Seed, app, cli_errors, out, progress_bars
 from sgsd_cli.mine_skills_cmd import WRITER_CONVERTERS, writer_on_stage_device
@@ -74,8 +76,9 @@ def show_cmd(
     b = _resolve_bank(bank, run_dir)
     if kind not in ("all", "skills", "mistakes"):
         raise InputError(None, f"--kind must be all, skills or mistakes, not '{kind}'")
-    out.print(f"[bold]{b.path}[/]: {len(b.skills)} skills, {len(b.mistakes)} mistakes, version {b.version}"
-              + (f" ({b.metadata['bank_version']})" if b.metadata.get("bank_version") else ""))
+    out.print(f"[bold]{escape(str(b.path))}[/]: {len(b.skills)} skills, {len(b.mistakes)} mistakes, version "
+              + escape(f"{b.version}" + (f" ({b.metadata['bank_version']})" if b.metadata.get("bank_version") else "")),
+              markup=True)
     if kind in ("all", "skills"):
         t = Table(title="general skills")
         for c in ("id", "title") + (("principle",) if full else ()) + ("when to apply", "origin"):
@@ -111,7 +114,7 @@ def diff_cmd(old: BankArg, new: BankArg, run_dir: RunDirOpt = None) -> None:
         t.add_column(c, overflow="fold")
     style = {"added": "green", "removed": "red", "changed": "yellow", "renamed": "cyan"}
     for r in rows:
-        t.add_row(f"[{style[r['status']]}]{r['status']}[/]", r["kind"], r["old_id"] or "", r["new_id"] or "",
+        t.add_row(Text(r["status"], style=style[r["status"]]), r["kind"], r["old_id"] or "", r["new_id"] or "",
                   r["label"], ", ".join(r["fields"]))
     out.print(t)
     counts = {}

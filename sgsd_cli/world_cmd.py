@@ -16,6 +16,7 @@ app.add_typer(world_app, name="world", rich_help_panel=UTILS)
 Config = Annotated[Path | None, typer.Option("--config", help="TOML with a \\[world] table (families, rules, seen, unseen_spread, ...) and an \\[experiment] table (steps, seeds, levels, p_values, lr, ...); see configs/world.toml.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override one setting: world.key=value or experiment.key=value (TOML literal), e.g. --set world.rules=4 --set experiment.seeds=[0]; repeatable.")]
 Out = Annotated[Path | None, typer.Option("--out", help="Output folder (overrides experiment.out; default runs/world).")]
+Rebuild = Annotated[bool, typer.Option("--rebuild-base", metavar="", help="Build (SFT), calibrate and check the base here even when the shipped base (data/world_base) matches the settings, or a base is cached in the output folder.")]
 
 
 def _cfg(config: Path | None, sets: list[str] | None, out_dir: Path | None):
@@ -34,34 +35,37 @@ def _log(s: str) -> None:
 
 @world_app.command("build")
 @cli_errors
-def build_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
-    """Write the world's files and build the base model (tiny Qwen3, SFT on the world corpus); cached."""
+def build_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None, rebuild: Rebuild = False) -> None:
+    """Write the world's files and the base model: the shipped one when its settings match, else built here
+    (tiny Qwen3, SFT on the world corpus), calibrated and refused (exit 2) outside the documented bands; cached."""
     from stages import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
-        P = world.build(cfg, log=_log, progress=bars)
+        P = world.build(cfg, log=_log, progress=bars, rebuild=rebuild)
     out.print(f"base model: {P.base}")
 
 
 @world_app.command("calibrate")
 @cli_errors
 def calibrate_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
-                  force: Annotated[bool, typer.Option("--force", help="Measure again even if the calibration is cached.")] = False) -> None:
+                  force: Annotated[bool, typer.Option("--force", metavar="", help="Measure again even if the calibration is cached.")] = False,
+                  rebuild: Rebuild = False) -> None:
     """Measure and print the base's properties and the |Delta| distribution at the rule token per sharpness level."""
     from stages import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
-        world.calibrate(cfg, log=_log, progress=bars, force=force)
+        world.calibrate(cfg, log=_log, progress=bars, force=force, rebuild=rebuild)
     out.print(f"calibration: {world.Paths(cfg.out).calib / 'calibration.json'}")
 
 
 @world_app.command("compare")
 @cli_errors
 def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
-                results: Annotated[Path | None, typer.Option("--results", help="Also write the results file (markdown: command, date, machine, calibration, table, PNG path), e.g. bench/SKILL_WORLD_RESULTS.md.")] = None) -> None:
-    """Run every objective x bank x sharpness x seed with `sgsd loop`, evaluate, write the table, results.json and the PNG."""
+                results: Annotated[Path | None, typer.Option("--results", help="Also write the results file (markdown: command, date, machine, versions, base hashes, tuning, per-base tables, pooled figures, claims), e.g. bench/SKILL_WORLD_RESULTS.md.")] = None,
+                rebuild: Rebuild = False) -> None:
+    """Tune every objective alike (lr grid, GRPO group size, OPSD KL temperature), then run every objective x bank x seed on every base with `sgsd loop`; tables, claims, results.json, PNGs."""
     import sys
 
     from stages import world
@@ -69,7 +73,7 @@ def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
-        res = world.compare(cfg, log=_log, progress=bars)
+        res = world.compare(cfg, log=_log, progress=bars, rebuild=rebuild)
     if results:
         atomic_write_text(results, world.results_markdown(res, "sgsd " + " ".join(sys.argv[1:])))
     out.print(f"results: {world.Paths(cfg.out).compare / 'results.json'}  plot: {res['png']}")
@@ -77,10 +81,10 @@ def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
 
 @world_app.command("demo")
 @cli_errors
-def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None) -> None:
-    """The first run: build the world and base model (cached), train SGSD, print before/after accuracy and the plot path."""
+def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None, rebuild: Rebuild = False) -> None:
+    """The first run: the world and its base model (shipped, or built), train SGSD, print before/after accuracy and the plot path."""
     from stages import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
-        world.demo(cfg, log=_log, progress=bars)  # logs the before/after table and the plot's path
+        world.demo(cfg, log=_log, progress=bars, rebuild=rebuild)  # logs the before/after table and the plot's path

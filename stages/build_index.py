@@ -41,9 +41,9 @@ class BuildIndexConfig(Checked):
     bank: str = opt(help="Skill bank: .json (shared format), .parquet, or a run's bank/ folder (its latest version).", group="Index")
     encoder: str = opt(DEFAULT_ENCODER, "Sentence encoder: any sentence-transformers model or HF encoder (folder or hub id).", group="Index")
     mode: str = opt("embedding", "embedding | lexical | hybrid (lexical needs no encoder).", group="Index", choices=("embedding", "lexical", "hybrid"), what="index mode")
-    batch_size: int = opt(32, "Items encoded together.", group="Index", ge=1)
+    batch_size: int = opt(32, "Encode batch: bank items embedded together.", group="Index", ge=1, flag="encode-batch", old=("--batch-size",))
     device: str = opt("cpu", "Encoder device: cpu, cuda, auto.", group="Index")
-    encoder_backend: str = opt("auto", "auto (sentence-transformers when the model has its config, else transformers mean pooling), sentence-transformers, hf.", group="Index", choices=("auto", "sentence-transformers", "hf"))
+    encoder_backend: str = opt("auto", "auto (sentence-transformers for a hub id or a folder with its config, refused if the package is missing; transformers mean pooling for a plain folder), sentence-transformers, hf (mean pooling, explicitly).", group="Index", choices=("auto", "sentence-transformers", "hf"))
 
 
 def require_pairs(bank: SkillBank, path) -> None:

@@ -119,10 +119,10 @@ class EvalConfig(Checked):
     thinking: bool | None = opt(None, "Qwen3 thinking mode of the chat template (paper: on).", group="Protocol")
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Protocol", ge=0)
     backend: str = opt("auto", "Generation backend: auto (vLLM if installed, except for GGUF files; else hf-fast on CUDA, else hf), vllm, hf-fast, hf.", group="Engine", choices=("auto", "vllm", "hf-fast", "hf"))
-    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Engine", ge=1)
+    batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Engine", ge=1, flag="decode-batch", old=("--batch-size",))
     chunk_problems: int | None = opt(None, "Problems per resumable chunk (default: one decode batch for transformers, ~256 sequences for vLLM).", group="Engine", ge=1)
     limit: int | None = opt(None, "Evaluate only the first N problems of each benchmark.", group="Benchmarks", ge=1)
-    grade_timeout_s: float = opt(5.0, "Hard timeout per graded completion, seconds (a timeout scores 0).", group="Engine", flag="grade-timeout", gt=0)
+    verify_timeout_s: float = opt(5.0, "Hard timeout per verifier call (one graded completion), seconds (a timeout scores 0).", group="Engine", flag="verify-timeout", gt=0, old=("--grade-timeout", "grade_timeout_s"))
     grade_workers: int | None = opt(None, "Grading worker processes (default: the verifier's).", group="Engine", flag="workers", ge=1)
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, then the hub).", group="Benchmarks")
@@ -144,10 +144,10 @@ class EvalConfig(Checked):
             (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
             (cfg.top_k >= -1, f"--top-k must be >= 0 (0 = off), got {cfg.top_k}"),
             (cfg.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}"),
-            (cfg.batch_size >= 1, f"--batch-size must be at least 1, got {cfg.batch_size}"),
+            (cfg.batch_size >= 1, f"--decode-batch must be at least 1, got {cfg.batch_size}"),
             (cfg.chunk_problems is None or cfg.chunk_problems >= 1, "--chunk-problems must be at least 1"),
             (cfg.limit is None or cfg.limit >= 1, f"--limit must be at least 1, got {cfg.limit}"),
-            (cfg.grade_timeout_s > 0, "--grade-timeout must be positive"),
+            (cfg.verify_timeout_s > 0, "--verify-timeout must be positive"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -389,7 +389,7 @@ def bench_key(cfg: EvalConfig, ps: benchmarks.Problems, spec, fingerprint: str, 
         "backend": kind,
         "chunk_problems": chunk,
         "dtype": cfg.dtype,
-        "grade_timeout_s": cfg.grade_timeout_s,
+        "grade_timeout_s": cfg.verify_timeout_s,  # manifest key kept: earlier runs' results stay reusable
     }
 
 
@@ -405,7 +405,7 @@ class _Counter:
 
 def _grade(texts: list[str], golds: list[str], cfg: EvalConfig):
 
-    grades = grade_texts(texts, golds, timeout_s=cfg.grade_timeout_s, workers=cfg.grade_workers)
+    grades = grade_texts(texts, golds, timeout_s=cfg.verify_timeout_s, workers=cfg.grade_workers)
     norm = [normalize_answer(g.pred) if g.pred is not None else None for g in grades]
     return grades, norm
 
@@ -608,7 +608,7 @@ def _compatible_earlier(eval_dir: Path, cfg: EvalConfig, fingerprint: str, kind:
             "top_p": cfg.top_p, "top_k": cfg.top_k, "max_new_tokens": cfg.max_new_tokens, "thinking": cfg.thinking,
             "seed": cfg.seed, "prompt_template": load_template("student"), "dtype": cfg.dtype,
             "guidance_bank": _bank_id(cfg.guidance_bank, cfg.guidance_retrieval),
-            "grade_timeout_s": cfg.grade_timeout_s}
+            "grade_timeout_s": cfg.verify_timeout_s}
     for mpath in sorted(eval_dir.glob("*.manifest.json")):
         name = mpath.name[: -len(".manifest.json")]
         if name in exclude or name == "summary":

@@ -8,7 +8,8 @@ Delta under one teacher or the weighted sum over teachers (sum_k w_k Delta_{k,t}
 and as a self-contained HTML page (inline CSS + JS, no network) where a click switches the teacher.
 
 Selectors: ``rollout_id``; ``worst`` / ``best``: the rollouts whose teachers disagree / agree most with the
-verifier, by agreement = o * sum_k w_k a_k (o = +1 correct, -1 otherwise; a_k the support); ``category``:
+verifier: the largest weight share of teachers with polarity rho_k = -1 / +1, ties by agreement = o * sum_k
+w_k a_k (o = +1 correct, -1 otherwise; a_k the support); ``category``:
 rollouts having a teacher in that polarity category, the largest such teacher weight first.
 """
 
@@ -119,10 +120,16 @@ def teacher_table(t: StepTables) -> pl.DataFrame:
 
 
 def agreement(t: StepTables) -> pl.DataFrame:
-    """Per rollout: agreement = o * sum_k w_k a_k (how much the teachers' weighted support agrees with the verifier)."""
+    """Per rollout: agreement = o * sum_k w_k a_k (how much the teachers' weighted support agrees with the
+    verifier), disagree / agree = the weight share of its teachers whose polarity rho_k = o * sigma_k is -1 / +1
+    (the teachers that contradict / confirm the verifier's verdict)."""
     tt = teacher_table(t)
+    w = pl.col("weight")
+    share = (lambda sign: (w * (pl.col("polarity") == sign).cast(pl.Float64)).sum() / w.sum()) \
+        if "polarity" in tt.columns else (lambda sign: pl.lit(0.0))
     return (tt.group_by("rollout_id", maintain_order=True)
-            .agg(outcome=pl.col("outcome").first(), ws=(pl.col("weight") * pl.col("support")).sum())
+            .agg(outcome=pl.col("outcome").first(), ws=(w * pl.col("support")).sum(), disagree=share(-1),
+                 agree=share(1))
             .with_columns(agreement=pl.col("outcome") * pl.col("ws")).drop("ws"))
 
 
@@ -146,10 +153,10 @@ def select_rollouts(t: StepTables, *, rollout_id: str | None = None, worst: bool
         if hit.height == 0:
             raise InputError(t.step_dir, f"no teacher is '{category}' in this step")
         ag = ag.join(hit, on="rollout_id", how="inner").sort(["w", "agreement"], descending=[True, not best])
-    elif worst:
-        ag = ag.sort("agreement")
+    elif worst:  # most teacher weight against the verdict; then the weighted support most against it
+        ag = ag.sort(["disagree", "agreement"], descending=[True, False])
     elif best:
-        ag = ag.sort("agreement", descending=True)
+        ag = ag.sort(["agree", "agreement"], descending=[True, True])
     else:
         return ids[:max(1, limit)]
     return ag["rollout_id"].head(max(1, limit)).to_list()
@@ -265,12 +272,13 @@ def rollout_view(t: StepTables, rollout_id: str, tokenizer=None) -> dict[str, An
 
 
 def delta_rgb(d: float, clip: float = CLIP) -> tuple[int, int, int]:
-    """Background colour of a token: white at 0, green (teacher supports) / red (suppresses) at +-clip."""
+    """Background colour of a token: white at 0, green (teacher supports) / red (suppresses) at +-clip; both ends
+    light enough for black text (contrast about 7:1 at the red end, 9:1 at the green)."""
     x = max(-1.0, min(1.0, d / clip))
     a = abs(x)
     if x >= 0:
         return (round(255 - 200 * a), round(255 - 60 * a), round(255 - 200 * a))
-    return (round(255 - 40 * a), round(255 - 200 * a), round(255 - 200 * a))
+    return (round(255 - 20 * a), round(255 - 145 * a), round(255 - 145 * a))
 
 
 def render_terminal(view: dict, teacher: str = "weighted"):
@@ -340,15 +348,16 @@ tr.teacher{cursor:pointer} tr.teacher:hover{background:#f0f6ff} tr.sel{outline:2
 .buttons button.sel{background:#0969da;color:#fff;border-color:#0969da}
 .completion{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;white-space:pre-wrap;line-height:1.7;
  border:1px solid #ddd;padding:10px;border-radius:6px}
-.completion span.off{color:#999} .legend{font-size:12px;color:#555}
+.completion span{color:#111;box-shadow:inset -1px 0 0 rgba(0,0,0,.28);border-radius:2px}
+.completion span.off{color:#999;box-shadow:none} .legend{font-size:12px;color:#555}
 .scale{display:inline-block;width:200px;height:10px;vertical-align:middle;
- background:linear-gradient(90deg,rgb(215,55,55),#fff,rgb(55,195,55))}
+ background:linear-gradient(90deg,rgb(235,110,110),#fff,rgb(55,195,55))}
 """
 
 _JS = """
 function rgb(d){var x=Math.max(-1,Math.min(1,d/CLIP)),a=Math.abs(x);
  return x>=0?'rgb('+Math.round(255-200*a)+','+Math.round(255-60*a)+','+Math.round(255-200*a)+')'
- :'rgb('+Math.round(255-40*a)+','+Math.round(255-200*a)+','+Math.round(255-200*a)+')';}
+ :'rgb('+Math.round(255-20*a)+','+Math.round(255-145*a)+','+Math.round(255-145*a)+')';}
 function show(i,which){var v=VIEWS[i],vals=which==='w'?v.weighted:v.deltas[which];
  var spans=document.querySelectorAll('#comp'+i+' span');
  for(var t=0;t<spans.length;t++){var s=spans[t];
@@ -363,9 +372,21 @@ for(var i=0;i<VIEWS.length;i++)show(i,'w');
 """
 
 
+def script_json(data) -> str:
+    """JSON to embed in a <script>: ``<``, ``>``, ``&`` (and U+2028/9) as \\u escapes, so no string in it (model or
+    skill text: ``</script>``, ``<!--<script>``) can end or change the script element.  Still the same JSON value."""
+    out = json.dumps(data, allow_nan=False)
+    for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        out = out.replace(ch, esc)
+    return out
+
+
 def render_html(views: Sequence[dict], title: str = "sgsd inspect") -> str:
-    """One self-contained page (inline CSS/JS, no external resource) for the given rollout views."""
-    e = html.escape
+    """One self-contained page (inline CSS/JS, no external resource) for the given rollout views.  Every value from
+    the tables is escaped (a cell of any type); numbers are formatted before they reach the page."""
+
+    def e(x) -> str:
+        return html.escape("" if x is None else str(x))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style></head>"
              f"<body><h1>{e(title)}</h1><p class='legend'>Each token is coloured by Δ<sub>k,t</sub> = t<sub>k,t</sub> − "
              f"s<sub>t</sub> (teacher minus student log-prob of the sampled token): "
@@ -384,21 +405,21 @@ def render_html(views: Sequence[dict], title: str = "sgsd inspect") -> str:
                      "<th>stance σ</th><th>polarity ρ</th><th>category</th><th>N</th><th>clipped</th></tr>")
         for j, x in enumerate(v["teachers"]):
             clipped = "" if x.get("clipped_frac") is None else f"{x['clipped_frac']:.3f}"
-            parts.append(f"<tr class='teacher' data-t='{j}'><td class='num'>{x['rank']}</td>"
+            parts.append(f"<tr class='teacher' data-t='{j}'><td class='num'>{e(str(x['rank']))}</td>"
                          f"<td><code>{e(x['skill_id'])}</code> {e(x['skill'])}</td>"
                          f"<td><code>{e(x['mistake_id'])}</code> {e(x['mistake'])}</td>"
                          f"<td class='num'>{x['weight']:.3f}</td><td class='num'>{x['support']:+.3f}</td>"
                          f"<td class='num'>{x['stance']:+d}</td><td class='num'>{x['polarity']:+d}</td>"
                          f"<td class='cat-{e(x['category'])}'>{e(x['category'])}</td>"
-                         f"<td class='num'>{'' if x.get('n_mask') is None else x['n_mask']}</td>"
+                         f"<td class='num'>{'' if x.get('n_mask') is None else e(str(x['n_mask']))}</td>"
                          f"<td class='num'>{clipped}</td></tr>")
         parts.append("</table><div class='buttons'>colour by: <button data-t='w'>weighted Σ w·Δ</button>"
-                     + "".join(f"<button data-t='{j}'>teacher {x['rank']}</button>" for j, x in enumerate(v["teachers"]))
+                     + "".join(f"<button data-t='{j}'>teacher {e(str(x['rank']))}</button>" for j, x in enumerate(v["teachers"]))
                      + f"</div><p class='legend' id='lab{i}'></p><div class='completion' id='comp{i}'>")
         parts.append("".join(f"<span{'' if m else ' class=off'}>{e(tok)}</span>" for tok, m in zip(v["tokens"], v["mask"])))
         parts.append("</div></section>")
     data = [{k: v[k] for k in ("deltas", "weighted", "mask", "teachers")} for v in views]
-    blob = json.dumps(data, allow_nan=False).replace("</", "<\\/")
+    blob = script_json(data)
     parts.append(f"<script>var CLIP={CLIP!r};var VIEWS={blob};{_JS}</script></body></html>")
     return "".join(parts)
 

@@ -38,7 +38,9 @@ import polars as pl
 import torch
 
 from stages.engine.config import Checked, opt
+from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
+from stages.engine.alarms import alarm_column, new_alarms
 from stages.engine.config import build
 from stages.engine.distributed import Dist, init_distributed
 from stages.engine.generation.factory import make_backend
@@ -58,14 +60,15 @@ from stages.engine.benchmarks import load_problems
 from stages.train import Trainer
 from stages.engine.skills.versions import init_bank_versions
 from stages.engine.skills.bank import load_bank
+from stages.build_index import require_pairs
 from stages import eval as eval_stage
 from stages.engine.skills.versions import latest_bank_version
 from stages import update_skills
 from stages.train import OBJECTIVES
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
-LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device",
-                    "vllm_gpu_memory_utilization", "vllm_sleep")
+LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device", "alarm_stop",
+                    "vllm_gpu_memory_utilization", "vllm_sleep", "probe_tokens", "probe_action", "probe_tol")
 
 
 @dataclass
@@ -76,13 +79,17 @@ class LoopConfig(Checked):
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Loop")
     problems: str = opt("train", "Training pool: benchmark name or problems file (id, problem, answer).", group="Loop")
     data_dir: str | None = opt(None, "Folder holding benchmark files.", group="Loop")
-    bank: str = opt("data/demo/skill_bank.json", "Skill bank (sgsd); becomes bank/v0000 when skills are updated.", group="Loop")
+    bank: str = opt("", "Skill bank (sgsd, required: e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json; smoke runs data/demo/skill_bank.json); becomes bank/v0000 when skills are updated.", group="Loop")
     steps: int = opt(200, "Loop steps.", group="Loop", ge=1)
     prompts_per_step: int = opt(16, "Prompts sampled per step (seeded, epoch-wise).", group="Loop", ge=1)
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Loop", ge=0)
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Loop")
-    backend: str = opt("hf", "Generation backend of the loop (one resident engine): auto, vllm, hf-fast, hf.", group="Loop", choices=("auto", "vllm", "hf-fast", "hf"))
+    backend: str = opt("auto", "Generation backend of the loop (one resident engine): auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast, hf.", group="Loop", choices=("auto", "vllm", "hf-fast", "hf"))
     eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0)
+    probe_tokens: int = opt(16, "Engine/trainer probe after every weight load of the resident engine: tokens sampled from each of the step's first 2 problems by the engine and rescored by the trainer (0: off; stages/engine/agreement.py).", group="Loop", ge=0)
+    probe_action: str = opt("stop", "When the probe's mean |delta logp| exceeds its tolerance: stop (exit 2, one line naming the step and the gap) or warn (one warning line).", group="Loop", choices=("stop", "warn"))
+    probe_tol: float | None = opt(None, "Probe tolerance, nats per token (default: by dtype, the coarser of engine and trainer: fp32 2e-3, fp16 2e-2, bf16 5e-2).", group="Loop", gt=0)
+    alarm_stop: bool = opt(False, "Stop the loop (exit 2) when a collapse alarm fires (reward or eval trend, SGSD polarity mix; stages/engine/alarms.py); default: warn in one line and mark the step in metrics.parquet (alarms column).", group="Loop")
     skill_update_every: int = opt(0, "Online skill-bank update every N steps (sgsd; 0: never).", group="Loop", ge=0)
     keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0)
     vllm_tensor_parallel: int = opt(1, "vLLM tensor parallelism across this many consecutive torchrun ranks (colocated engine, external_launcher) for a policy that does not fit one GPU; the ranks of a group generate the same prompts. Must divide the number of ranks.", group="Scale-out", ge=1)
@@ -119,6 +126,8 @@ def step_problems(pool: pl.DataFrame, n: int, per_step: int, seed: int) -> pl.Da
     only on (pool, n, per_step, seed) and a restarted loop draws what an uninterrupted one would.
     """
     N = pool.height
+    if n < 1:
+        raise InputError(None, f"--step must be >= 1 (loop steps are 1-based: step_0001 is step 1; got {n})")
     if per_step > N:
         raise InputError(None, f"loop.prompts_per_step ({per_step}) exceeds the training pool ({N} problems): "
                                "a step cannot hold that many distinct problems")
@@ -189,6 +198,9 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
                data_dir=lc.data_dir, **common)
     sc_over = {"bank": lc.bank} if "bank" not in sections.get("score_teachers", {}) else {}
     sc = build(ScoreTeachersConfig, sections.get("score_teachers", {}), "score_teachers", source, **sc_over, **common)
+    if lc.objective == "sgsd" and not sc.bank:
+        raise InputError(source, "loop.bank is required for sgsd: a skill bank JSON (the paper's: ../shared/data/"
+                                 "skill_banks/sgsd_qwen3_1.7b.json; smoke runs: data/demo/skill_bank.json)")
     po = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
     tr = build(TrainConfig, sections.get("train", {}), "train", source, objective=lc.objective, **common)
     per_step = tr.steps or (tr.num_iterations if lc.objective == "grpo" else 1)
@@ -200,7 +212,7 @@ def build_sections(sections: dict, source: str = "config") -> Sections:
         ev = build(EvalConfig, sections.get("eval", {}), "eval", source, data_dir=lc.data_dir, **common)
         if not ev.benches and not ev.problems:
             raise InputError(source, "loop.eval_every is set but the eval table names no benches or problems")
-        ev.resolved()  # protocol and sampling values are checked before the first step, not after it
+        ev = ev.resolved()  # protocol values filled in and checked before the first step, not after it
     up = None
     if lc.skill_update_every:
 
@@ -237,9 +249,16 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
                 "loss": float(tr["loss"].mean()), "grad_norm": float(tr["grad_norm"].mean()),
                 "lr": float(tr["lr"][-1]), "train_tokens": int(tr["tokens"].sum()),
                 "tokens_per_s": float(tr["tokens"].sum() / max(1e-9, tr["wall_s"].sum()))})
+    for k in agreement.COLUMNS:  # measured before the first update on the table: the pure engine/trainer gap
+        if k in tr.columns:
+            v = tr[k][0]
+            row[k] = (int(v) if k == "agree_tokens" else float(v)) if v is not None else (0 if k == "agree_tokens" else float("nan"))
+    if (sd / "engine_probe.json").exists():
+        pr = json.loads((sd / "engine_probe.json").read_text())
+        row.update({"probe_gap_mean": float(pr["gap_mean"]), "probe_gap_max": float(pr["gap_max"])})
     ro = read_table(stage_table_path(sd, "rollout"))
     lens = ro["completion_ids"].list.len()
-    row.update({"rollouts": ro.height, "completion_len_mean": float(lens.mean()), "completion_len_max": int(lens.max()),
+    row.update({"rollouts": ro.height, "prompts": int(ro["problem_id"].n_unique()), "completion_len_mean": float(lens.mean()), "completion_len_max": int(lens.max()),
                 "truncated_frac": float((ro["finish_reason"] == "length").mean())})
     if (sd / "polarize_rollouts.parquet").exists():
         row["reward"] = float(pl.read_parquet(sd / "polarize_rollouts.parquet")["correct"].cast(pl.Float64).mean())
@@ -260,9 +279,9 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
         w = _wall(sd / f"{f}.manifest.json")
         if w is not None:
             row[f"wall_{name}_s"] = w
-    w = _wall(sd / "eval" / "summary.manifest.json")
-    if w is not None:
-        row["wall_eval_s"] = w
+    walls = [w for m in sorted((sd / "eval").glob("*.manifest.json")) if (w := _wall(m)) is not None]
+    if walls:  # every benchmark's generation and grading plus the summary, not the summary alone
+        row["wall_eval_s"] = sum(walls)
     if (sd / "eval" / "summary.parquet").exists():
         summ = pl.read_parquet(sd / "eval" / "summary.parquet")
         if "avg_at_n" in summ.columns and "bench" in summ.columns:
@@ -280,8 +299,9 @@ def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
-def _check_run_dir(run_dir: Path, resolved: dict, force: bool) -> None:
-    """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change)."""
+def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = True) -> None:
+    """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change);
+    ``write=False`` (the dry run) only checks."""
     path = run_dir / "loop_config.json"
 
     def key(r: dict) -> dict:
@@ -302,7 +322,8 @@ def _check_run_dir(run_dir: Path, resolved: dict, force: bool) -> None:
                           if a.get(s, {}).get(f) != b.get(s, {}).get(f))
             raise InputError(path, f"this run directory was started with another config (differs in "
                                    f"{', '.join(diff[:6])}); use another run directory or pass --force")
-    atomic_write_json(path, resolved)
+    if write:
+        atomic_write_json(path, resolved)
 
 
 def prune_steps(run_dir: Path, upto: int, keep_last: int) -> None:
@@ -326,7 +347,10 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
     holder); taking the lock clears the temp files a killed run left.  Under ``torchrun`` every rank runs
     this: rank 0 holds the lock, logs and draws the progress bars (see :func:`_run`)."""
 
-    lc = build_sections(sections, source).loop
+    S = build_sections(sections, source)
+    lc = S.loop
+    if lc.objective == "sgsd":  # an unusable bank is refused before the run directory is touched
+        require_pairs(load_bank(S.score.bank), S.score.bank)
     dist = init_distributed(lc.device)
     if not dist.main:
         progress, log = None, None
@@ -363,8 +387,8 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
     run_dir = Path(lc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = S.resolved()
-    if d.main:
-        _check_run_dir(run_dir, resolved, force)
+    if d.main:  # refused now if started with another config; claimed (loop_config.json) when the first stage starts
+        _check_run_dir(run_dir, resolved, force, write=False)
     d.barrier()
     pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
 
@@ -407,6 +431,8 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
         say(f"loop: {d.world} ranks; each generates and scores 1/{d.world} of every step's prompts")
     trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say, dist=d, inference_copy=True)
     trainer.policy.eval()
+    if d.main:  # everything the first stage needs has loaded: the run directory is this config's from here on
+        _check_run_dir(run_dir, resolved, force)
     bank_hist = None
     if lc.skill_update_every and lc.objective == "sgsd":
 
@@ -438,6 +464,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
             else:
                 engine.wake_up()
                 engine.update_weights(infer)
+            _probe_engine(engine, trainer, lc, sd, n, d, say, "engine_probe")
             rollout.run(rcfg, sd, progress=progress, loaded=loaded, backend=engine)
             if lc.vllm_sleep:
                 engine.sleep(lc.vllm_sleep)  # the KV cache (and at level 2 the weights) freed for scoring and training
@@ -468,6 +495,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
                 if engine is not None:
                     engine.wake_up()
                     engine.update_weights(trainer.inference_model)
+                    _probe_engine(engine, trainer, lc, sd, n, d, say, "engine_probe_eval")
             new_loaded = (trainer.inference_model, trainer.tok, _spec_for(new_policy, None))
             if d.main:  # rank 0 evaluates and updates the bank; the other ranks wait at the barrier below
                 if want_eval:
@@ -477,7 +505,13 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
                 if want_update:
                     _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
                 metrics = collect_metrics(run_dir, n, lc.objective)
+                history = metrics.to_dicts()
+                metrics = metrics.with_columns(pl.Series("alarms", alarm_column(history), dtype=pl.String))
                 write_parquet(metrics, metrics_path)
+                for a in new_alarms(history):
+                    if lc.alarm_stop:
+                        raise InputError(metrics_path, f"collapse alarm at step {n}: {a} (loop.alarm_stop)")
+                    say(f"warning: collapse alarm at step {n}: {a}")
                 loggers.write(metrics.row(-1, named=True), n)
                 say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
                     + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
@@ -491,6 +525,32 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
         if engine is not None:
             engine.close()
     return metrics_path
+
+
+def _probe_engine(engine, trainer, lc: "LoopConfig", sd: Path, n: int, d: Dist, say, name: str) -> None:
+    """After the resident engine got its weights: a short probe whose log-probs must match the trainer's
+    (stages/engine/agreement.py); the result goes to ``sd/<name>.json``.  Every rank probes its own engine and
+    all ranks take the same decision."""
+    if not lc.probe_tokens:
+        return
+    texts = pl.read_parquet(sd / "problems.parquet")["problem"].head(agreement.PROBE_PROMPTS).to_list()
+    prompts = [ids[:256] for ids in (trainer.tok(str(t), add_special_tokens=False)["input_ids"] for t in texts) if ids]
+    if not prompts:
+        return
+    compute = torch.bfloat16 if trainer.precision in ("bf16-mixed", "bf16") else None
+    res = agreement.probe(engine, trainer.inference_model, prompts, tokens=lc.probe_tokens, tol=lc.probe_tol,
+                          compute_dtype=compute, seed=lc.seed + n)
+    worst = d.all_sum([0.0 if res.ok else 1.0])[0]
+    if d.main:
+        atomic_write_json(sd / f"{name}.json", res.to_json())
+    if worst > 0:
+        msg = (f"engine/trainer mismatch at step {n}: after loading weights the {getattr(engine, 'name', '?')} engine's "
+               f"log-probs differ from the trainer's by {res.gap_mean:.3g} nats per token (max {res.gap_max:.3g}, "
+               f"tolerance {res.tol:.2g}): the engine is not serving the trainer's weights")
+        if lc.probe_action == "warn":
+            say(f"warning: {msg}")
+        else:
+            raise InputError(sd / f"{name}.json", msg + " (loop.probe_action = \"warn\" to go on)")
 
 
 def _engine_options(lc: "LoopConfig") -> dict:

@@ -50,7 +50,7 @@ class MineSkillsConfig(Checked):
     max_new_tokens: int = opt(38912, "Maximum tokens of one attempt (the reference's 38,912: skill/generate_math_memories.py:36).", group="Attempts", ge=1)
     thinking: bool = opt(True, "Qwen3 thinking mode for the attempts (on: the reference samples with the default chat template, generate_math_memories.py:151).", group="Attempts")
     backend: str = opt("auto", "Generation backend of the attempts: auto, vllm, hf.", group="Attempts", choices=("auto", "vllm", "hf-fast", "hf"))
-    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Attempts", ge=1)
+    batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Attempts", ge=1, flag="decode-batch", old=("--batch-size",))
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Attempts")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Attempts", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Attempts", ge=0)

@@ -1,7 +1,8 @@
 """`sgsd report`: plots and summaries from the tables the stages already wrote (nothing is recomputed).
 
 * :func:`load_run` -> per-step metrics of a run: ``metrics.parquet`` of ``sgsd loop`` (one row per loop step),
-  or for a standalone ``sgsd train`` run its ``train.parquet`` (one row per optimizer step); plus every eval
+  for a standalone ``sgsd train`` run its ``train.parquet`` (one row per optimizer step), for a stage-by-stage
+  run (shell recipes, scripts/smoke.sh) the rows rebuilt from its ``step_N/`` folders; plus every eval
   summary found (``step_*/eval/summary.parquet`` and ``eval/summary.parquet``).
 * :func:`write_report` -> PNG files (matplotlib) and one self-contained HTML page embedding them; several
   runs are overlaid with a legend.
@@ -42,6 +43,27 @@ def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted((n, d) for d in run_dir.glob("step_*") if d.is_dir() and (n := _step_no(d)) is not None)
 
 
+def steps_metrics(run_dir: Path) -> pl.DataFrame | None:
+    """The loop's per-step metrics rebuilt from a stage-by-stage run's ``step_N/`` folders (each with its train
+    table): what ``sgsd loop`` would have written to metrics.parquet.  None when no step has trained."""
+    from stages.loop import step_metrics  # lazy: the loop module loads torch
+
+    rows = []
+    for n, d in step_dirs(run_dir):
+        if not (d / "train.parquet").exists():
+            continue
+        objective = "sgsd" if (d / "polarize.parquet").exists() else "grpo"
+        try:
+            objective = read_manifest(d / "train.manifest.json")["config"]["objective"]
+        except (OSError, KeyError, TypeError, ValueError):
+            pass
+        try:
+            rows.append(step_metrics(d, n, objective))
+        except (InputError, OSError, pl.exceptions.PolarsError):
+            continue  # a step whose rollout table is missing: nothing to plot for it
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else None
+
+
 def load_run(run_dir: str | Path) -> dict[str, Any]:
     """{'name', 'path', 'kind' (loop | train), 'metrics' (DataFrame with a 'step' column), 'evals'
     (DataFrame: step, bench, n, problems, avg_at_n, avg_at_n_se, protocol)}."""
@@ -58,6 +80,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
             {k: v for k, v in {"accuracy": "reward", "mean_support": "support_mean", "completion_len": "completion_len_mean",
                                "clip_frac": "clipped_frac_grpo"}.items() if k in m.columns and v not in m.columns})
         kind = "train"
+    elif (m := steps_metrics(p)) is not None:
+        kind = "steps"  # stage by stage (scripts/recipe_*.sh, scripts/smoke.sh): step_N/ folders, no metrics.parquet
     else:
         m = pl.DataFrame({"step": []}, schema={"step": pl.Int64})
         kind = "eval"
@@ -77,23 +101,37 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 # plots
 
-PANELS: list[tuple[str, str, list[str]]] = [
-    # (file stem, title, columns); polarity and wall time: one small axes per column
-    ("reward", "reward / accuracy per step", ["reward"]),
-    ("loss", "loss", ["loss"]),
-    ("polarity", "polarity fractions", [f"frac_{c}" for c in CATEGORIES]),
-    ("support", "mean support a_k", ["support_mean", "support_abs_mean"]),
-    ("clipped", "clipped fraction (|Δ| > 3)", ["clipped_frac"]),
-    ("lengths", "completion length (tokens)", ["completion_len_mean", "completion_len_max"]),
-    ("truncated", "truncated fraction", ["truncated_frac"]),
-    ("grad_norm", "grad norm (before clipping)", ["grad_norm"]),
-    ("lr", "learning rate", ["lr"]),
-    ("tokens_per_s", "train tokens / s", ["tokens_per_s"]),
-    ("wall", "wall time per stage (s)", [f"wall_{s}_s" for s in STAGE_WALLS] + ["wall_s"]),
+PANELS: list[tuple[str, str, list[str], str]] = [
+    # (file stem, title, columns, y-axis label with its unit); polarity: one small axes per category
+    ("reward", "reward / accuracy per step", ["reward"], "fraction of rollouts correct"),
+    ("loss", "loss", ["loss"], "loss (objective's units, mean per step)"),
+    ("polarity", "polarity fractions", [f"frac_{c}" for c in CATEGORIES], "fraction of teachers"),
+    ("support", "mean support a_k", ["support_mean", "support_abs_mean"], "a_k (log-prob units)"),
+    ("clipped", "clipped fraction (|Δ| > 3)", ["clipped_frac"], "fraction of tokens"),
+    ("lengths", "completion length (tokens)", ["completion_len_mean", "completion_len_max"], "tokens"),
+    ("truncated", "truncated fraction", ["truncated_frac"], "fraction of rollouts"),
+    ("agreement", "engine/trainer agreement on sampled tokens (|Δ logp|, k3 KL, share over threshold, refresh probe)",
+     ["agree_abs_mean", "agree_abs_max", "agree_kl", "agree_frac_over", "probe_gap_mean"], "nats / fraction"),
+    ("grad_norm", "grad norm (before clipping)", ["grad_norm"], "L2 norm"),
+    ("lr", "learning rate", ["lr"], "learning rate"),
+    ("tokens_per_s", "train tokens / s", ["tokens_per_s"], "tokens / s"),
+    ("wall", "wall time per stage", [f"wall_{s}_s" for s in STAGE_WALLS] + ["wall_s"], "seconds"),
 ]
 
+# one small axes per column (the wall times share one axes, hence one scale)
+SPLIT = {"polarity", "agreement"}
+PRETTY = {**{f"wall_{s}_s": s for s in STAGE_WALLS}, "wall_s": "train step", **{f"frac_{c}": c for c in CATEGORIES},
+          "completion_len_mean": "mean", "completion_len_max": "max", "support_mean": "mean a_k",
+          "support_abs_mean": "mean |a_k|"}
 
-SPLIT = {"polarity", "wall"}
+
+def x_label(runs: Sequence[dict]) -> str:
+    """The x axis actually plotted: loop steps (metrics.parquet or a stage-by-stage run's step_N folders) or
+    optimizer steps (a standalone train table)."""
+    kinds = {"train" if r["kind"] == "train" else "loop" for r in runs}
+    if kinds == {"train"}:
+        return "optimizer step"
+    return "loop step" if kinds == {"loop"} else "loop step (loop runs) / optimizer step (train runs)"
 
 
 def _label(run: dict, runs: Sequence[dict]) -> str:
@@ -112,7 +150,8 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: Path, split: bool = False) -> Path | None:
+def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: Path, split: bool = False,
+               ylabel: str = "") -> Path | None:
     """One PNG: each run a colour; several columns are line styles of one axes, or with ``split`` one small
     axes each.  None when no run has any of the columns."""
     import matplotlib
@@ -143,13 +182,21 @@ def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: P
                 if d.height == 0:
                     continue
                 lab = " ".join(x for x in ((_label(r, runs) if len(runs) > 1 else ""),
-                                           (c if len(group) > 1 else "")) if x) or c
-                ax.plot(d["step"].to_list(), d[c].cast(pl.Float64).to_list(), color=colors[ri % len(colors)],
+                                           (PRETTY.get(c, c) if len(group) > 1 else "")) if x) or PRETTY.get(c, c)
+                ki = ri if len(runs) > 1 else ci  # one run: a colour per column, several: a colour per run
+                ax.plot(d["step"].to_list(), d[c].cast(pl.Float64).to_list(), color=colors[ki % len(colors)],
                         linestyle=styles[ci % len(styles)], marker="o" if d.height < 30 else None, markersize=3,
                         label=lab)
-        ax.set_title(group[0] if split else title, fontsize=10 if split else 12)
-        ax.set_xlabel("step" if all(r["kind"] != "train" for r in runs) else "step (loop) / optimizer step (train)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(PRETTY.get(group[0], group[0]) if split else title, fontsize=10 if split else 12)
+        ax.set_xlabel(x_label(runs), fontsize=9)
+        if ylabel and (not split or gi % nc == 0):
+            ax.set_ylabel(ylabel, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+        ax.tick_params(labelsize=9)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useMathText=True)
+        if ylabel == "seconds":
+            ax.set_ylim(bottom=0)
         if all(c.startswith("frac_") for c in group):  # polarity shares: the whole [0, 1] range
             ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
@@ -194,9 +241,13 @@ def plot_evals(runs: Sequence[dict], path: Path) -> Path | None:
             P = d["problems"][0] if "problems" in d.columns else None
             ax.errorbar(xs, ys, yerr=se, color=colors[ri % len(colors)], marker="o", markersize=3, capsize=3,
                         label=f"{_label(r, runs)} (n={n}, {P} problems)")
-        ax.set_title(f"{b}: avg@n ± se (%)")
-        ax.set_xlabel("step (last: the run's final eval/)" if any(s is None for s in d["step"].to_list()) else "step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"{b}: avg@n ± se")
+        ax.set_xlabel("loop step (last: the run's final eval/)" if any(s is None for s in d["step"].to_list())
+                      else "loop step", fontsize=9)
+        if bi == 0:
+            ax.set_ylabel("avg@n (% correct)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+        ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -212,8 +263,8 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     p = plot_evals(runs, out / "eval_avg_at_n.png")
     if p:
         figs.append(("eval avg@n ± standard error per benchmark", p))
-    for stem, title, cols in PANELS:
-        p = plot_panel(runs, title, cols, out / f"{stem}.png", split=stem in SPLIT)
+    for stem, title, cols, ylabel in PANELS:
+        p = plot_panel(runs, title, cols, out / f"{stem}.png", split=stem in SPLIT, ylabel=ylabel)
         if p:
             figs.append((title, p))
     e = html.escape
@@ -225,7 +276,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
              "td.num{text-align:right}</style></head><body><h1>sgsd report</h1><table><tr><th>run</th><th>kind</th>"
              "<th>steps</th><th>path</th></tr>"]
     for r in runs:
-        parts.append(f"<tr><td>{e(_label(r, runs))}</td><td>{r['kind']}</td><td class='num'>{r['metrics'].height}</td>"
+        parts.append(f"<tr><td>{e(_label(r, runs))}</td><td>{e(str(r['kind']))}</td><td class='num'>{r['metrics'].height}</td>"
                      f"<td>{e(str(r['path']))}</td></tr>")
     parts.append("</table><div class='grid'>")
     for title, p in figs:
@@ -242,8 +293,9 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
                      "<table><tr><th>kind</th><th>id</th><th>item</th><th>retrieved</th>"
                      + "".join(f"<th>{c}</th>" for c in CATEGORIES) + "</tr>")
         for x in st.iter_rows(named=True):
-            parts.append(f"<tr><td>{x['kind']}</td><td>{e(x['item_id'])}</td><td>{e(x['label'] or '')}</td>"
-                         f"<td class='num'>{x['retrieved']}</td>" + "".join(f"<td class='num'>{x[c]}</td>" for c in CATEGORIES)
+            parts.append(f"<tr><td>{e(str(x['kind']))}</td><td>{e(str(x['item_id']))}</td><td>{e(str(x['label'] or ''))}</td>"
+                         f"<td class='num'>{e(str(x['retrieved']))}</td>"
+                         + "".join(f"<td class='num'>{e(str(x[c]))}</td>" for c in CATEGORIES)
                          + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

@@ -16,7 +16,7 @@ import polars as pl
 from stages.engine.generation.base import GenerationBackend, SamplingConfig, prompt_key_of
 from stages.engine.generation.factory import make_backend
 from stages.engine.config import Checked, opt
-from stages.engine.io import DATA_DIR, StageRun, shard_output_name, shard_rows
+from stages.engine.io import InputError, StageRun, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from stages.engine import benchmarks
 from stages.engine.models import load_model
@@ -46,7 +46,7 @@ ROLLOUT_SCHEMA = {
 @dataclass
 class RolloutConfig(Checked):
     model: str = opt(help="HF model folder, hub id, .gguf file, or LoRA adapter folder.", group="Model")
-    problems: str = opt(str(DATA_DIR / "demo" / "problems.jsonl"), "JSONL/Parquet file with id, problem, answer, or a benchmark name (aime24, aime25, hmmt25, math500, train). Default: the demo set in data/demo/.", group="Data")
+    problems: str = opt("", "JSONL/Parquet file with id, problem, answer, or a benchmark name (aime24, aime25, hmmt25, math500, train), required (smoke runs: data/demo/problems.jsonl).", group="Data")
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
     n: int = opt(1, "Samples per problem (1 for SGSD/OPSD, 8 for GRPO).", group="Sampling", ge=1)
     temperature: float = opt(1.1, "Sampling temperature (0 = greedy).", group="Sampling", ge=0)
@@ -56,7 +56,7 @@ class RolloutConfig(Checked):
     thinking: bool = opt(False, "Qwen3 thinking mode of the chat template (the student uses non-thinking mode by default).", group="Sampling")
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Sampling", ge=0)
     backend: str = opt("auto", "Generation backend: auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast (static-cache engine with slot refill), hf.", group="Engine", choices=("auto", "vllm", "hf-fast", "hf"))
-    batch_size: int = opt(32, "Sequences decoded together (transformers backend).", group="Engine", ge=1)
+    batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Engine", ge=1, flag="decode-batch", old=("--batch-size",))
     limit: int | None = opt(None, "Use only the first N problems.", group="Data", ge=1)
     policy_step: int = opt(0, "Policy step recorded in every row.", group="Data", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: process the i-th of n contiguous blocks of the problems and write rollout/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Data", metavar="i/n")
@@ -134,6 +134,9 @@ def run(
     generation engine (e.g. one vLLM engine kept across loop steps, refreshed with ``update_weights``).
     """
 
+    if not cfg.problems:
+        raise InputError(None, "--problems is required: a problems file (id, problem, answer) or a benchmark name "
+                               "(smoke runs: data/demo/problems.jsonl)")
     src = benchmarks.load(cfg.problems, data_dir=cfg.data_dir)
     problems = select_problems(src.df, cfg.limit, cfg.shard)
     key = {"config": cfg, "problems_source": src.source}

@@ -15,8 +15,9 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import DATA_DIR, InputError, StageRun, read_table, shard_output_name, shard_rows, stage_table_path
-from stages.engine.prompts import chat_prompt_text, teacher_prompt, teacher_thinking_flag
+from stages.engine.io import (InputError, StageRun, check_finite, read_table, shard_output_name, shard_rows,
+                              stage_table_path)
+from stages.engine.prompts import chat_prompt_text, strip_wrappers, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
 from stages.engine.skills.bank import load_bank
@@ -49,20 +50,20 @@ SCORE_SCHEMA = {
 @dataclass
 class ScoreTeachersConfig(Checked):
     model: str = opt(help="The policy (student = teacher weights): HF folder, hub id, .gguf, or adapter folder.", group="Model")
-    bank: str = opt(str(DATA_DIR / "demo" / "skill_bank.json"), "Skill bank JSON (format of shared/data/skill_banks/*.json). Default: the tiny demo bank in data/demo/, for smoke runs and tests only; a paper run names its bank (e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json).", group="Teachers")
+    bank: str = opt("", "Skill bank JSON (format of shared/data/skill_banks/*.json), required: a paper run names its bank (e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json); smoke runs and tests the tiny demo bank data/demo/skill_bank.json.", group="Teachers")
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
     index: str | None = opt(None, "Index built by `sgsd build-index` (refused if built from another bank version).", group="Teachers")
     retrieval: str = opt("embedding", "embedding (the paper's, with Qwen/Qwen3-Embedding-0.6B) | lexical (no-model fallback for smoke runs and tests) | hybrid | random.", group="Teachers", choices=("embedding", "lexical", "hybrid", "random"))
     encoder: str | None = opt(None, "Sentence encoder for embedding retrieval without an index (default Qwen/Qwen3-Embedding-0.6B, the paper's).", group="Teachers")
     query_prompt: bool = opt(False, "Encode retrieval queries with the encoder's 'query' prompt (default: the raw problem, as the reference does).", group="Teachers")  # reference skill_memory.py:179-184 encodes the raw text
     teacher_thinking: str = opt("on", "Chat-template thinking flag of the teacher prompts: on (the reference: enable_thinking=True while the student is non-thinking), off, or rollout (the rollout's own flag).", group="Teachers", choices=("on", "off", "rollout"))  # reference sgsd_trainer.py:195-200
-    k: int = opt(8, "Top-k skills and top-k mistakes; K = min of the two counts teachers.", group="Teachers", ge=1)
+    k: int = opt(8, "Skills and mistakes retrieved per rollout (the top k of each); teacher j pairs the j-th skill with the j-th mistake, so a rollout gets K = min(k, bank skills, bank mistakes) teachers.", group="Teachers", ge=1)
     weight_temperature: float = opt(1.0, "Softmax temperature of the teacher weights.", group="Teachers", gt=0)
     scoring_temperature: float = opt(1.0, "Temperature of the scored log-probs (recorded in every row).", group="Scoring", gt=0)
     token_budget: int = opt(16384, "Tokens per packed micro-batch of the scoring core.", group="Scoring", ge=1)
     logit_chunk: int = opt(2048, "Positions per fp32 log-softmax chunk.", group="Scoring", ge=1)
     rollouts_per_batch: int = opt(16, "Rollouts whose student + K teacher sequences are scored together.", group="Scoring", ge=1)
-    seed: int = opt(0, "Random seed (sampling, shuffling).", group="Scoring", ge=0)
+    seed: int = opt(0, "Seed of --retrieval random (its scores); recorded in the manifest. Scoring itself draws nothing.", group="Scoring", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: score the i-th of n contiguous blocks of the rollouts; writes score_teachers/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Scoring", metavar="i/n")
     device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
@@ -81,11 +82,13 @@ def score_table(
     retriever,
     cfg: ScoreTeachersConfig,
     on_done: Callable[[int], None] | None = None,
+    on_retrieved: Callable[[int], None] | None = None,
 ) -> pl.DataFrame:
-    """In-process scoring of a rollout table; the loop calls this with its resident model."""
+    """In-process scoring of a rollout table; the loop calls this with its resident model.  ``on_done(n)``:
+    rollouts scored; ``on_retrieved(n)``: distinct problems whose teachers were retrieved."""
     thinking = teacher_thinking_flags(cfg.teacher_thinking, rollouts)
     problems = rollouts["problem"].to_list()
-    pools = retrieve_many(retriever, problems, k=cfg.k, temperature=cfg.weight_temperature)
+    pools = retrieve_many(retriever, problems, k=cfg.k, temperature=cfg.weight_temperature, on_done=on_retrieved)
     rows: dict[str, list] = {k: [] for k in SCORE_SCHEMA}
     bank_version = retriever.bank.version
     recs = rollouts.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()
@@ -144,7 +147,14 @@ def run(
 
     src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
     table = read_table(src, ROLLOUT_COLUMNS)
+    check_finite(table, ["sample_logprobs"], src, "rollout_id", nulls_ok=True)  # what train reads later
     table = shard_rows(table, cfg.shard)
+    if table.height and not table["completion_ids"].list.len().max():
+        raise InputError(src, f"every completion is empty (0 tokens in {table.height} rollouts): there is nothing to "
+                              "score; nothing written")
+    if not cfg.bank:
+        raise InputError(None, "--bank is required: a skill bank JSON (the paper's: ../shared/data/skill_banks/"
+                               "sgsd_qwen3_1.7b.json; smoke runs: data/demo/skill_bank.json)")
     bank = load_bank(cfg.bank)
 
     require_pairs(bank, cfg.bank)
@@ -162,8 +172,9 @@ def run(
     vocab = model.get_input_embeddings().num_embeddings
     check_token_ids([(r, c, ids) for c in ("prompt_ids", "completion_ids")
                      for r, ids in zip(table["rollout_id"].to_list(), table[c].to_list())], vocab, src)
+    retrieved = progress("retrieve", len(set(map(strip_wrappers, table["problem"].to_list())))) if progress else None
     advance = progress("score-teachers", table.height) if progress else None
-    df = score_table(model, tok, table, retriever, cfg, on_done=advance)
+    df = score_table(model, tok, table, retriever, cfg, on_done=advance, on_retrieved=retrieved)
     if df.height == 0:
         raise InputError(cfg.bank, "no teacher could be formed for any rollout (0 rows); nothing written")
     stage.finish(df, extra={"model": spec.to_json(), "bank_version": bank.version,

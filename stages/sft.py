@@ -28,35 +28,35 @@ import polars as pl
 import torch
 
 from stages.engine import checkpoint as ckpt
+from stages.engine.config import Checked, opt
 from stages.engine.distributed import rng_state, seed_all, set_rng_state
 from stages.engine.io import InputError, StageRun, atomic_write_json, read_table, write_parquet
 
 
 @dataclass
-class SFTConfig:
-    model: str = ""  # HF folder / hub id / .gguf / adapter folder / checkpoint folder to start from
-    data: str = ""  # JSONL or Parquet with columns prompt, completion (strings) and optionally thinking (bool)
-    gguf_file: str | None = None
-    steps: int = 0  # optimizer steps; 0 = epochs x (rows // batch_size)
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio) or constant
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    thinking: bool = False  # chat template thinking flag of the prompts (match the rollout stage's); a row's
-    # own boolean `thinking` column wins (teacher prompts are scored with thinking on by default)
-    limit: int | None = None  # first N rows only
-    token_budget: int = 16384
-    logit_chunk: int = 2048
-    seed: int = 0
+class SFTConfig(Checked):
+    model: str = opt("", "Model to fine-tune: HF folder, hub id, .gguf, LoRA adapter or checkpoint folder.", group="Data")
+    data: str = opt("", "JSONL or Parquet with string columns prompt (one user turn) and completion (a boolean thinking column, if present, sets each row's chat-template flag).", group="Data")
+    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder.", group="Data")
+    steps: int = opt(0, "Optimizer steps; 0 = --epochs passes over the data (epochs x rows // batch size).", group="Optimisation", ge=0)
+    epochs: int = opt(1, "Passes over the data when --steps is 0.", group="Optimisation", ge=1)
+    batch_size: int = opt(64, "Examples per optimizer step.", group="Optimisation", ge=1)
+    lr: float = opt(3e-3, "Peak learning rate (AdamW).", group="Optimisation", gt=0)
+    warmup_steps: int = opt(50, "Linear warmup steps.", group="Optimisation", ge=0)
+    lr_schedule: str = opt("cosine", "cosine (to --min-lr-ratio) or constant.", group="Optimisation", choices=("cosine", "constant"))
+    min_lr_ratio: float = opt(0.1, "Cosine floor as a fraction of --lr.", group="Optimisation", ge=0, le=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", group="Optimisation", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient-norm clip (<= 0: off).", group="Optimisation")
+    thinking: bool = opt(False, "Chat template thinking flag of the prompts (match the rollout stage's); a row's own boolean thinking column wins.", group="Data")
+    limit: int | None = opt(None, "Use only the first N rows.", group="Data", ge=1)
+    token_budget: int = opt(16384, "Tokens per packed forward.", group="Engine", ge=1)
+    logit_chunk: int = opt(2048, "Positions per [positions, vocab] log-softmax chunk.", group="Engine", ge=1)
+    seed: int = opt(0, "Random seed (data order).", group="Optimisation", ge=0)
     # not part of the stage key
-    device: str = "auto"
-    save_every: int = 0
-    keep_last: int = 2
-    log_every: int = 50
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Engine")
+    save_every: int = opt(0, "Snapshot checkpoints/step_XXXXXX every N steps (0: only the final checkpoint).", group="Checkpoints", ge=0)
+    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
+    log_every: int = opt(50, "A log line every N optimizer steps (0: none).", group="Checkpoints", ge=0)
 
     RUNTIME_FIELDS = ("device", "save_every", "keep_last", "log_every")
 
@@ -200,12 +200,12 @@ def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: boo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total))
     done, rows = 0, []
     if start:
-        opt.load_state_dict(torch.load(start / "optimizer.pt", weights_only=False))
-        sched.load_state_dict(torch.load(start / "scheduler.pt", weights_only=False))
+        opt.load_state_dict(ckpt.load_state(start / "optimizer.pt"))
+        sched.load_state_dict(ckpt.load_state(start / "scheduler.pt"))
         done = int(state["local_step"])
         if (start / "metrics.parquet").exists():
             rows = pl.read_parquet(start / "metrics.parquet").to_dicts()
-        set_rng_state(torch.load(start / "rng" / "rank_00000.pt", weights_only=False))
+        set_rng_state(ckpt.load_state(start / "rng" / "rank_00000.pt"))
         say(f"sft: resuming from {start} at step {done}/{total}")
 
     def save(path: Path, step: int) -> Path:

@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
 from stages.engine.config import Checked, opt
@@ -45,7 +46,7 @@ from stages.engine.io import (InputError, StageRun, atomic_write_json, check_fin
                               write_parquet)
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
 from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
-from stages.engine.objectives.sgsd import CATEGORIES, rollout_loss
+from stages.engine.objectives.sgsd import CATEGORIES, REVERSED_TOKENS, rollout_loss, stance
 from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
 from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 from stages.engine.grading import grade_rollouts
@@ -95,6 +96,7 @@ class TrainConfig(Checked):
     # sgsd
     tau: float = opt(1.0, "SGSD gate temperature tau.", group="SGSD", gt=0)
     polarity: str = opt("verifier", "verifier (rho = outcome x stance, the method) or imitate (ABLATION: rho forced to +1 for every teacher, i.e. imitate every skill-conditioned teacher whatever the verifier says).", group="SGSD", choices=("verifier", "imitate"))
+    reversed_tokens: str = opt("all", "Tokens of a reversed teacher's term (rho = -1): all (the method as the reference specifies it) or stance (VARIANT: only tokens whose Delta has the teacher's stance sign, so the pushed-apart term never lowers a correct rollout's token or raises a wrong one's; docs/SKILL_WORLD.md).", group="SGSD", choices=REVERSED_TOKENS)
     scoring_temperature: float | None = opt(None, "Temperature of the training log-probs (default: the score-teachers table's for sgsd, the rollout's sampling temperature for grpo and opsd, as the reference divides the logits by it).", group="SGSD", gt=0)
     # opsd
     kl_clip: float = opt(0.05, "OPSD: clip of each vocabulary term of the forward KL (<= 0: off).", group="OPSD")
@@ -122,8 +124,11 @@ class TrainConfig(Checked):
     keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
     tensorboard: bool = opt(False, "Log every optimizer step's metrics row to RUN_DIR/tensorboard (needs the report extra).", group="Logging")
     wandb_project: str = opt("", "Log every optimizer step to this Weights & Biases project (needs the report extra).", group="Logging")
+    agreement_rollouts: int | None = opt(None, "Engine/trainer agreement: rollouts of the table whose sampled tokens the trainer rescores (no grad, before any update) against the stored sampling log-probs; agree_* columns of train.parquet (default 16; 0 = off; stages/engine/agreement.py).", group="Logging", ge=0)
+    agreement_threshold: float | None = opt(None, "Engine/trainer agreement: |delta logp| counted in agree_frac_over, nats (default 0.2).", group="Logging", gt=0)
 
-    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed", "tensorboard", "wandb_project")
+    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed", "tensorboard", "wandb_project",
+                      "agreement_rollouts", "agreement_threshold")
 
     def resolved(self) -> "TrainConfig":
         cfg = replace(self)
@@ -496,7 +501,7 @@ class Trainer:
                 self.teacher_model = copy.deepcopy(model)
             self.teacher_model.eval().requires_grad_(False)
             if cfg.teacher_mode == "ema" and self.start is not None and (self.start / "ema.pt").exists():
-                ema = torch.load(self.start / "ema.pt", map_location=self.device, weights_only=True)
+                ema = ckpt.load_state(self.start / "ema.pt", map_location=self.device)
                 self.teacher_model.load_state_dict(ema, strict=False)
 
         budget = sys.maxsize if self.mode == "fsdp" else cfg.token_budget  # FSDP: one forward per call on every rank
@@ -636,7 +641,9 @@ class Trainer:
             mask = torch.tensor(it.mask, device=s.device)
             wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
             rho = torch.tensor([self._rho(t) for t in it.teachers], device=s.device)
-            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.cfg.tau)
+            sigma = torch.tensor([stance(t.support) for t in it.teachers], device=s.device)
+            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.cfg.tau, sigma=sigma,
+                                           reversed_tokens=self.cfg.reversed_tokens)
             if w > 0:
                 live = rho != 0
                 d = (teachers - s.detach())[live][:, mask] if bool(live.any()) else s.new_zeros(0)
@@ -786,17 +793,49 @@ class Trainer:
             mt = max(1.0, s["mask_tokens"])
             row.update({"reward": s["reward"] / n, "clip_frac": s["clipped"] / mt, "ratio_mean": s["ratio"] / mt,
                         "kl": s["kl"] / mt, "advantage_abs": s["advantage_abs"] / n})
+        row.update(getattr(self, "_agree", {}))  # the table's engine/trainer agreement (same on every row of it)
         return row
+
+    @torch.no_grad()
+    def _agreement(self) -> dict:
+        """Engine/trainer agreement on the table's sampled tokens before any update on it (stages/engine/agreement.py):
+        up to ``agreement_rollouts`` rollouts rescored in eval mode at their sampling temperature."""
+        cfg = self.cfg
+        limit = agreement.DEFAULT_ROLLOUTS if cfg.agreement_rollouts is None else cfg.agreement_rollouts
+        if limit == 0:
+            return {}
+        thr = agreement.DEFAULT_THRESHOLD if cfg.agreement_threshold is None else cfg.agreement_threshold
+        rt = read_table(self.data.inputs["rollout"])
+        if "sample_logprobs" not in rt.columns:
+            return agreement.summary(agreement.combine([]))
+        temps = rt["temperature"].to_list() if "temperature" in rt.columns else [1.0] * rt.height
+        got = dict(zip(rt["rollout_id"].to_list(), zip(rt["sample_logprobs"].to_list(), temps)))
+        picked = []
+        for it in self.data.items:
+            lp, t = got.get(it.rid, (None, None))
+            if lp is None or len(lp) != len(it.completion_ids) or not lp or not all(math.isfinite(x) for x in lp):
+                continue
+            picked.append((it, lp, float(t) if t is not None and t > 0 else 1.0))  # greedy rows: log-probs at T = 1
+            if len(picked) == limit:
+                break
+        parts = []
+        for T in sorted({t for _, _, t in picked}):
+            grp = [(it, lp) for it, lp, t in picked if t == T]
+            with self._amp(), self._eval():
+                out = self.policy("logprobs", [it.segment for it, _ in grp], T)
+            for (it, lp), p in zip(grp, torch.split(out, [len(it.completion_ids) for it, _ in grp])):
+                parts.append(agreement.gap_sums(p.float(), torch.tensor(lp, dtype=torch.float64), thr))
+        return agreement.summary(agreement.combine(parts))
 
     # ---- checkpoints
 
     def _load_optimizer(self, path: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        osd = ckpt.load_state(path / "optimizer.pt", map_location="cpu")
         opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False) if self.mode == "fsdp" else StateDictOptions()
         set_optimizer_state_dict(self.wrapped, self.opt, osd, options=opts)
-        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.sched.load_state_dict(ckpt.load_state(path / "scheduler.pt"))
 
     def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler,
              commit: bool = True, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
@@ -900,8 +939,12 @@ class Trainer:
                 rows = pl.read_parquet(self.start / "metrics.parquet").to_dicts()
             rng = self.start / "rng" / f"rank_{d.rank:05d}.pt"
             if rng.exists():
-                set_rng_state(torch.load(rng, weights_only=False))
+                set_rng_state(ckpt.load_state(rng))
             self.log(f"resuming from {self.start} at step {start_local}/{n_steps} (policy step {self.policy_step})")
+        if start_local and rows and "agree_abs_mean" in rows[0]:  # measured before the first update on this table
+            self._agree = {k: rows[0][k] for k in agreement.COLUMNS if k in rows[0]}
+        else:
+            self._agree = self._agreement()
         # --force: the previous checkpoints stay in place until the new final checkpoint and its table are
         # complete (then swapped in); snapshots of the previous run are dropped only after that
         previous = ckpt.candidates(run_dir) if force and d.main else []
@@ -950,7 +993,7 @@ class Trainer:
                 "bank_version": self.bank_version, "world_size": d.world, "distributed": self.mode,
                 "precision": self.precision, "global_batch": B, "grad_accum": math.ceil(math.ceil(B / d.world) / cfg.micro_batch_size),
                 "steps": n_steps, "data": self.data.info, "scoring_temperature": self.data.temperature,
-                "teacher_mode": cfg.teacher_mode, "lora": self.lora,
+                "teacher_mode": cfg.teacher_mode, "lora": self.lora, "agreement": self._agree,
             }
             stage.finish(pl.DataFrame(rows), extra=extra, before_commit=swap_in)
         d.barrier()

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, atomic_write_text, read_table, stage_table_path
+from stages.engine.io import InputError, atomic_write_text, read_table, run_dir_lock, stage_table_path
 from stages.engine.grading import grades_for
 from stages.engine.skills.mining import ROLLOUT_REQUIRED, MiningParams, build_memories, candidate_counts, candidate_items, extract_candidates, merge_kind
 from stages.engine.skills.bank import KINDS, SkillBank, load_bank
@@ -269,9 +269,16 @@ def run(cfg: UpdateSkillsConfig, run_dir: str | Path, *, rollouts: Sequence[str 
 
     ``loaded`` = (model, tokenizer, spec): the resident policy (local writer when no ``--writer-url``, and
     the gate's model); ``backend``: its resident generation backend, reused instead of starting another.
-    ``gate(old, new) -> {"old": x, "new": y, ...}`` overrides ``cfg.gate_split``."""
+    ``gate(old, new) -> {"old": x, "new": y, ...}`` overrides ``cfg.gate_split``.  The run directory is locked
+    for the update (the next version number and ``updates.jsonl`` are read, then written)."""
     cfg.check()
-    run_dir = Path(run_dir)
+    with run_dir_lock(run_dir):
+        return _update(cfg, Path(run_dir), rollouts=rollouts, bank=bank, progress=progress, loaded=loaded,
+                       backend=backend, writer=writer, gate=gate)
+
+
+def _update(cfg: UpdateSkillsConfig, run_dir: Path, *, rollouts, bank, progress, loaded, backend, writer,
+            gate) -> UpdateResult:
     latest = latest_bank_version(run_dir)
     if latest is None:
         if bank is None:

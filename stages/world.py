@@ -16,22 +16,28 @@ Nothing here changes a stage: the world is data (problems JSONL, skill-bank JSON
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import platform
 import shutil
 import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import polars as pl
 
-from stages.engine.io import InputError, atomic_write_json, atomic_write_text
+from stages.engine.io import DATA_DIR, InputError, atomic_write_json, atomic_write_text, commit_dir, file_hash
 from stages.engine.world import LEVELS, World, WorldConfig, bank_key, check_level, check_p
 
-OBJECTIVE_RUNS = ("sgsd", "grpo", "opsd", "imitate")  # imitate = sgsd with train.polarity = "imitate" (ablation)
+# imitate = sgsd with train.polarity = "imitate" (ABLATION); sgsd-stance = sgsd with train.reversed_tokens = "stance"
+# (VARIANT: the reversed term only on tokens whose Delta has the stance's sign; runs at sgsd's tuned lr)
+OBJECTIVE_RUNS = ("sgsd", "sgsd-stance", "grpo", "opsd", "imitate")
+SGSD_LIKE = ("sgsd", "sgsd-stance", "imitate")
 Log = Callable[[str], None]
 Progress = Callable[[str, int], Callable[[int], None]] | None
 
@@ -64,6 +70,15 @@ class WorldRunConfig:
     eval_n: int = 4
     final_eval_n: int = 8
     base_skills: bool = True  # also evaluate base+skills (bank guidance in the eval prompt)
+    # tuning: every objective gets the same budget on base 0, run seed `sweep_seed`, chosen by its mean training
+    # reward over the last half of the steps (never by the held-out eval the table reports)
+    tune: bool = True
+    lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 3e-3])
+    group_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])  # GRPO, at its tuned lr
+    opsd_temperatures: list[float] = field(default_factory=lambda: [0.7, 1.1, 1.5])  # OPSD KL temperature, tuned lr
+    sweep_seed: int = 0
+    # more bases: each a table of [world] settings that differ from base 0's (e.g. {seed = 1})
+    bases: list[dict] = field(default_factory=list)
     threads: int = 0  # torch intra-op threads per process; 0 = the machine's cores divided by the processes at work
     jobs: int = 2  # compare: runs at once, each in its own process (build, calibrate and demo are one process)
 
@@ -73,6 +88,8 @@ class WorldRunConfig:
             check_p(p)
         for lv in self.levels + [self.calibrated_level]:
             check_level(lv)
+        for b in self.bases:
+            base_world(self, b)
         for o in self.objectives:
             if o not in OBJECTIVE_RUNS:
                 raise InputError(None, f"unknown objective '{o}' (use {', '.join(OBJECTIVE_RUNS)})")
@@ -85,6 +102,11 @@ class WorldRunConfig:
             (self.k_teachers >= 1, "k_teachers must be at least 1"),
             (bool(self.seeds), "seeds must name at least one seed"),
             (self.jobs >= 1 and self.threads >= 0, "jobs must be at least 1 and threads at least 0"),
+            (all(math.isfinite(x) and x > 0 for x in self.lr_grid + self.opsd_temperatures),
+             "lr_grid and opsd_temperatures must hold positive numbers"),
+            (all(g >= 2 and self.rollouts_per_step % g == 0 for g in self.group_sizes),
+             "every group size must be >= 2 and divide rollouts_per_step"),
+            (all(isinstance(b, dict) for b in self.bases), "bases must be a list of [world] tables"),
         ]:
             if not ok:
                 raise InputError(None, msg)
@@ -142,8 +164,108 @@ def _threads(cfg: WorldRunConfig, jobs: int = 1) -> int:
     return n
 
 
-def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -> Paths:
-    """World files + base model (cached on the world config and the SFT manifest)."""
+BASE_MANIFEST = "world_base.json"
+SHIPPED_BASE = DATA_DIR / "world_base"  # the base of configs/world.toml, shipped in the wheel (sgsd_data/world_base)
+
+
+def base_stamp(cfg: WorldRunConfig) -> dict:
+    """What determines a base model: the world, the model shape and the SFT settings."""
+    return json.loads(json.dumps({"world": asdict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
+                                  "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr]}))
+
+
+def base_files_hash(base: Path) -> dict[str, str]:
+    """sha256 of every file of a base folder except its manifest."""
+    return {f.name: file_hash(f) for f in sorted(base.iterdir()) if f.is_file() and f.name != BASE_MANIFEST}
+
+
+def base_hash(manifest: dict) -> str:
+    """One short name for a base: sha256 over its files' hashes (12 hex digits)."""
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def verify_base(base: Path) -> dict:
+    """The manifest of a base folder, every file checked against its recorded sha256 (InputError otherwise)."""
+    mpath = base / BASE_MANIFEST
+    try:
+        man = json.loads(mpath.read_text())
+        files = dict(man["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(mpath, f"not a readable world base manifest ({e.__class__.__name__})") from None
+    have = base_files_hash(base)
+    for name, h in files.items():
+        if have.get(name) != h:
+            raise InputError(base / name, "missing, or its sha256 differs from the base manifest's")
+    extra = sorted(set(have) - set(files))
+    if extra:
+        raise InputError(base / extra[0], "a file the base manifest does not list")
+    return man
+
+
+def shipped_base(cfg: WorldRunConfig, where: Path = SHIPPED_BASE) -> Path | None:
+    """The shipped base folder when its recorded settings equal ``cfg``'s, else None."""
+    try:
+        man = json.loads((where / BASE_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return where if man.get("stamp") == base_stamp(cfg) else None
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("sgsd", "torch", "transformers", "tokenizers", "safetensors", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# The bands a base must sit in to be the world's base (docs/SKILL_WORLD.md "Base checks"): the world's law made
+# loose enough for a 0.4M-parameter model, fixed before any comparison.  (name, what, lo, hi)
+BASE_BANDS = (
+    ("seen_accuracy", "seen-family plain accuracy (avg@n)", 0.95, 1.0),
+    ("unseen_right_rule_excess", "unseen p(right rule | plain) minus unseen_spread / R", -0.08, 0.10),
+    ("unseen_accuracy_excess", "unseen plain accuracy (avg@n) minus unseen_spread / R", -0.10, 0.20),
+    ("follows_right_guidance", "unseen: p(named rule) under an 'always' skill naming the right rule", 0.5, 1.0),
+    ("follows_wrong_guidance", "unseen: p(named rule) under an 'always' skill naming a wrong rule", 0.5, 1.0),
+    ("other_family_tv_seen", "seen: TV(rule distribution under other-family guidance, plain)", 0.0, 0.2),
+    ("other_family_tv_unseen", "unseen: TV(rule distribution under other-family guidance, plain)", 0.0, 0.45),
+    ("delta_in_band", "share of |Delta| at the rule token inside the gate's band (own-family teachers of correct "
+                      "unseen rollouts, calibrated level, p = 0)", 0.6, 1.0),
+)
+
+
+def base_properties(c: dict, cfg: WorldRunConfig) -> dict[str, float]:
+    """The banded properties of a calibration (``calibrate``'s dict)."""
+    expect = cfg.world.unseen_spread / cfg.world.rules
+    rp, ev = c["rule_probs"], c["base_eval"]
+    d = c["delta"].get(bank_key(0.0, cfg.calibrated_level), {}).get("unseen_own_correct", {})
+    return {"seen_accuracy": ev["seen"]["avg"],
+            "unseen_right_rule_excess": rp["unseen"]["p_right_rule_plain"] - expect,
+            "unseen_accuracy_excess": ev["unseen"]["avg"] - expect,
+            "follows_right_guidance": rp["unseen"]["follows_right_guidance"],
+            "follows_wrong_guidance": rp["unseen"]["follows_wrong_guidance"],
+            "other_family_tv_seen": rp["seen"]["tv_other_family_guidance_vs_plain"],
+            "other_family_tv_unseen": rp["unseen"]["tv_other_family_guidance_vs_plain"],
+            "delta_in_band": d.get("in_band", 0.0)}
+
+
+def check_base(c: dict, cfg: WorldRunConfig) -> list[str]:
+    """One line per property outside its band (empty: the base is the world's base)."""
+    props = base_properties(c, cfg)
+    return [f"{name} = {props[name]:.3f} outside [{lo:g}, {hi:g}] ({what})"
+            for name, what, lo, hi in BASE_BANDS if not lo - 1e-9 <= props[name] <= hi + 1e-9]
+
+
+def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, rebuild: bool = False) -> Paths:
+    """World files + base model.  The base is, in this order: the one already in ``<out>/base`` for these
+    settings; the shipped one (``data/world_base``) when its recorded settings equal these (``rebuild``
+    skips it); else built here (SFT), calibrated and checked against BASE_BANDS (InputError, and the folder
+    moved to ``<out>/base.rejected``, when a property is outside its band).  ``<out>/base/world_base.json`` is
+    its manifest: settings, package versions, sha256 of every file, calibration summary."""
     from stages import build_index, sft
     from stages.engine.models import load_model, make_tiny_model, save_model
 
@@ -152,16 +274,20 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -
     P = Paths(cfg.out)
     P.out.mkdir(parents=True, exist_ok=True)
     world = World(cfg.world)
-    stamp = json.loads(json.dumps({"world": asdict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
-                                   "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr]}))
+    stamp = base_stamp(cfg)
     stamp_path = P.out / "build.json"
-    if (P.base / "config.json").exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
-        log(f"world: base model {P.base} is up to date (cached)")
-        return P
-    if stamp_path.exists() and json.loads(stamp_path.read_text()) != stamp:
-        log("world: settings changed since the last build: rebuilding")
+    recorded = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+    if rebuild or (recorded is not None and recorded.get("stamp", recorded) != stamp):
+        log("world: rebuilding the base (--rebuild-base)" if rebuild else
+            "world: settings changed since the last build: rebuilding")
         for d in (P.world, P.init, P.sft, P.base, P.index, P.calib):
             shutil.rmtree(d, ignore_errors=True)
+        stamp_path.unlink(missing_ok=True)
+        recorded = None
+    if recorded is not None and (P.base / BASE_MANIFEST).exists():
+        man = json.loads((P.base / BASE_MANIFEST).read_text())
+        log(f"world: base model {P.base} is up to date (base {base_hash(man)}, cached)")
+        return P
     t0 = time.time()
     levels = tuple(dict.fromkeys(cfg.levels + [cfg.calibrated_level]))
     files = world.write_files(P.world, p_values=tuple(dict.fromkeys(cfg.p_values + [0.0])), levels=levels)
@@ -170,19 +296,56 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -
     for key, path in files.items():
         if key.startswith("bank_"):
             build_index.run(build_index.BuildIndexConfig(bank=str(path), mode="lexical"), P.index / key)
+    shipped = None if rebuild else shipped_base(cfg)
+    if shipped is not None:
+        man = verify_base(shipped)
+        tmp = Path(tempfile.mkdtemp(prefix=".base.", dir=P.out))
+        for f in shipped.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, tmp / f.name)
+        commit_dir(tmp, P.base)
+        atomic_write_json(stamp_path, {"stamp": stamp, "shipped": str(shipped)})
+        log(f"world: using the shipped base {shipped} (base {base_hash(man)}, built {man.get('built_at', '?')} with "
+            f"torch {man['versions'].get('torch', '?')}); --rebuild-base builds one here")
+        return P
     if not (P.init / "config.json").exists():
         make_tiny_model(P.init, seed=cfg.world.seed, hidden_size=cfg.hidden_size, layers=cfg.layers,
                         vocab_size=cfg.vocab_size, corpus=world.vocabulary_texts())
     log(f"world: SFT of the tiny Qwen3 model on {cfg.world.corpus_size} examples, {cfg.sft_steps} steps")
+    t_sft = time.time()
     sft.run(sft.SFTConfig(model=str(P.init), data=str(files["sft"]), steps=cfg.sft_steps,
                           batch_size=cfg.sft_batch_size, lr=cfg.sft_lr, seed=cfg.world.seed, device="cpu",
                           save_every=max(50, cfg.sft_steps // 4), keep_last=1, log_every=100),
             P.sft, progress=progress, log=log)
+    sft_wall = time.time() - t_sft
     model, tok, _ = load_model(str(P.sft / "checkpoint"), device="cpu")
     save_model(model, tok, P.base)  # a plain model folder: the stages start a fresh optimizer from it
-    atomic_write_json(stamp_path, stamp)
-    log(f"world: base model {P.base} built in {time.time() - t0:.0f}s "
-        f"({sum(p.numel() for p in model.parameters()) / 1e3:.0f}K parameters)")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"world: base model trained in {sft_wall:.0f}s ({n_params / 1e3:.0f}K parameters); calibrating")
+    shutil.rmtree(P.calib, ignore_errors=True)
+    calib = _measure(cfg, P, stamp, log=log, progress=progress)
+    bad = check_base(calib, cfg)
+    man = {"format": 1, "stamp": stamp, "world": asdict(cfg.world),
+           "model": {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "vocab_size": cfg.vocab_size,
+                     "parameters": n_params},
+           "sft": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size, "lr": cfg.sft_lr, "seed": cfg.world.seed,
+                   "wall_s": round(sft_wall, 1)},
+           "versions": _package_versions(), "machine": machine(),
+           "built_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+           "build_wall_s": round(time.time() - t0, 1),
+           "calibration": {"properties": base_properties(calib, cfg), "bands": [list(b) for b in BASE_BANDS],
+                           "outside": bad, "base_eval": calib["base_eval"]},
+           "files": base_files_hash(P.base)}
+    if bad:
+        rejected = P.out / "base.rejected"
+        shutil.rmtree(rejected, ignore_errors=True)
+        os.replace(P.base, rejected)
+        atomic_write_json(rejected / BASE_MANIFEST, man)
+        raise InputError(rejected, f"the base is outside the world's bands: {bad[0]}"
+                                   + (f" (+{len(bad) - 1} more in {rejected / BASE_MANIFEST})" if len(bad) > 1 else ""))
+    atomic_write_json(P.base / BASE_MANIFEST, man)
+    atomic_write_json(stamp_path, {"stamp": stamp, "shipped": None})
+    log(f"world: base model {P.base} built and checked in {time.time() - t0:.0f}s (base {base_hash(man)})")
     return P
 
 
@@ -232,8 +395,33 @@ def _tv(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p[k] - q.get(k, 0.0)) for k in p)
 
 
-def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, force: bool = False) -> dict:
-    """Measure and save the world's calibration (``<out>/calibration/calibration.json``); print it."""
+def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, force: bool = False,
+              rebuild: bool = False) -> dict:
+    """The world's calibration (``<out>/calibration/calibration.json``, measured once per base), printed; a base
+    outside BASE_BANDS is refused (InputError)."""
+    P = build(cfg, log=log, progress=progress, rebuild=rebuild)
+    out_json = P.calib / "calibration.json"
+    stamp = base_stamp(cfg)
+    if force:  # measure everything again (the eval / rollout stages inside would refuse a changed config)
+        shutil.rmtree(P.calib, ignore_errors=True)
+    c = None
+    if out_json.exists():
+        c = json.loads(out_json.read_text())
+        if c.get("build") != stamp or c.get("levels") != sorted(set(cfg.levels + [cfg.calibrated_level])):
+            shutil.rmtree(P.calib, ignore_errors=True)
+            c = None
+        else:
+            print_calibration(c, log)
+    if c is None:
+        c = _measure(cfg, P, stamp, log=log, progress=progress)
+    bad = check_base(c, cfg)
+    if bad:
+        raise InputError(P.base, f"the base is outside the world's bands: {bad[0]}")
+    return c
+
+
+def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, progress: Progress = None) -> dict:
+    """Measure the base's calibration, save it to ``<out>/calibration/calibration.json`` and print it."""
     import random
 
     from stages import polarize, rollout, score_teachers
@@ -241,16 +429,7 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
     from stages.engine.world import apply_rule
 
-    P = build(cfg, log=log, progress=progress)
     out_json = P.calib / "calibration.json"
-    stamp = json.loads((P.out / "build.json").read_text())
-    if force:  # measure everything again (the eval / rollout stages inside would refuse a changed config)
-        shutil.rmtree(P.calib, ignore_errors=True)
-    if out_json.exists():
-        c = json.loads(out_json.read_text())
-        if c.get("build") == stamp and c.get("levels") == sorted(set(cfg.levels + [cfg.calibrated_level])):
-            print_calibration(c, log)
-            return c
     world = World(cfg.world)
     model, tok, spec = load_model(str(P.base), device="cpu")
     rng = random.Random(17)
@@ -462,48 +641,81 @@ def evaluate(cfg: WorldRunConfig, P: Paths, model: str, out: Path, *, bank: str 
 
 @dataclass
 class RunSpec:
-    objective: str  # sgsd | grpo | opsd | imitate
-    p: float | None
+    objective: str  # OBJECTIVE_RUNS
+    p: float | None  # the bank's misleading fraction (sgsd-like objectives)
     level: str | None
     seed: int
+    lr: float = 0.0  # 0: the experiment's lr
+    group_size: int = 0  # GRPO; 0: the experiment's group_size
+    opsd_temperature: float | None = None  # OPSD KL (scoring) temperature; None: the rollout temperature
 
     @property
     def name(self) -> str:
-        if self.objective in ("sgsd", "imitate"):
-            return f"{self.objective}_{bank_key(self.p, self.level)[5:]}_s{self.seed}"
-        return f"{self.objective}_s{self.seed}"
+        tag = f"_{bank_key(self.p, self.level)[5:]}" if self.objective in SGSD_LIKE else ""
+        tag += f"_lr{self.lr:g}" if self.lr else ""
+        tag += f"_G{self.group_size}" if self.group_size else ""
+        tag += f"_T{self.opsd_temperature:g}" if self.opsd_temperature is not None else ""
+        return f"{self.objective}{tag}_s{self.seed}"
 
 
-def run_specs(cfg: WorldRunConfig) -> list[RunSpec]:
+def base_world(cfg: WorldRunConfig, overrides: dict) -> WorldConfig:
+    """Base 0's world with ``overrides`` (a [world] table) applied, checked."""
+    from stages.engine.world import world_from_dict
+
+    return world_from_dict({**asdict(cfg.world), **overrides}, "experiment.bases")
+
+
+def base_configs(cfg: WorldRunConfig) -> list[tuple[str, WorldRunConfig]]:
+    """(name, config) of every base of the comparison: base 0 (the [world] table, in ``out``), then each of
+    ``bases`` in ``out/bases/<name>``, named by its settings (``seed1``, ``families10_rules5_seen4``)."""
+    out = [("base0", cfg)]
+    for b in cfg.bases:
+        name = "_".join(f"{k}{v}" for k, v in sorted(b.items())) or "same"
+        out.append((name, replace(cfg, world=base_world(cfg, b), out=str(Path(cfg.out) / "bases" / name), bases=[])))
+    return out
+
+
+def tuned_spec(tuning: dict, objective: str, p: float | None, level: str | None, seed: int) -> RunSpec:
+    t = tuning[objective]
+    return RunSpec(objective, p, level, seed, lr=t["lr"], group_size=t.get("group_size", 0),
+                   opsd_temperature=t.get("opsd_temperature"))
+
+
+def run_specs(cfg: WorldRunConfig, tuning: dict) -> list[RunSpec]:
     specs = []
     for o in cfg.objectives:
         for s in cfg.seeds:
-            if o in ("sgsd", "imitate"):
-                specs += [RunSpec(o, p, lv, s) for p in cfg.p_values for lv in cfg.levels]
+            if o in SGSD_LIKE:
+                specs += [tuned_spec(tuning, o, p, lv, s) for p in cfg.p_values for lv in cfg.levels]
             else:
-                specs.append(RunSpec(o, None, None, s))
+                specs.append(tuned_spec(tuning, o, None, None, s))
     return specs
 
 
 def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -> dict:
     """The recipe of one run: an ordinary `sgsd loop` config on the world's files."""
     grpo = spec.objective == "grpo"
-    objective = "sgsd" if spec.objective == "imitate" else spec.objective
+    objective = "sgsd" if spec.objective in SGSD_LIKE else spec.objective
     R = cfg.rollouts_per_step
+    G = spec.group_size or cfg.group_size
     level = spec.level or cfg.calibrated_level
     p = spec.p if spec.p is not None else 0.0
-    train = {"lr": cfg.lr, "batch_size": R, "micro_batch_size": R, "max_grad_norm": cfg.max_grad_norm,
+    train = {"lr": spec.lr or cfg.lr, "batch_size": R, "micro_batch_size": R, "max_grad_norm": cfg.max_grad_norm,
              "precision": "fp32"}
     if objective == "opsd":
         train["teacher_thinking"] = _thinking(cfg)
+        if spec.opsd_temperature is not None:
+            train["scoring_temperature"] = spec.opsd_temperature
     if objective == "sgsd":
         train["polarity"] = "imitate" if spec.objective == "imitate" else "verifier"
+        if spec.objective == "sgsd-stance":
+            train["reversed_tokens"] = "stance"
     return {
         "loop": {"run_dir": str(run_dir), "objective": objective, "model": str(P.base),
                  "problems": str(P.world / "train.jsonl"), "bank": str(P.bank(p, level)), "steps": cfg.steps,
-                 "prompts_per_step": R // cfg.group_size if grpo else R, "seed": spec.seed, "device": "cpu",
+                 "prompts_per_step": R // G if grpo else R, "seed": spec.seed, "device": "cpu",
                  "backend": "hf", "eval_every": cfg.eval_every, "keep_last": 1},
-        "rollout": {"n": cfg.group_size if grpo else 1, "temperature": cfg.temperature, "top_p": 1.0, "top_k": 0,
+        "rollout": {"n": G if grpo else 1, "temperature": cfg.temperature, "top_p": 1.0, "top_k": 0,
                     "max_new_tokens": 16, "batch_size": 64},
         "score_teachers": {"k": cfg.k_teachers, "retrieval": "lexical", "teacher_thinking": _thinking(cfg),
                            "index": str(P.index / bank_key(p, level) / "index.parquet")},
@@ -522,17 +734,25 @@ def _thinking(cfg: WorldRunConfig) -> str:
 WALL_COLS = ("wall_rollout_s", "wall_score_teachers_s", "wall_polarize_s", "wall_grade_s", "wall_train_s")
 
 
-def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict, log: Log = print,
-            progress: Progress = None) -> dict:
+def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict | None = None, final_eval: bool = True,
+            log: Log = print, progress: Progress = None) -> dict:
+    """One loop run (cached in ``<run>/world_result.json``): its curve, training reward, alarms and (unless
+    ``final_eval`` is off, as in the sweep) the held-out evaluation."""
     from stages import loop
 
     run_dir = P.compare / spec.name
+    cached = run_dir / "world_result.json"
+    if cached.exists():
+        row = json.loads(cached.read_text())
+        if row.get("final") is not None or not final_eval:
+            return row
     t0 = time.time()
     metrics = pl.read_parquet(loop.run(loop_sections(cfg, P, spec, run_dir), source=f"world:{spec.name}",
                                        progress=progress, log=None))
     wall = time.time() - t0
     walls = [c for c in WALL_COLS if c in metrics.columns]
     cum_wall = metrics.select(pl.sum_horizontal([pl.col(c).fill_null(0.0) for c in walls])).to_series().cum_sum().to_list()
+    base_curve = base_curve or {"unseen": None, "seen": None}
     curve = {"rollouts": [0], "unseen": [base_curve["unseen"]], "seen": [base_curve["seen"]], "wall": [0.0]}
     for i, row in enumerate(metrics.iter_rows(named=True)):
         if row.get("eval_eval_unseen_avg_at_n") is not None:
@@ -540,19 +760,146 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict, l
             curve["unseen"].append(float(row["eval_eval_unseen_avg_at_n"]))
             curve["seen"].append(float(row["eval_eval_seen_avg_at_n"]))
             curve["wall"].append(float(cum_wall[i]))
-    final = evaluate(cfg, P, str(loop.step_dir(run_dir, cfg.steps) / "checkpoint"), run_dir / f"final_eval_step{cfg.steps:04d}",
-                     log=log, progress=progress)
+    rewards = metrics["reward"].to_list() if "reward" in metrics.columns else []
+    final = None
+    if final_eval:
+        final = evaluate(cfg, P, str(loop.step_dir(run_dir, cfg.steps) / "checkpoint"),
+                         run_dir / f"final_eval_step{cfg.steps:04d}", log=log, progress=progress)
+    fracs = {c: metrics[c].to_list() for c in ("frac_helpful", "frac_over_suppressive") if c in metrics.columns}
     row = {"run": spec.name, **asdict(spec), "wall_s": wall, "train_wall_s": float(cum_wall[-1]) if cum_wall else 0.0,
            "rollouts": cfg.steps * cfg.rollouts_per_step, "final": final, "curve": curve,
-           "mean_reward": float(metrics["reward"].mean()) if "reward" in metrics.columns else None}
-    atomic_write_json(run_dir / "world_result.json", row)
+           "mean_reward": statistics.fmean(rewards) if rewards else None,
+           "reward_last_half": statistics.fmean(rewards[len(rewards) // 2:]) if rewards else None,
+           "rewards": rewards, "first_alarm": first_alarm(cfg, spec, run_dir), **fracs}
+    atomic_write_json(cached, row)
     return row
 
 
-def _run_in_worker(cfg: WorldRunConfig, spec: RunSpec, base_curve: dict) -> dict:
+def first_alarm(cfg: WorldRunConfig, spec: RunSpec, run_dir: Path) -> tuple[int, str] | None:
+    """(step, alarm) of the first collapse alarm of a run, recomputed from its metrics.parquet (stages.engine.alarms;
+    runs written before the loop logged ``prompts`` get it from the spec)."""
+    from stages.engine.alarms import step_alarms
+
+    path = run_dir / "metrics.parquet"
+    if not path.exists():
+        return None
+    rows = pl.read_parquet(path).to_dicts()
+    prompts = cfg.rollouts_per_step // (spec.group_size or cfg.group_size) if spec.objective == "grpo" else cfg.rollouts_per_step
+    for r in rows:
+        r.setdefault("prompts", prompts)
+    for i in range(len(rows)):
+        a = step_alarms(rows, i)
+        if a:
+            return int(rows[i]["step"]), "; ".join(a)
+    return None
+
+
+def _run_in_worker(cfg: WorldRunConfig, out: str, spec: RunSpec, base_curve: dict | None, final_eval: bool) -> dict:
     """One run in a worker process of ``compare`` (jobs > 1): no progress bars, the result row back."""
     _threads(cfg, cfg.jobs)
-    return run_one(cfg, Paths(cfg.out), spec, base_curve=base_curve, log=lambda s: None, progress=None)
+    return run_one(cfg, Paths(out), spec, base_curve=base_curve, final_eval=final_eval, log=lambda s: None,
+                   progress=None)
+
+
+def _run_all(jobs: list[tuple[WorldRunConfig, RunSpec, dict | None, bool]], cfg: WorldRunConfig, log: Log,
+             progress: Progress, what: str) -> list[dict]:
+    """Run (config, spec, base curve, final eval) jobs, ``cfg.jobs`` at a time; rows in input order."""
+    rows: list[dict | None] = [None] * len(jobs)
+    todo = []
+    for i, (c, spec, bc, fe) in enumerate(jobs):
+        cached = Paths(c.out).compare / spec.name / "world_result.json"
+        if cached.exists():
+            r = json.loads(cached.read_text())
+            if r.get("final") is not None or not fe:
+                rows[i] = r
+                continue
+        todo.append(i)
+    log(f"{what}: {len(jobs)} runs, {len(jobs) - len(todo)} cached")
+    n_done = [len(jobs) - len(todo)]
+
+    def report(i: int, r: dict) -> None:
+        rows[i] = r
+        n_done[0] += 1
+        fin = r.get("final")
+        res = (f"unseen avg {fin['unseen']['avg']:.3f} seen avg {fin['seen']['avg']:.3f}" if fin else
+               f"training reward, last half {r['reward_last_half']:.3f}")
+        log(f"[{n_done[0]}/{len(jobs)}] {Path(jobs[i][0].out).name}/{r['run']}: {res} ({r['wall_s']:.0f}s)")
+
+    if cfg.jobs > 1 and len(todo) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        n = _threads(cfg, cfg.jobs)
+        log(f"{what}: {len(todo)} runs, {cfg.jobs} at a time ({n} torch thread(s) each)")
+        pool = ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            futs = {pool.submit(_run_in_worker, jobs[i][0], jobs[i][0].out, jobs[i][1], jobs[i][2], jobs[i][3]): i
+                    for i in todo}
+            for fut in as_completed(futs):
+                report(futs[fut], fut.result())
+        finally:
+            # every result is in (or a run failed): end the workers now; an idle worker's own exit can hang on
+            # its verifier pool, and waiting for it would hold up the table
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+    else:
+        for i in todo:
+            c, spec, bc, fe = jobs[i]
+            report(i, run_one(c, Paths(c.out), spec, base_curve=bc, final_eval=fe, log=log, progress=progress))
+    return rows  # type: ignore[return-value]
+
+
+def tune(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -> dict:
+    """The same tuning budget for every objective, on base 0 and run seed ``sweep_seed``: the lr grid for each
+    of sgsd, grpo, opsd and imitate (sgsd-stance, a variant of sgsd, takes sgsd's lr), then GRPO's group size
+    and OPSD's KL temperature at their best lr.  The criterion is the mean training reward over the last half
+    of the steps (training problems, on-policy): the held-out problems the table reports are never looked at.
+    Written to ``<out>/compare/tuning.json``."""
+    P = Paths(cfg.out)
+    lv, s = cfg.calibrated_level, cfg.sweep_seed
+    tuned = [o for o in cfg.objectives if o != "sgsd-stance"]
+    if "sgsd-stance" in cfg.objectives and "sgsd" not in tuned:
+        tuned.append("sgsd")
+    if not cfg.tune:
+        return {o: {"lr": cfg.lr, "group_size": cfg.group_size if o == "grpo" else 0, "sweep": []} for o in OBJECTIVE_RUNS}
+
+    def spec(o: str, lr: float, g: int = 0, t: float | None = None) -> RunSpec:
+        return RunSpec(o, 0.0 if o in SGSD_LIKE else None, lv if o in SGSD_LIKE else None, s, lr=lr,
+                       group_size=g or (cfg.group_size if o == "grpo" else 0), opsd_temperature=t)
+
+    first = [spec(o, lr) for o in tuned for lr in cfg.lr_grid]
+    rows = _run_all([(cfg, sp, None, False) for sp in first], cfg, log, progress, "tuning: lr sweep")
+    table = [{"objective": sp.objective, "lr": sp.lr, "group_size": sp.group_size, "opsd_temperature": None,
+              "reward_last_half": r["reward_last_half"], "run": sp.name} for sp, r in zip(first, rows)]
+    best: dict[str, dict] = {}
+    for o in tuned:
+        cands = [t for t in table if t["objective"] == o]
+        b = max(cands, key=lambda t: (t["reward_last_half"], -t["lr"]))
+        best[o] = {"lr": b["lr"], "group_size": b["group_size"], "opsd_temperature": None}
+    second = []
+    if "grpo" in best:
+        second += [spec("grpo", best["grpo"]["lr"], g) for g in cfg.group_sizes if g != best["grpo"]["group_size"]]
+    if "opsd" in best:
+        second += [spec("opsd", best["opsd"]["lr"], 0, t) for t in cfg.opsd_temperatures if t != cfg.temperature]
+    rows2 = _run_all([(cfg, sp, None, False) for sp in second], cfg, log, progress, "tuning: group size / KL temperature")
+    table += [{"objective": sp.objective, "lr": sp.lr, "group_size": sp.group_size,
+               "opsd_temperature": sp.opsd_temperature, "reward_last_half": r["reward_last_half"], "run": sp.name}
+              for sp, r in zip(second, rows2)]
+    for o, key in (("grpo", "group_size"), ("opsd", "opsd_temperature")):
+        if o in best:
+            cands = [t for t in table if t["objective"] == o and t["lr"] == best[o]["lr"]]
+            b = max(cands, key=lambda t: t["reward_last_half"])
+            best[o][key] = b[key]
+    if "sgsd-stance" in cfg.objectives:
+        best["sgsd-stance"] = dict(best["sgsd"], note="sgsd's tuned lr (a variant, not tuned on its own)")
+    out = {**best, "sweep": table, "criterion": "mean training reward over the last half of the steps",
+           "base": "base0", "seed": s, "level": lv}
+    atomic_write_json(P.compare / "tuning.json", out)
+    log("tuning: " + ", ".join(f"{o} lr {b['lr']:g}" + (f" G {b['group_size']}" if o == "grpo" else "")
+                               + (f" T {b['opsd_temperature'] if b['opsd_temperature'] is not None else cfg.temperature:g}"
+                                  if o == "opsd" else "") for o, b in best.items()))
+    return out
 
 
 def _curve_at(curve: dict, wall: float) -> tuple[float, float]:
@@ -564,43 +911,134 @@ def _curve_at(curve: dict, wall: float) -> tuple[float, float]:
     return curve["unseen"][best], curve["seen"][best]
 
 
+def _ms(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
 def summarize(cfg: WorldRunConfig, base: dict, base_skills: dict, rows: list[dict]) -> tuple[list[dict], str]:
     """Mean and spread over seeds per (objective, p, level), at equal rollouts and at equal wall time."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["objective"], r["p"], r["level"]), []).append(r)
     t_eq = min(r["train_wall_s"] for r in rows) if rows else 0.0
-
-    def ms(xs: list[float]) -> tuple[float, float]:
-        return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
     table = []
     for (o, p, lv), rs in groups.items():
-        g_u = ms([r["final"]["unseen"]["greedy"] for r in rs])
-        a_u = ms([r["final"]["unseen"]["avg"] for r in rs])
-        g_s = ms([r["final"]["seen"]["greedy"] for r in rs])
-        a_s = ms([r["final"]["seen"]["avg"] for r in rs])
-        w_u = ms([_curve_at(r["curve"], t_eq)[0] for r in rs])
-        table.append({"objective": o, "p": p, "level": lv, "seeds": len(rs), "unseen_greedy": g_u, "unseen_avg": a_u,
-                      "seen_greedy": g_s, "seen_avg": a_s, "unseen_avg_at_equal_wall": w_u,
-                      "gain_unseen_avg": a_u[0] - base["unseen"]["avg"], "wall_s": ms([r["wall_s"] for r in rs])})
+        a_u = _ms([r["final"]["unseen"]["avg"] for r in rs])
+        table.append({"objective": o, "p": p, "level": lv, "seeds": len(rs), "lr": rs[0]["lr"],
+                      "unseen_greedy": _ms([r["final"]["unseen"]["greedy"] for r in rs]), "unseen_avg": a_u,
+                      "seen_greedy": _ms([r["final"]["seen"]["greedy"] for r in rs]),
+                      "seen_avg": _ms([r["final"]["seen"]["avg"] for r in rs]),
+                      "unseen_avg_at_equal_wall": _ms([_curve_at(r["curve"], t_eq)[0] for r in rs]),
+                      "gain_unseen_avg": a_u[0] - base["unseen"]["avg"], "wall_s": _ms([r["wall_s"] for r in rs]),
+                      "by_seed": [r["final"]["unseen"]["avg"] for r in rs],
+                      "alarms": sum(1 for r in rs if r.get("first_alarm"))})
     table.sort(key=lambda t: (OBJECTIVE_RUNS.index(t["objective"]), t["p"] or 0, t["level"] or ""))
     n = cfg.final_eval_n
-    lines = [f"| method | bank p | sharpness | seeds | unseen greedy | unseen avg@{n} | seen greedy | seen avg@{n} | "
-             f"unseen avg@{cfg.eval_n} at equal wall ({t_eq:.0f}s) | gain (unseen avg) | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| method | bank p | sharpness | lr | seeds | unseen greedy | unseen avg@{n} (by seed) | seen greedy | "
+             f"seen avg@{n} | unseen avg@{cfg.eval_n} at equal wall ({t_eq:.0f}s) | gain (unseen avg) | runs with an "
+             f"alarm | wall s/run |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda m: f"{m[0]:.3f} ± {m[1]:.3f}"  # noqa: E731
-    lines.append(f"| base | - | - | - | {base['unseen']['greedy']:.3f} | {base['unseen']['avg']:.3f} | "
-                 f"{base['seen']['greedy']:.3f} | {base['seen']['avg']:.3f} | - | 0 | - |")
+    lines.append(f"| base | - | - | - | - | {base['unseen']['greedy']:.3f} | {base['unseen']['avg']:.3f} | "
+                 f"{base['seen']['greedy']:.3f} | {base['seen']['avg']:.3f} | - | 0 | - | - |")
     for key, bs in base_skills.items():
-        lines.append(f"| base+skills | {key} | | - | {bs['unseen']['greedy']:.3f} | {bs['unseen']['avg']:.3f} | "
+        lines.append(f"| base+skills | {key} | | - | - | {bs['unseen']['greedy']:.3f} | {bs['unseen']['avg']:.3f} | "
                      f"{bs['seen']['greedy']:.3f} | {bs['seen']['avg']:.3f} | - | "
-                     f"{bs['unseen']['avg'] - base['unseen']['avg']:+.3f} | - |")
+                     f"{bs['unseen']['avg'] - base['unseen']['avg']:+.3f} | - | - |")
     for t in table:
-        lines.append(f"| {t['objective']} | {'-' if t['p'] is None else t['p']} | {t['level'] or '-'} | {t['seeds']} | "
-                     f"{f(t['unseen_greedy'])} | {f(t['unseen_avg'])} | {f(t['seen_greedy'])} | {f(t['seen_avg'])} | "
-                     f"{f(t['unseen_avg_at_equal_wall'])} | {t['gain_unseen_avg']:+.3f} | {t['wall_s'][0]:.0f} |")
+        seeds = " / ".join(f"{x:.2f}" for x in t["by_seed"])
+        lines.append(f"| {t['objective']} | {'-' if t['p'] is None else t['p']} | {t['level'] or '-'} | {t['lr']:g} | "
+                     f"{t['seeds']} | {f(t['unseen_greedy'])} | {f(t['unseen_avg'])} ({seeds}) | {f(t['seen_greedy'])} | "
+                     f"{f(t['seen_avg'])} | {f(t['unseen_avg_at_equal_wall'])} | {t['gain_unseen_avg']:+.3f} | "
+                     f"{t['alarms']} | {t['wall_s'][0]:.0f} |")
     return table, "\n".join(lines)
+
+
+# the claims (issue 20 / the paper), checked per base
+PAPER_MARGIN = {"grpo": 0.062, "opsd": 0.017}
+
+
+def claims(cfg: WorldRunConfig, per_base: list[dict], sgsd: str = "sgsd") -> list[dict]:
+    """Each claim per base (holds / fails / not testable, with its figure) and 'holds on k of n bases'."""
+    lv = cfg.calibrated_level
+    out = []
+
+    def cell(t: list[dict], o: str, p: float | None) -> dict | None:
+        return next((x for x in t if x["objective"] == o and x["p"] == p and x["level"] == (lv if p is not None else None)), None)
+
+    checks: list[tuple[str, Callable[[dict], tuple[bool | None, str]]]] = []
+
+    def gain30(b):
+        c = cell(b["table"], sgsd, 0.0)
+        return (None, "-") if c is None else (c["gain_unseen_avg"] >= 0.30, f"{c['gain_unseen_avg']:+.3f}")
+
+    def beats(o):
+        def f(b):
+            c, d = cell(b["table"], sgsd, 0.0), cell(b["table"], o, None)
+            if c is None or d is None:
+                return None, "-"
+            diff = c["unseen_avg"][0] - d["unseen_avg"][0]
+            return diff > 0, f"{diff:+.3f}"
+        return f
+
+    def keeps70(b):
+        c0, c5 = cell(b["table"], sgsd, 0.0), cell(b["table"], sgsd, 0.5)
+        if c0 is None or c5 is None or c0["gain_unseen_avg"] <= 0:
+            return None, "no p=0 gain"
+        r = c5["gain_unseen_avg"] / c0["gain_unseen_avg"]
+        return r >= 0.7, f"{r:.0%}"
+
+    def imitate_loses(b):
+        c0, c5 = cell(b["table"], "imitate", 0.0), cell(b["table"], "imitate", 0.5)
+        if c0 is None or c5 is None:
+            return None, "-"
+        if c0["gain_unseen_avg"] <= 0.05:
+            return None, f"imitate gains {c0['gain_unseen_avg']:+.3f} at p=0: nothing to lose"
+        r = c5["gain_unseen_avg"] / c0["gain_unseen_avg"]
+        return r <= 0.5, f"keeps {r:.0%}"
+
+    def seen5(b):
+        cs = [c for c in (cell(b["table"], sgsd, 0.0), cell(b["table"], sgsd, 0.5)) if c is not None]
+        if not cs:
+            return None, "-"
+        drop = max(b["base"]["seen"]["avg"] - c["seen_avg"][0] for c in cs)
+        return drop <= 0.05, f"worst drop {drop * 100:.1f} points"
+
+    checks = [(f"{sgsd} gains >= 30 points on unseen families (p=0)", gain30),
+              (f"{sgsd} above tuned GRPO at equal rollouts (paper +6.2)", beats("grpo")),
+              (f"{sgsd} above tuned OPSD at equal rollouts (paper +1.7)", beats("opsd")),
+              (f"{sgsd} keeps >= 70% of its gain at p=0.5", keeps70),
+              ("imitate loses >= half its gain at p=0.5", imitate_loses),
+              (f"{sgsd}: seen families drop <= 5 points (p=0 and p=0.5)", seen5)]
+    for name, fn in checks:
+        res = [(b["name"],) + fn(b) for b in per_base]
+        tested = [r for r in res if r[1] is not None]
+        out.append({"claim": name, "per_base": [{"base": n, "holds": h, "figure": fig} for n, h, fig in res],
+                    "holds_on": sum(1 for r in tested if r[1]), "tested_on": len(tested), "bases": len(res)})
+    return out
+
+
+def pooled(per_base: list[dict]) -> list[dict]:
+    """Per method: the mean over bases of the seed-mean unseen / seen avg and gain, ± the standard error over
+    bases (the spread between bases is the one a new user meets)."""
+    keys = []
+    for b in per_base:
+        for t in b["table"]:
+            k = (t["objective"], t["p"], t["level"])
+            if k not in keys:
+                keys.append(k)
+    out = []
+    for o, p, lv in keys:
+        cells = [(b, t) for b in per_base for t in b["table"] if (t["objective"], t["p"], t["level"]) == (o, p, lv)]
+
+        def mse(xs):
+            m = statistics.fmean(xs)
+            return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
+
+        out.append({"objective": o, "p": p, "level": lv, "bases": len(cells),
+                    "unseen_avg": mse([t["unseen_avg"][0] for _, t in cells]),
+                    "seen_avg": mse([t["seen_avg"][0] for _, t in cells]),
+                    "gain": mse([t["gain_unseen_avg"] for _, t in cells])})
+    return out
 
 
 def plot(rows: list[dict], path: Path, title: str) -> Path:
@@ -633,88 +1071,132 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
     return path
 
 
-def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -> dict:
-    """Every run of the experiment (cached per run), then the table, the PNG and compare/results.json."""
+def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, rebuild: bool = False) -> dict:
+    """Tuning (base 0), then every base: build/calibrate (checked), every run at the tuned settings, per-base
+    tables, pooled figures, the claims, learning curves; ``compare/results.json``."""
     t0 = time.time()
-    calib = calibrate(cfg, log=log, progress=progress)
-    P = Paths(cfg.out)
-    base = calib["base_eval"]
-    base_curve = _base_curve(cfg, P, log, progress)
-    base_skills = {}
-    if cfg.base_skills:
-        for p in cfg.p_values:
-            for lv in cfg.levels:
-                key = bank_key(p, lv)[5:]
-                base_skills[key] = evaluate(cfg, P, str(P.base), P.compare / "base_skills" / key,
-                                            bank=str(P.bank(p, lv)), log=log, progress=progress)
-    specs = run_specs(cfg)
-    done: dict[str, dict] = {}
-    todo = []
-    for spec in specs:
-        cached = P.compare / spec.name / "world_result.json"
-        if cached.exists():
-            done[spec.name] = json.loads(cached.read_text())
-        else:
-            todo.append(spec)
-    if done:
-        log(f"compare: {len(done)} of {len(specs)} runs cached")
-
-    def report(r: dict) -> None:
-        done[r["run"]] = r
-        log(f"[{len(done)}/{len(specs)}] {r['run']}: unseen avg {r['final']['unseen']['avg']:.3f} "
-            f"seen avg {r['final']['seen']['avg']:.3f} ({r['wall_s']:.0f}s)")
-
-    if cfg.jobs > 1 and len(todo) > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        n = _threads(cfg, cfg.jobs)
-        log(f"compare: {len(todo)} runs, {cfg.jobs} at a time ({n} torch thread(s) each)")
-        pool = ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+    bases = []
+    tuning: dict | None = None
+    t_bases = 0.0
+    for name, bc in base_configs(cfg):
+        if tuning is None and name != "base0":  # tune on base 0 before building the others
+            tuning = tune(cfg, log=log, progress=progress)
+        t_b = time.time()
+        log(f"compare: base {name}")
         try:
-            futs = [pool.submit(_run_in_worker, cfg, spec, base_curve) for spec in todo]
-            for fut in as_completed(futs):
-                report(fut.result())
-        finally:
-            # every result is in (or a run failed): end the workers now; an idle worker's own exit can hang on
-            # its verifier pool, and waiting for it would hold up the table
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
-    else:
-        for spec in todo:
-            report(run_one(cfg, P, spec, base_curve=base_curve, log=log, progress=progress))
-    rows = [done[s.name] for s in specs]
-    table, md = summarize(cfg, base, base_skills, rows)
-    png = plot(rows, P.compare / "learning_curves.png", f"skill world: {cfg.steps * cfg.rollouts_per_step} rollouts per run")
+            calib = calibrate(bc, log=log, progress=progress, rebuild=rebuild and name == "base0")
+        except InputError as e:  # a base outside its bands is reported, not compared
+            log(f"compare: base {name} refused: {e.problem}")
+            bases.append({"name": name, "cfg": bc, "refused": e.problem})
+            continue
+        man = json.loads((Paths(bc.out).base / BASE_MANIFEST).read_text()) \
+            if (Paths(bc.out).base / BASE_MANIFEST).exists() else {}
+        bases.append({"name": name, "cfg": bc, "calib": calib, "hash": base_hash(man) if man else "?",
+                      "shipped": json.loads((Paths(bc.out).out / "build.json").read_text()).get("shipped")})
+        t_bases += time.time() - t_b
+    if tuning is None:
+        tuning = tune(cfg, log=log, progress=progress)
+    jobs, owners = [], []
+    for b in bases:
+        if "refused" in b:
+            continue
+        bc, P = b["cfg"], Paths(b["cfg"].out)
+        b["base_curve"] = _base_curve(bc, P, log, progress)
+        b["base_skills"] = {}
+        if cfg.base_skills:
+            for p in cfg.p_values:
+                for lv in cfg.levels:
+                    key = bank_key(p, lv)[5:]
+                    b["base_skills"][key] = evaluate(bc, P, str(P.base), P.compare / "base_skills" / key,
+                                                     bank=str(P.bank(p, lv)), log=log, progress=progress)
+        for spec in run_specs(bc, tuning):
+            jobs.append((bc, spec, b["base_curve"], True))
+            owners.append(b["name"])
+    rows = _run_all(jobs, cfg, log, progress, "compare")
+    for (bc, spec, _, _), r in zip(jobs, rows):  # the alarms as stages.engine.alarms computes them now
+        r["first_alarm"] = first_alarm(bc, spec, Paths(bc.out).compare / spec.name)
+    per_base = []
+    for b in bases:
+        if "refused" in b:
+            continue
+        rs = [r for r, o in zip(rows, owners) if o == b["name"]]
+        base = b["calib"]["base_eval"]
+        table, md = summarize(b["cfg"], base, b["base_skills"], rs)
+        png = plot(rs, Paths(b["cfg"].out).compare / "learning_curves.png",
+                   f"skill world {b['name']}: {cfg.steps * cfg.rollouts_per_step} rollouts per run")
+        per_base.append({"name": b["name"], "hash": b["hash"], "shipped": b["shipped"], "world": asdict(b["cfg"].world),
+                         "base": base, "table": table, "markdown": md, "png": str(png), "runs": rs,
+                         "calibration": b["calib"], "properties": base_properties(b["calib"], b["cfg"])})
+        log(f"base {b['name']} ({b['hash']}):\n{md}")
     results = {"config": _jsonable(asdict(cfg)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-               "machine": machine(), "wall_s": time.time() - t0, "base": base, "base_skills": base_skills,
-               "table": table, "markdown": md, "png": str(png), "runs": rows, "calibration": calib}
-    atomic_write_json(P.compare / "results.json", results)
-    atomic_write_text(P.compare / "table.md", md + "\n")
-    log(md)
-    log(f"learning curves: {png}")
+               "machine": machine(), "versions": _package_versions(), "wall_s": time.time() - t0,
+               "wall_bases_s": t_bases, "tuning": tuning, "per_base": per_base,
+               "refused": [{"name": b["name"], "problem": b["refused"]} for b in bases if "refused" in b],
+               "pooled": pooled(per_base), "claims": claims(cfg, per_base),
+               "claims_variant": claims(cfg, per_base, "sgsd-stance") if "sgsd-stance" in cfg.objectives else [],
+               "png": per_base[0]["png"] if per_base else None}
+    atomic_write_json(Paths(cfg.out).compare / "results.json", results)
+    for c in results["claims"] + results["claims_variant"]:
+        log(f"claim: {c['claim']}: holds on {c['holds_on']} of {c['tested_on']} bases tested "
+            f"({', '.join(str(x['figure']) for x in c['per_base'])})")
     return results
 
 
 def results_markdown(res: dict, command: str) -> str:
-    """The results file (bench/SKILL_WORLD_RESULTS.md): command, date, machine, calibration, table, PNG path."""
-    c = res["calibration"]
-    m = res["machine"]
-    cfg = res["config"]
-    lines = ["# Skill world results", "",
-             f"- command: `{command}`", f"- date: {res['date']}",
-             f"- machine: {m['processor']}, {m['cpus']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), "
-             f"load average at the end {m['loadavg']} (the cores were shared with other jobs)",
-             f"- whole comparison wall time: {res['wall_s']:.0f} s; runs: {len(res['runs'])}",
-             f"- settings: objectives {cfg['objectives']}, p {cfg['p_values']}, levels {cfg['levels']}, seeds "
-             f"{cfg['seeds']}, {cfg['steps']} loop steps x {cfg['rollouts_per_step']} rollouts, lr {cfg['lr']}, "
-             f"K = {cfg['k_teachers']} teachers, rollout T = {cfg['temperature']}",
-             f"- learning curves: `{res['png']}`", "", "## Calibration (base model, held-out problems)", ""]
-    buf: list[str] = []
-    print_calibration(c, buf.append)
-    lines += ["```"] + buf + ["```", "", "## Comparison", "", res["markdown"], ""]
-    return "\n".join(lines)
+    """The results file (bench/SKILL_WORLD_RESULTS.md): command, date, machine, versions, base hashes, tuning,
+    per-base tables with calibration, pooled figures, the claims."""
+    m, cfg, v = res["machine"], res["config"], res["versions"]
+    f = lambda x: f"{x[0]:.3f} ± {x[1]:.3f}"  # noqa: E731
+    lines = ["# Skill world results", "", "Regenerate: `" + command + "` (every run is cached under the output folder).",
+             "", f"- date: {res['date']}",
+             f"- machine: {m['processor']}, {m['cpus']} CPUs, {cfg['jobs']} runs at a time",
+             "- packages: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+             f"- whole comparison: {res['wall_s']:.0f} s wall ({res['wall_bases_s']:.0f} s of it building and "
+             f"calibrating bases); {sum(len(b['runs']) for b in res['per_base'])} compared runs + "
+             f"{len(res['tuning'].get('sweep', []))} tuning runs",
+             f"- every run: {cfg['steps']} loop steps x {cfg['rollouts_per_step']} generated rollouts, K = "
+             f"{cfg['k_teachers']} teachers, rollout T = {cfg['temperature']}, banks at sharpness {cfg['levels']}, "
+             f"misleading p {cfg['p_values']}, run seeds {cfg['seeds']}; plain-prompt greedy and avg@{cfg['final_eval_n']} "
+             f"on held-out problems",
+             "", "## Bases", "", "| base | world | hash | source | seen avg | unseen avg | p(right rule), unseen | follows right / "
+             "wrong guidance | other-family TV seen / unseen | Delta in band |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for b in res["per_base"]:
+        w, pr = b["world"], b["properties"]
+        lines.append(f"| {b['name']} | F={w['families']} R={w['rules']} seen={w['seen']} seed={w['seed']} | `{b['hash']}` | "
+                     f"{'shipped' if b['shipped'] else 'built here'} | {b['base']['seen']['avg']:.3f} | "
+                     f"{b['base']['unseen']['avg']:.3f} | {pr['unseen_right_rule_excess'] + w['unseen_spread'] / w['rules']:.3f} | "
+                     f"{pr['follows_right_guidance']:.2f} / {pr['follows_wrong_guidance']:.2f} | "
+                     f"{pr['other_family_tv_seen']:.2f} / {pr['other_family_tv_unseen']:.2f} | {pr['delta_in_band']:.2f} |")
+    for r in res.get("refused", []):
+        lines.append(f"| {r['name']} | refused: {r['problem']} | | | | | | | | |")
+    t = res["tuning"]
+    lines += ["", "## Tuning (base0, run seed %s, %s)" % (t.get("seed"), t.get("criterion", "")), "",
+              "| objective | lr | group size | OPSD KL temperature | training reward, last half |", "|---|---|---|---|---|"]
+    for row in t.get("sweep", []):
+        lines.append(f"| {row['objective']} | {row['lr']:g} | {row['group_size'] or '-'} | "
+                     f"{row['opsd_temperature'] if row['opsd_temperature'] is not None else 'rollout T'} | "
+                     f"{row['reward_last_half']:.3f} |")
+    lines += ["", "Chosen: " + ", ".join(
+        f"{o} lr {x['lr']:g}" + (f", G {x['group_size']}" if o == "grpo" else "")
+        + (f", KL T {x['opsd_temperature'] if x['opsd_temperature'] is not None else cfg['temperature']}" if o == "opsd" else "")
+        for o, x in t.items() if isinstance(x, dict) and "lr" in x) + ".", ""]
+    lines += ["## Claims", "", "| claim | holds on | per base |", "|---|---|---|"]
+    for c in res["claims"] + res.get("claims_variant", []):
+        per = "; ".join(f"{x['base']}: {'yes' if x['holds'] else ('no' if x['holds'] is not None else 'n/a')} "
+                        f"({x['figure']})" for x in c["per_base"])
+        lines.append(f"| {c['claim']} | {c['holds_on']} of {c['tested_on']} bases ({c['bases']} compared) | {per} |")
+    lines += ["", "## Pooled over bases (mean of the per-base seed means ± standard error over bases)", "",
+              "| method | bank p | bases | unseen avg | gain | seen avg |", "|---|---|---|---|---|---|"]
+    for p in res["pooled"]:
+        lines.append(f"| {p['objective']} | {'-' if p['p'] is None else p['p']} | {p['bases']} | {f(p['unseen_avg'])} | "
+                     f"{f(p['gain'])} | {f(p['seen_avg'])} |")
+    for b in res["per_base"]:
+        lines += ["", f"## Base {b['name']} (`{b['hash']}`)", "", b["markdown"], "", f"Learning curves: `{b['png']}`", "",
+                  "<details><summary>calibration</summary>", "", "```"]
+        buf: list[str] = []
+        print_calibration(b["calibration"], buf.append)
+        lines += buf + ["```", "", "</details>"]
+    return "\n".join(lines) + "\n"
 
 
 def _base_curve(cfg: WorldRunConfig, P: Paths, log: Log, progress: Progress) -> dict:
@@ -753,10 +1235,10 @@ def machine() -> dict:
 # demo
 
 
-def demo(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) -> dict:
-    """The first run a user sees: build (cached), base eval, one SGSD run, before/after table."""
+def demo(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, rebuild: bool = False) -> dict:
+    """The first run a user sees: the base (shipped or built), base eval, one SGSD run, before/after table."""
     t0 = time.time()
-    P = build(cfg, log=log, progress=progress)
+    P = build(cfg, log=log, progress=progress, rebuild=rebuild)
     log("demo: evaluating the base model on held-out problems")
     before = evaluate(cfg, P, str(P.base), P.out / "demo" / "base_eval", log=log, progress=progress)
     spec = RunSpec("sgsd", 0.0, cfg.calibrated_level, cfg.seeds[0])

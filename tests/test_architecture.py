@@ -124,3 +124,16 @@ def test_each_sgsd_formula_is_defined_once():
                     if name in formulas or name == "CATEGORIES":
                         defined.setdefault(name, []).append(m)
     assert {k: v for k, v in defined.items() if v != ["stages.engine.objectives.sgsd"]} == {}
+
+
+def test_every_torch_load_goes_through_the_weights_only_loader():
+    """Issue 21: a checkpoint's .pt files come from wherever the folder came from; the one torch.load of the
+    project is checkpoint.load_state (weights_only=True), and nothing passes weights_only=False."""
+    calls = []
+    for mod, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("torch", "pickle"):
+                calls.append((mod, node.lineno, [(k.arg, getattr(k.value, "value", None)) for k in node.keywords]))
+    assert [c[0] for c in calls] == ["stages.engine.checkpoint"], calls
+    assert ("weights_only", True) in calls[0][2]

@@ -183,7 +183,7 @@ def test_hub_config_is_passed(monkeypatch, tmp_path):
     calls = []
     rows = [{"prompt": f"p{i}", "solution": str(i), "data_source": "x"} for i in range(5)]
     _fake_datasets(monkeypatch, {"open-r1/DAPO-Math-17k-Processed": rows}, calls)
-    df = load_problems("train")
+    df = load_problems("hub:train")
     assert calls == [("open-r1/DAPO-Math-17k-Processed", "en", "train")]
     assert df["id"].to_list() == [f"train-{i}" for i in range(5)] and df["problem"][2] == "p2"
 
@@ -268,3 +268,17 @@ def test_bad_problem_files(tmp_path, rows, match):
 def test_missing_file_is_input_error(tmp_path):
     with pytest.raises(InputError, match="file not found"):
         load_problems(str(tmp_path / "none.jsonl"))
+
+
+def test_missing_training_pool_is_refused_not_replaced_by_the_hub_copy(monkeypatch, tmp_path):
+    """The training pool's hub entry is other data (DAPO-Math-17k): without the local file the same config must
+    not silently train on it; `hub:train` names it."""
+    _nothing_local(monkeypatch, tmp_path)
+    calls = []
+    _fake_datasets(monkeypatch, {"open-r1/DAPO-Math-17k-Processed": [{"prompt": "p", "solution": "1"}]}, calls)
+    with pytest.raises(InputError) as e:
+        load_problems("train")
+    msg = e.value.line()
+    assert "train.jsonl not found in" in msg and "SGSD_DATA_DIR" in msg and "'hub:train'" in msg
+    assert calls == []  # the hub was not asked
+    assert load_problems("hub:train").height == 1 and len(calls) == 1

@@ -100,11 +100,11 @@ def _check_polarity_from_scores(ro, st, pol, tok):
 
 def test_rerun_skips_and_changed_config_is_refused(chain_run, tiny_model_dir):
     before = (chain_run / "rollout.parquet").stat().st_mtime_ns
-    r = sgsd("rollout", "--run-dir", chain_run, "--model", tiny_model_dir, "--limit", 4, "--max-new-tokens", 12,
-             "--backend", "hf", *CPU)  # default --problems is the same demo file, resolved to an absolute path
+    r = sgsd("rollout", "--run-dir", chain_run, "--model", tiny_model_dir, "--problems", str(DEMO_PROBLEMS), "--limit", 4,
+             "--max-new-tokens", 12, "--backend", "hf", *CPU)
     assert r.exit_code == 0 and (chain_run / "rollout.parquet").stat().st_mtime_ns == before
-    r = sgsd("rollout", "--run-dir", chain_run, "--model", tiny_model_dir, "--limit", 4, "--max-new-tokens", 13,
-             "--backend", "hf", *CPU)
+    r = sgsd("rollout", "--run-dir", chain_run, "--model", tiny_model_dir, "--problems", str(DEMO_PROBLEMS), "--limit", 4,
+             "--max-new-tokens", 13, "--backend", "hf", *CPU)
     assert r.exit_code == 2 and "pass --force" in r.output
     assert (chain_run / "rollout.parquet").stat().st_mtime_ns == before
 
@@ -112,23 +112,24 @@ def test_rerun_skips_and_changed_config_is_refused(chain_run, tiny_model_dir):
 def test_shards_write_part_files_read_as_directory(tiny_model_dir, tmp_path):
     run = tmp_path / "sharded"
     for i in range(2):
-        r = sgsd("rollout", "--run-dir", run, "--model", tiny_model_dir, "--limit", 3, "--max-new-tokens", 6,
-                 "--backend", "hf", "--shard", f"{i}/2", *CPU)
+        r = sgsd("rollout", "--run-dir", run, "--model", tiny_model_dir, "--problems", DEMO_PROBLEMS, "--limit", 3,
+                 "--max-new-tokens", 6, "--backend", "hf", "--shard", f"{i}/2", *CPU)
         assert r.exit_code == 0, r.output
     parts = sorted(p.name for p in (run / "rollout").glob("*.parquet"))
     assert parts == ["part-00000-of-00002.parquet", "part-00001-of-00002.parquet"]
     # contiguous blocks (1 + 2 of 3 problems), sampled per problem: the parts in order are the unsharded table
     assert [pl.read_parquet(run / "rollout" / p).height for p in parts] == [1, 2]
     one = tmp_path / "one"
-    r = sgsd("rollout", "--run-dir", one, "--model", tiny_model_dir, "--limit", 3, "--max-new-tokens", 6,
-             "--backend", "hf", *CPU)
+    r = sgsd("rollout", "--run-dir", one, "--model", tiny_model_dir, "--problems", DEMO_PROBLEMS, "--limit", 3,
+             "--max-new-tokens", 6, "--backend", "hf", *CPU)
     assert r.exit_code == 0, r.output
     whole = pl.read_parquet(one / "rollout.parquet")
     joined = read_table(run / "rollout")
     assert joined["rollout_id"].to_list() == whole["rollout_id"].to_list()
     assert joined["completion_ids"].to_list() == whole["completion_ids"].to_list()
     assert len(set(map(tuple, whole["completion_ids"].to_list()))) == 3  # the random model draws three completions
-    r = sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", run, "--model", tiny_model_dir, "--k", 2, *CPU)
+    r = sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", run, "--model", tiny_model_dir, "--k", 2,
+             "--bank", DEMO_BANK, *CPU)
     assert r.exit_code == 0, r.output
     assert pl.read_parquet(run / "score_teachers.parquet")["rollout_id"].n_unique() == 3
 
@@ -174,7 +175,8 @@ def test_bad_inputs_exit_2_one_line_outputs_untouched(chain_run, tiny_model_dir,
     _one_error_line(sgsd("score-teachers", "--retrieval", "lexical", "--run-dir", chain_run, "--model", tiny_model_dir, "--bank", bank, "--force", *CPU),
                     str(bank), "not valid JSON")
     # unknown model path
-    _one_error_line(sgsd("rollout", "--run-dir", chain_run, "--model", tmp_path / "no-such-model", "--force", *CPU),
+    _one_error_line(sgsd("rollout", "--run-dir", chain_run, "--model", tmp_path / "no-such-model", "--problems",
+                         str(DEMO_PROBLEMS), "--force", *CPU),
                     "no-such-model", "does not exist")
     assert _snapshot(chain_run) == snap
 
@@ -194,3 +196,10 @@ def test_smoke_script_on_shared_train_and_paper_bank(shared_data, tmp_path):
     assert set(pl.read_parquet(run / "step_0001" / "score_teachers.parquet")["skill_id"]) <= {
         s["skill_id"] for s in json.loads((shared_data / "skill_banks" / "sgsd_qwen3_1.7b.json").read_text())["general_skills"]}
     assert pl.read_parquet(run / "step_0002" / "rollout.parquet")["policy_step"].to_list()[0] == 1
+    # it ends with what to run next, and the report finds the stage-by-stage steps
+    tail = res.stdout.strip().splitlines()[-3:]
+    assert tail[0] == "look at it next:" and f"report {run}" in tail[1] and "inspect" in tail[2] and "--worst" in tail[2]
+    from stages import report
+
+    r = report.load_run(run)
+    assert r["kind"] == "steps" and r["metrics"]["step"].to_list() == [1]

@@ -80,7 +80,7 @@ def test_stage_options_refused_before_any_work(tmp_path):
     for args, text in [(["--n", "0"], "--n must be >= 1 (got 0)"), (["--top-p", "2"], "--top-p must be > 0 and <= 1"),
                        (["--temperature", "-1"], "--temperature must be >= 0"), (["--top-k", "-5"], "--top-k must be >= 0"),
                        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"), (["--limit", "-1"], "--limit must be >= 1"),
-                       (["--batch-size", "0"], "--batch-size must be >= 1"), (["--set", "n=0"], "--n must be >= 1")]:
+                       (["--decode-batch", "0"], "--decode-batch must be >= 1"), (["--set", "n=0"], "--n must be >= 1")]:
         r = run.invoke(app, ["rollout", "--run-dir", str(tmp_path / "r"), "--model", "nope", *args])
         assert r.exit_code == 2, (args, r.output)
         assert text in r.output and "Traceback" not in r.output, (args, r.output)

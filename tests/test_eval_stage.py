@@ -330,7 +330,7 @@ def test_smollm2_on_five_math500_problems(smollm2, tmp_path, bench_data):
     five.write_ndjson(problems)
     run = tmp_path / "run"
     res = invoke(["--model", str(smollm2), "--problems", str(problems), "--protocol", "quick", "--n", "2",
-                  "--max-new-tokens", "32", "--batch-size", "2", "--run-dir", str(run), "--device", "cpu"])
+                  "--max-new-tokens", "32", "--decode-batch", "2", "--run-dir", str(run), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     rows = pl.read_parquet(run / "eval" / "math500_5.parquet")
     assert rows.height == 10 and set(rows["problem_id"]) == set(five["id"])

@@ -107,10 +107,10 @@ def _chromium() -> str | None:
 
 
 def _rgb(d: float) -> str:
-    """Independent colour rule: white at 0, (55,195,55) at +3, (215,55,55) at -3, linear in between."""
+    """Independent colour rule: white at 0, (55,195,55) at +3, (235,110,110) at -3, linear in between."""
     x = max(-1.0, min(1.0, d / 3.0))
     a = abs(x)
-    c = (255 - 200 * a, 255 - 60 * a, 255 - 200 * a) if x >= 0 else (255 - 40 * a, 255 - 200 * a, 255 - 200 * a)
+    c = (255 - 200 * a, 255 - 60 * a, 255 - 200 * a) if x >= 0 else (255 - 20 * a, 255 - 145 * a, 255 - 145 * a)
     return "rgb({}, {}, {})".format(*(int(math.floor(v + 0.5)) for v in c))
 
 
@@ -125,6 +125,8 @@ var row=state();
 var out=document.createElement('pre');out.id='probe';
 out.textContent=JSON.stringify({before:before,after:after,row:row,
   label0:document.getElementById('lab0').textContent,
+  shadow:getComputedStyle(document.querySelector('.completion span')).boxShadow,
+  ink:getComputedStyle(document.querySelector('.completion span')).color,
   sel:document.querySelector('#r0 .buttons button.sel').dataset.t});
 document.body.appendChild(out);
 </script></body>"""
@@ -150,6 +152,10 @@ def test_html_in_headless_chromium_click_switches_teacher(step, tmp_path):
     assert got["sel"] == "1" and "teacher 1" in got["label0"]
     # click the row of teacher 0 in the second rollout: Delta = [0.5, 0.5, 0.5]
     assert got["row"][1] == [_rgb(0.5)] * 3
+    # neighbouring tokens of one colour stay apart: every coloured token carries a thin right edge
+    assert got["shadow"] not in ("", "none") and "inset" in got["shadow"]
+    ink = tuple(int(x) for x in re.findall(r"\d+", got["ink"])[:3])
+    assert _contrast(ink, ins.delta_rgb(-ins.CLIP)) >= 6.0 and _contrast(ink, ins.delta_rgb(ins.CLIP)) >= 6.0
     shot = tmp_path / "inspect.png"
     subprocess.run(args + ["--window-size=1200,900", f"--screenshot={shot}", page.as_uri()], capture_output=True,
                    timeout=120)
@@ -181,3 +187,80 @@ def test_token_pieces_keep_split_characters_whole(tiny_model_dir):
     assert len(pieces) == len(ids) and "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces) and "数" in pieces and "学" in pieces
     assert ins.token_pieces([5, 6], None) == ["<5>", "<6>"]
+
+
+def _contrast(fg, bg) -> float:
+    """WCAG contrast ratio of two sRGB colours."""
+    def lum(c):
+        lin = [(v / 255) / 12.92 if v / 255 <= 0.04045 else ((v / 255 + 0.055) / 1.055) ** 2.4 for v in c]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    a, b = sorted((lum(fg), lum(bg)), reverse=True)
+    return (a + 0.05) / (b + 0.05)
+
+
+def test_token_text_stays_readable_on_the_saturated_colours():
+    ink = (17, 17, 17)  # the completion's text colour (#111)
+    assert ".completion span{color:#111" in ins._CSS
+    assert _contrast(ink, ins.delta_rgb(-ins.CLIP)) >= 6.0  # the darkest red (was 4.5 with rgb(215,55,55))
+    assert _contrast(ink, ins.delta_rgb(ins.CLIP)) >= 6.0
+
+
+def test_worst_is_the_rollout_whose_teachers_contradict_the_verifier(tmp_path):
+    """a#0: its one teacher confirms the verdict, weakly (agreement +0.1); b#0: half its teacher weight contradicts
+    the verdict (rho = -1) though its weighted support nets +0.5.  --worst is b#0, --best a#0."""
+    from types import SimpleNamespace
+
+    scores = pl.DataFrame({"rollout_id": ["a#0", "b#0", "b#0"], "teacher_rank": [0, 0, 1],
+                           "weight": [1.0, 0.5, 0.5]})
+    pol = pl.DataFrame({"rollout_id": ["a#0", "b#0", "b#0"], "teacher_rank": [0, 0, 1], "outcome": [1, 1, 1],
+                        "support": [0.1, -2.0, 3.0], "stance": [1, -1, 1], "polarity": [1, -1, 1],
+                        "category": ["helpful", "over_suppressive", "helpful"]})
+    t = SimpleNamespace(rollouts=pl.DataFrame({"rollout_id": ["a#0", "b#0"]}), scores=scores, polarize=pol,
+                        step_dir=tmp_path)
+    ag = ins.agreement(t)
+    assert ag["agreement"].to_list() == pytest.approx([0.1, 0.5]) and ag["disagree"].to_list() == [0.0, 0.5]
+    assert ins.select_rollouts(t, worst=True) == ["b#0"]
+    assert ins.select_rollouts(t, best=True) == ["a#0"]
+
+
+# issue 21: text from the tables and the bank is data, in the page and in the terminal
+
+HOSTILE_SKILL = "<!--<script>alert(1)</script> [red]red[/red] [/x] \x1b]0;pwned\x07\x1b[2J"
+
+
+def _hostile_step(tmp_path):
+    from synthetic_run import BANK
+
+    bank = json.loads(json.dumps(BANK))
+    bank["general_skills"][0]["title"] = HOSTILE_SKILL
+    (tmp_path / "bank.json").write_text(json.dumps(bank))
+    sd = write_step(tmp_path / "run" / "step_0001", tmp_path / "bank.json")
+    po = pl.read_parquet(sd / "polarize.parquet")
+    po.with_columns(pl.lit("<img src=x onerror=alert(1)>").alias("n_mask")).write_parquet(sd / "polarize.parquet")
+    return sd
+
+
+def test_html_escapes_every_cell_and_the_embedded_json(tmp_path):
+    sd = _hostile_step(tmp_path)
+    page = ins.render_html([ins.rollout_view(ins.load_step(sd), "p1#0")])
+    assert "<img" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("<script") == 1 and page.count("</script>") == 1 and "<!--" not in page
+    blob = re.search(r"var VIEWS=(\[.*?\]);\s*function", page, re.S).group(1)
+    assert not set("<>&") & set(blob) and "\\u003c!--\\u003cscript\\u003e" in blob
+    assert json.loads(blob)[0]["teachers"][0]["skill"] == HOSTILE_SKILL  # still the same value
+
+
+def test_terminal_shows_bank_text_as_plain_visible_text(tmp_path):
+    from typer.testing import CliRunner
+
+    from sgsd_cli.common import app
+    from sgsd_cli.main import _register
+
+    sd = _hostile_step(tmp_path)
+    _register()
+    for args in (["inspect", str(sd), "--rollout", "p1#0"], ["skills", "show", str(tmp_path / "bank.json")]):
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, (args, r.output)
+        assert "\x1b" not in r.output and "\x07" not in r.output, args
+        # rich drops BEL itself; ESC is shown as an escape; markup is printed as it is written
+        assert "[red]red[/red] [/x] \\x1b]0;pwned" in r.output and "\\x1b[2J" in r.output, (args, r.output)

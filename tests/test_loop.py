@@ -153,9 +153,9 @@ def test_config_errors_and_cli(tmp_path, tiny_model_dir):
     assert parse_value("runs/x") == "runs/x"
     cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
     runner = CliRunner()
-    r = runner.invoke(app, ["loop", "--config", str(cfg), "--set", "train.lr=2e-4", "--print-config"])
+    r = runner.invoke(app, ["loop", "--config", str(cfg), "--set", "train.lr=2e-4", "--dry-run"])
     assert r.exit_code == 0, r.output
-    printed = json.loads(r.output)
+    printed = json.loads(r.stdout)
     assert printed["train"]["lr"] == 2e-4 and printed["train"]["objective"] == "sgsd"
     assert printed["rollout"]["max_new_tokens"] == 6
     bad = tmp_path / "bad.toml"
@@ -209,17 +209,24 @@ def _command_options() -> dict[str, set[str]]:
 
 
 @pytest.mark.parametrize("recipe", ["sgsd", "opsd", "grpo"])
-def test_shell_recipes_parse_and_dry_run(tmp_path, recipe):
-    """bash -n; --dry-run prints one resolved command per stage, each using only options its command has."""
+def test_shell_recipes_parse_and_dry_run(tmp_path, recipe, tiny_model_dir):
+    """bash -n; --dry-run checks the recipe as `sgsd loop --dry-run` does (stderr), then prints one resolved
+    command per stage, each using only options its command has; a failed check prints no command."""
     import shlex
     import subprocess
 
     script = Path(__file__).resolve().parent.parent / "scripts" / f"recipe_{recipe}.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {"PATH": __import__("os").environ["PATH"], "STEPS": "2", "EVAL_EVERY": "2", "SKILLS_EVERY": "1"}
+    env = {"PATH": __import__("os").environ["PATH"], "STEPS": "2", "EVAL_EVERY": "2", "SKILLS_EVERY": "1",
+           "MODEL": str(tiny_model_dir), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "run")], capture_output=True, text=True,
-                       env=env, timeout=60)
+                       env=env, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert "dry run: training pool: train = " in r.stderr and "problems)" in r.stderr, r.stderr
+    assert "dry run: backend: auto -> " in r.stderr
+    bad = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "run")], capture_output=True, text=True,
+                         env={**env, "MODEL": str(tmp_path / "no_model")}, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == "" and "model path does not exist" in bad.stderr
     lines = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     assert not (tmp_path / "run").exists()  # nothing ran
     stages = [words[1] for words in lines if words[0] == "sgsd"]
@@ -267,7 +274,7 @@ def test_loop_keeps_one_resident_engine_and_refreshes_its_weights(tmp_path, tiny
 
 
 @pytest.mark.parametrize("recipe,gpus,config", [("sgsd_4gpu", 4, "sgsd_qwen3_1.7b.toml"), ("opsd_8gpu", 8, "opsd_qwen3_1.7b.toml")])
-def test_multi_gpu_recipes_are_one_torchrun_line(tmp_path, recipe, gpus, config):
+def test_multi_gpu_recipes_are_one_torchrun_line(tmp_path, recipe, gpus, config, tiny_model_dir):
     """--dry-run prints one torchrun line: N ranks of `sgsd loop` on the recipe's config, options that exist,
     overrides that resolve."""
     import shlex
@@ -280,8 +287,9 @@ def test_multi_gpu_recipes_are_one_torchrun_line(tmp_path, recipe, gpus, config)
     script = root / "scripts" / f"recipe_{recipe}.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     r = subprocess.run(["bash", str(script), "--dry-run", str(tmp_path / "run")], capture_output=True, text=True,
-                       env={"PATH": __import__("os").environ["PATH"]}, timeout=60)
+                       env={"PATH": __import__("os").environ["PATH"], "MODEL": str(tiny_model_dir)}, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert "dry run: every input checked" in r.stderr  # the loop's own check ran first
     lines = [shlex.split(line) for line in r.stdout.splitlines() if line.strip()]
     assert len(lines) == 1 and not (tmp_path / "run").exists()
     words = lines[0]
@@ -314,3 +322,38 @@ def test_rank_blocks_and_engine_options():
     lc = LoopConfig(model="m", backend="vllm", vllm_tensor_parallel=2, vllm_sleep=1, vllm_gpu_memory_utilization=0.4)
     assert _engine_options(lc) == {"tensor_parallel_size": 2, "sleep_mode": True, "gpu_memory_utilization": 0.4}
     assert _engine_options(LoopConfig(model="m", backend="hf", vllm_sleep=1)) == {}
+
+
+def test_loop_that_fails_to_start_claims_nothing(tmp_path, tiny_model_dir):
+    """Issue 21: a startup failure (a missing problems file) leaves no loop_config.json, so the corrected command
+    (another problems path) is not refused as 'started with another config'; an unusable bank is refused before
+    the run directory exists at all."""
+    from stages.engine.io import InputError
+
+    cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
+    with pytest.raises(InputError, match="none.jsonl"):
+        _run(cfg, [f"loop.problems='{tmp_path / 'none.jsonl'}'"])
+    assert not (tmp_path / "run" / "loop_config.json").exists()
+    bad = tmp_path / "bad_bank.json"
+    bad.write_text(json.dumps({"general_skills": [], "common_mistakes": []}))
+    with pytest.raises(InputError, match="0 general skills and 0 common mistakes"):
+        _run(cfg, [f"loop.bank='{bad}'", f"loop.run_dir='{tmp_path / 'fresh'}'"])
+    assert not (tmp_path / "fresh").exists()
+    m = pl.read_parquet(_run(cfg))  # the corrected command runs
+    assert m["step"].to_list() == [1] and (tmp_path / "run" / "loop_config.json").exists()
+
+
+def test_collapse_alarm_warns_and_can_stop_the_loop(tmp_path, tiny_model_dir, monkeypatch):
+    """metrics.parquet carries an `alarms` column; an alarm is one warning line, and with loop.alarm_stop the
+    loop stops with exit-2 InputError naming the step (the alarm itself is forced here: tests/test_alarms.py
+    checks the bands by hand)."""
+    import stages.loop as loop_mod
+    from stages.engine.io import InputError
+
+    cfg = _cfg(tmp_path, tiny_model_dir, objective="grpo", steps=1, n=2)
+    m = pl.read_parquet(_run(cfg))
+    assert m["alarms"].to_list() == [""] and m["prompts"].to_list() == [2]
+    monkeypatch.setattr(loop_mod, "new_alarms", lambda rows: ["reward: last-5-step mean 0.10, down from 0.80"])
+    cfg2 = _cfg(tmp_path, tiny_model_dir, objective="grpo", steps=1, n=2, name="stop")
+    with pytest.raises(InputError, match="collapse alarm at step 1: reward"):
+        _run(cfg2, ["loop.alarm_stop=true"])

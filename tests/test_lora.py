@@ -72,5 +72,5 @@ def test_lora_training_continues_from_adapter_checkpoint(tmp_path, tiny, tiny_mo
     meta = json.loads((b / "checkpoint" / "sgsd_checkpoint.json").read_text())
     assert meta["policy_step"] == 2 and meta["adapter"] is True
     assert meta["base_model"]["path"] == str(tiny_model_dir)
-    osd = torch.load(b / "checkpoint" / "optimizer.pt", weights_only=False)
+    osd = torch.load(b / "checkpoint" / "optimizer.pt", weights_only=True)
     assert all(float(s["step"]) == 2.0 for s in osd["state"].values())

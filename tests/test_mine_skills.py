@@ -414,3 +414,51 @@ def test_smollm2_writer_real_output(smollm2, tmp_path):
     bank = load_bank(res.bank_json)
     assert len(bank.skills) <= c["skills"] and len(bank.mistakes) <= c["mistakes"]
     print(f"smollm2 writer: {c} -> {len(bank.skills)} skills / {len(bank.mistakes)} mistakes in {wall:.1f} s")
+
+
+def test_writer_drops_the_api_key_on_a_redirect_to_another_host(monkeypatch):
+    """Issue 21: an endpoint that redirects elsewhere never receives the Authorization header there; a redirect
+    inside the same endpoint keeps it."""
+    from stages.engine.skills.writer import HTTPWriter, WriterConfig
+
+    seen: dict[str, dict] = {}
+    reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "ok"}}]}).encode()
+
+    class Target(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # urllib follows a 302 after a POST as a GET
+            seen[self.path] = dict(self.headers)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Target)
+
+    class Redirector(Target):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            where = (f"http://127.0.0.1:{other.server_address[1]}/elsewhere" if self.path.startswith("/away")
+                     else "/v1/here")
+            self.send_response(302)
+            self.send_header("Location", where)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    home = ThreadingHTTPServer(("127.0.0.1", 0), Redirector)
+    for srv in (other, home):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("SGSD_TEST_KEY", "sk-secret")
+        for path in ("away", "v1"):
+            w = HTTPWriter(WriterConfig(url=f"http://127.0.0.1:{home.server_address[1]}/{path}", key_env="SGSD_TEST_KEY",
+                                        retries=0))
+            assert w._request("hi") == "ok"
+        assert "Authorization" not in seen["/elsewhere"] and "authorization" not in {k.lower() for k in seen["/elsewhere"]}
+        assert seen["/v1/here"].get("Authorization") == "Bearer sk-secret"
+    finally:
+        for srv in (other, home):
+            srv.shutdown()
+            srv.server_close()

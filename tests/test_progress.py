@@ -100,3 +100,29 @@ def test_common_progress_bars_is_this_display(monkeypatch):
     with common.progress_bars() as bars:
         bars("grade", 4)(4)
     assert buf.getvalue().startswith("grade: 4/4 (100%)")
+
+
+def test_plain_line_comes_on_time_inside_a_long_batch():
+    """No work item finishes for 25 s (one long decode batch): the clock still brings a line every interval."""
+    buf, clock = io.StringIO(), Clock()
+    p = P.LogProgress(Console(file=buf, width=200), every_s=10, clock=clock)
+    P.Bars(p)("rollout", 64)
+    for t in (4, 9.5):
+        clock.t = t
+        p.tick()
+    assert buf.getvalue() == ""
+    clock.t = 10
+    p.tick()
+    clock.t = 20.5
+    p.tick()
+    assert buf.getvalue().splitlines() == ["rollout: 0/64 (0%) elapsed 0:00:10", "rollout: 0/64 (0%) elapsed 0:00:20"]
+
+
+def test_the_clock_thread_ticks_without_any_advance():
+    import time
+
+    buf = io.StringIO()
+    with P.LogProgress(Console(file=buf, width=200), every_s=0.2) as p:
+        P.Bars(p)("decode", 8)
+        time.sleep(0.9)
+    assert len(buf.getvalue().splitlines()) >= 2 and "decode: 0/8" in buf.getvalue()

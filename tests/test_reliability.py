@@ -58,6 +58,110 @@ def test_lock_is_reentrant_and_covers_sub_folders(tmp_path):
     r1()
 
 
+def _hold(run_dir: Path, extra: str = "pass"):
+    """A second process that holds ``run_dir``'s lock (and runs ``extra`` after taking it) until killed."""
+    code = ("import sys, time; from pathlib import Path; from stages.engine.io import lock_run_dir;"
+            f"lock_run_dir(sys.argv[1], 'sgsd train demo'); {extra}; print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_nested_run_dirs_exclude_each_other_across_processes(tmp_path):
+    """Issue 21: `train --run-dir R/step_0001` and `rollout --run-dir R` in two processes: whichever comes second
+    is refused, naming the holder, and the first one's live temp folder is not cleaned away."""
+    from stages.engine.io import run_dir_in_use
+
+    run = tmp_path / "R"
+    (run / "step_0001").mkdir(parents=True)
+    lock_run_dir(run, "earlier run")()  # R has a lock file of an earlier run (idle)
+    partial = run / "step_0001" / "checkpoints" / ".step_000001.partial"
+    proc = _hold(run / "step_0001", f"Path({str(partial)!r}).mkdir(parents=True)")
+    try:
+        with pytest.raises(InputError, match=rf"holds .*step_0001, which is in use by pid {proc.pid}"):
+            lock_run_dir(run, "rollout")
+        assert partial.is_dir()  # not cleaned: its writer is alive
+        assert "in use by" in run_dir_in_use(run).line()
+        with pytest.raises(InputError, match=rf"in use by pid {proc.pid}"):
+            lock_run_dir(run / "step_0001", "second train")
+        release = lock_run_dir(run / "step_0002", "a sibling")  # a sibling folder is free
+        release()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert run_dir_in_use(run) is None
+    proc = _hold(run)
+    try:
+        with pytest.raises(InputError, match=rf"inside {run}, which is in use by pid {proc.pid}"):
+            lock_run_dir(run / "step_0001" / "eval", "eval")
+        assert run_dir_in_use(run / "step_0001") is not None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_refuses_a_busy_run_dir_before_the_stage_imports(tmp_path):
+    run = tmp_path / "R"
+    proc = _hold(run / "step_0001")
+    try:
+        code = ("import sys; from sgsd_cli import main;\n"
+                "try:\n    main.main()\nexcept SystemExit as e:\n"
+                "    print('exit', e.code, 'torch imported' if 'torch' in sys.modules else 'no torch', flush=True)")
+        r = subprocess.run([sys.executable, "-c", code, "rollout", "--run-dir", str(run), "--model", "x",
+                            "--problems", "y"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert "exit 2 no torch" in r.stdout, (r.stdout, r.stderr)
+        errs = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(errs) == 1 and errs[0].startswith("error: ") and f"pid {proc.pid}" in errs[0], r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_update_skills_takes_the_run_dir_lock(tmp_path):
+    from stages import update_skills
+
+    run = tmp_path / "R"
+    proc = _hold(run)
+    try:
+        with pytest.raises(InputError, match=rf"in use by pid {proc.pid}"):
+            update_skills.run(update_skills.UpdateSkillsConfig(), run, bank=REPO / "data" / "demo" / "skill_bank.json")
+        assert not (run / "bank").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_written_files_honour_the_umask(tmp_path, tiny):
+    from stages.engine.io import atomic_write_text
+    from stages.engine.models import save_model
+
+    old = os.umask(0o002)
+    try:
+        atomic_write_text(tmp_path / "shared.txt", "x")
+        assert (tmp_path / "shared.txt").stat().st_mode & 0o777 == 0o664
+        model, tok, _ = tiny
+        save_model(model, tok, tmp_path / "model")
+        assert (tmp_path / "model").stat().st_mode & 0o777 == 0o775
+        assert (tmp_path / "model" / "config.json").stat().st_mode & 0o777 == 0o664
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_cleanup_after_a_kill_says_what_it_removed(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "step_0001").mkdir(parents=True)
+    (run / ".rollout.parquet.ab12cd34.tmp").write_bytes(b"half")
+    (run / "step_0001" / ".checkpoint.partial").mkdir()
+    lock_run_dir(run, "test")()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "removed 2 temp file(s)" in err[0] and ".rollout.parquet.ab12cd34.tmp" in err[0], err
+    lock_run_dir(run, "again")()
+    assert capsys.readouterr().err == ""  # nothing left: nothing said
+
+
 # ---- stale temp files and writability ------------------------------------------------------------------
 
 
@@ -347,3 +451,45 @@ def test_prune_steps_finishes_on_rerun(tmp_path):
     assert have == ["step_0003/checkpoint", "step_0003/checkpoints", "step_0004/checkpoint", "step_0004/checkpoints"]
     assert all((step_dir(tmp_path, n) / "train.parquet").exists() for n in range(1, 5))
     prune_steps(tmp_path, 4, 0)  # 0 keeps all
+
+
+# ---- score-teachers: unusable rollout tables (issue 21) ---------------------------------------------------
+
+
+def _score(run: Path, model_dir: Path):
+    from stages import score_teachers
+
+    cfg = score_teachers.ScoreTeachersConfig(model=str(model_dir), bank=str(REPO / "data" / "demo" / "skill_bank.json"),
+                                             k=2, retrieval="lexical", device="cpu", dtype="fp32")
+    return score_teachers.run(cfg, run, force=True)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_score_teachers_refuses_non_finite_sample_logprobs(tmp_path, tiny, tiny_model_dir, value):
+    from test_train import make_run
+
+    run = make_run(tmp_path / "run", tiny, n_problems=2, K=2, T=5)
+    lp = pl.read_parquet(run / "rollout.parquet")["sample_logprobs"][1].to_list()
+    lp[0] = value
+    _poison(run / "rollout.parquet", "sample_logprobs", lp, row=1)
+    before = _snapshot(run)
+    with pytest.raises(InputError, match=r"rollout.parquet: column 'sample_logprobs' holds a non-finite value"):
+        _score(run, tiny_model_dir)
+    assert {k: v for k, v in _snapshot(run).items() if k != ".sgsd.lock"} == \
+        {k: v for k, v in before.items() if k != ".sgsd.lock"}
+
+
+def test_score_teachers_on_all_empty_completions_is_one_line(tmp_path, tiny, tiny_model_dir):
+    from test_train import make_run
+
+    run = make_run(tmp_path / "run", tiny, n_problems=2, K=2, T=5)
+    df = pl.read_parquet(run / "rollout.parquet")
+    empty = [[] for _ in range(df.height)]
+    write_parquet(df.with_columns(pl.Series("completion_ids", empty, dtype=df.schema["completion_ids"]),
+                                  pl.Series("sample_logprobs", empty, dtype=df.schema["sample_logprobs"])),
+                  run / "rollout.parquet")
+    before = _snapshot(run)
+    with pytest.raises(InputError, match=r"rollout.parquet: every completion is empty"):
+        _score(run, tiny_model_dir)
+    assert {k: v for k, v in _snapshot(run).items() if k != ".sgsd.lock"} == \
+        {k: v for k, v in before.items() if k != ".sgsd.lock"}

@@ -199,3 +199,58 @@ def test_end_of_run_writes_the_report_and_names_it(run):
     flat = " ".join(_render(R.end_of_run(run), width=200).split())
     assert (run / "report" / "report.html").exists()
     assert f"report {run / 'report' / 'report.html'}" in flat and "25.0% -> 75.0%" in flat
+
+
+def test_stage_by_stage_run_dir_has_steps(tmp_path):
+    """A run made stage by stage (shell recipes, scripts/smoke.sh): no metrics.parquet, step_N/train.parquet; the
+    report rebuilds the loop's rows from the step folders (a step that did not train yet is left out)."""
+    bank = write_bank(tmp_path / "bank.json")
+    rd = tmp_path / "sh"
+    for n, loss in ((1, 0.5), (2, 0.25)):
+        sd = write_step(rd / f"step_{n:04d}", bank)
+        pl.DataFrame({"policy_step": [n], "loss": [loss], "grad_norm": [1.0], "lr": [1e-3], "tokens": [30],
+                      "wall_s": [2.0]}).write_parquet(sd / "train.parquet")
+    write_step(rd / "step_0003", bank)  # rolled out, not trained
+    r = R.load_run(rd)
+    assert r["kind"] == "steps" and r["metrics"]["step"].to_list() == [1, 2]
+    assert r["metrics"]["loss"].to_list() == [0.5, 0.25] and "frac_misleading" in r["metrics"].columns
+    assert R.x_label([r]) == "loop step"
+    path = R.write_report([rd], tmp_path / "out")
+    assert (tmp_path / "out" / "loss.png").exists() and path.exists()
+
+
+def test_plots_name_their_axes_and_units(run, tmp_path, monkeypatch):
+    """Every panel has a y label (with its unit), the x label names the axis used, wall times share one axes."""
+    import matplotlib.figure
+
+    seen = []
+    orig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *a, **k):
+        seen.append([(ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.axison])
+        return orig(fig, *a, **k)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    R.write_report([run], tmp_path / "out")
+    axes = [a for fig in seen for a in fig]
+    assert axes and all(x in ("loop step", "loop step (last: the run's final eval/)") for _, x, _ in axes)
+    for fig in seen:
+        assert fig[0][2], fig  # the first axes of every figure carries the y label
+    wall = [fig for fig in seen if fig[0][0] == "wall time per stage"]
+    assert len(wall) == 1 and len(wall[0]) == 1 and wall[0][0][2] == "seconds"  # one shared scale
+    assert R.x_label([{"kind": "train"}]) == "optimizer step"
+
+
+def test_piped_output_does_not_wrap_at_80_columns(run, tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "COLUMNS"}
+    res = subprocess.run([sys.executable, "-m", "sgsd_cli.main", "report", str(run), "-o", str(tmp_path / "o")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    title = next(line for line in lines if line.startswith("sgsd loop: "))
+    assert title.rstrip() == f"sgsd loop: {run}"  # the whole path on one line, however long
+    walls = [line for line in lines if "wall time" in line]
+    assert len(walls) == 1 and "train" in walls[0]  # the row is not folded onto a second line

@@ -108,6 +108,84 @@ def test_checkpoint_validation_catches_missing_and_extra_files(tmp_path, tiny, t
         ckpt.validate(ck)
 
 
+class _RunsCode:
+    """A pickle that runs code when loaded without restriction (touches a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _reseal(ck: Path) -> None:
+    """Recompute checksums.json: whoever crafts a checkpoint folder controls its checksums too."""
+    import json
+
+    from stages.engine import checkpoint as ckpt
+    from stages.engine.io import file_hash
+
+    sums = {str(p.relative_to(ck)): file_hash(p) for p in sorted(ck.rglob("*")) if p.is_file() and p.name != ckpt.CHECKSUMS}
+    (ck / ckpt.CHECKSUMS).write_text(json.dumps({"format": ckpt.FORMAT, "files": sums}))
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "scheduler.pt", "rng/rank_00000.pt"])
+def test_crafted_checkpoint_pickle_does_not_run(tmp_path, tiny, tiny_model_dir, victim):
+    """Issue 21: every file of a checkpoint is loaded with weights_only=True; a pickle that would run code is
+    refused with a one-line CheckpointError, and the code does not run."""
+    from stages import train
+    from stages.engine import checkpoint as ckpt
+
+    run = make_run(tmp_path / "run", tiny, n_problems=2)
+    kw = dict(steps=2, batch_size=2, save_every=1, keep_last=5)
+    train.run(train_cfg(tiny_model_dir, **kw), run)
+    snap = run / "checkpoints" / "step_000001"
+    torch.load(snap / "rng" / "rank_00000.pt", weights_only=True)  # the rng state is tensors and plain values
+    marker = tmp_path / "ran"
+    torch.save({"state": _RunsCode(marker)}, snap / victim)
+    _reseal(snap)
+    ckpt.validate(snap)
+    import shutil
+
+    shutil.rmtree(run / "checkpoint")  # "crashed" after step 1: the run resumes from the crafted snapshot
+    (run / "train.manifest.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="refused") as e:
+        train.run(train_cfg(tiny_model_dir, **kw), run)
+    assert not marker.exists()
+    assert victim in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rng_state_round_trip_and_older_rng_files():
+    """The rng state restores every generator; a file written before (numpy state as an ndarray) still loads."""
+    import random
+
+    import numpy as np
+
+    from stages.engine import checkpoint as ckpt
+    from stages.engine.distributed import rng_state, set_rng_state
+
+    def draw():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    import io
+
+    st = rng_state()
+    first = draw()
+    buf = io.BytesIO()
+    torch.save(st, buf)
+    buf.seek(0)
+    set_rng_state(torch.load(buf, weights_only=True))
+    assert draw() == first
+    old = {"torch": st["torch"], "numpy": np.random.get_state(), "python": random.getstate()}
+    ahead = draw()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(old, Path(d) / "rank_00000.pt")
+        set_rng_state(ckpt.load_state(Path(d) / "rank_00000.pt"))
+    assert draw()[1:] == ahead[1:]
+
+
 @pytest.mark.parametrize("objective,extra", [
     ("sgsd", dict(lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.2, teacher_mode="ema", ema_decay=0.5)),
     ("grpo", dict(num_iterations=2, kl_beta=0.05)),

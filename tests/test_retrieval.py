@@ -224,3 +224,39 @@ def test_retrieval_stats(bank17, aime25, tmp_path, shared_data):
     assert res.exit_code == 0, res.output
     assert "30 problems" in res.output and "never retrieved" in res.output
     assert pl.read_parquet(out).equals(df)
+
+
+def test_top_k_is_the_sorted_reference_with_ties():
+    from stages.engine.skills.retrieval import top_k
+
+    rng = np.random.default_rng(21)
+    for n, k in [(0, 3), (1, 3), (5, 5), (50, 8), (1000, 8), (1000, 1000)]:
+        s = rng.integers(0, 7, n) / 7.0  # many ties, also across the cut
+        ref = sorted(range(n), key=lambda i: (-s[i], i))[:k]
+        assert top_k(s, k) == ref and top_k(s.tolist(), k) == ref
+    assert top_k([0.5, float("nan"), 0.9], 3) == [2, 0, 1]
+
+
+def test_large_bank_retrieval_reports_progress_and_matches_the_full_sort():
+    """Issue 21: a 100k-item bank: progress as batches finish (smaller batches for a large bank), and the pools
+    are those of a full sort of the similarities."""
+    from stages.engine.skills.bank import SkillBank
+    from stages.engine.skills.retrieval import RandomRetriever, teacher_pool
+
+    n = 100_000
+    bank = SkillBank(skills=[{"skill_id": f"s{i}", "title": "t", "principle": "p", "when_to_apply": "w"} for i in range(n)],
+                     mistakes=[{"mistake_id": f"m{i}", "description": "d", "why_it_happens": "y", "how_to_avoid": "h"}
+                               for i in range(50)])
+    r = RandomRetriever(bank, seed=3)
+    problems = [f"problem {i}" for i in range(25)] + ["problem 0"]
+    calls: list[int] = []
+    pools = retrieve_many(r, problems, k=8, on_done=calls.append)
+    assert sum(calls) == 25 and len(calls) > 1  # distinct problems, in several batches
+    for q, pool in zip(problems[:3], pools[:3]):
+        sk, mk = r.similarities(q)
+        si = sorted(range(n), key=lambda i: (-sk[i], i))[:8]
+        mi = sorted(range(50), key=lambda i: (-mk[i], i))[:8]
+        assert [t.skill["skill_id"] for t in pool] == [f"s{i}" for i in si]
+        assert [t.mistake["mistake_id"] for t in pool] == [f"m{i}" for i in mi]
+        assert [t.weight for t in pool] == [t.weight for t in teacher_pool(bank, list(sk), list(mk), 8)]
+    assert pool_key(pools[:1]) == pool_key(pools[-1:])

@@ -100,6 +100,39 @@ def test_rollout_loss_hand_computed():
     assert s.grad.tolist() == pytest.approx([-0.0703186, -0.0755081], abs=1e-6)
 
 
+def test_rollout_loss_stance_variant_hand_computed():
+    """reversed_tokens='stance': a reversed teacher's term keeps only tokens whose Delta has its stance's sign."""
+    # correct rollout, over-suppressive teacher (sigma = -1, rho = -1) and a helpful one (sigma = +1, rho = +1)
+    s = torch.tensor([-1.0, -2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([[-2.0, -1.5, -1.0], [-0.5, -2.0, -1.0]], dtype=torch.float64)
+    mask, w = torch.tensor([True, True, True]), torch.tensor([1.0, 0.0])
+    rho, sigma = torch.tensor([-1, 1]), torch.tensor([-1, 1])
+    # teacher 1: D = [-1, 0.5, 0]; l = [0.2190696, 0.0605481, 0]
+    # all:    L = -(0.2190696 + 0.0605481) / 3 = -0.0932059; dL/ds = -rho/N l'(D) = [1/3 * (-0.3775407), 1/3 * 0.2343953, 0]
+    loss = rollout_loss(s, t, mask, w, rho, sigma=sigma, reversed_tokens="all")
+    assert loss.item() == pytest.approx(-0.0932059, abs=1e-6)
+    loss.backward()
+    assert s.grad.tolist() == pytest.approx([-0.1258469, 0.0781318, 0.0], abs=1e-6)  # lowers s_1: a correct token
+    s.grad = None
+    # stance: only t = 0 (sign(D) = -1 = sigma); L = -0.2190696 / 3 = -0.0730232 (N stays 3)
+    loss = rollout_loss(s, t, mask, w, rho, sigma=sigma, reversed_tokens="stance")
+    assert loss.item() == pytest.approx(-0.0730232, abs=1e-6)
+    loss.backward()
+    assert s.grad.tolist() == pytest.approx([-0.1258469, 0.0, 0.0], abs=1e-6)
+    # a wrong rollout's misleading teacher (sigma = +1, rho = -1): D = [1, -0.5] keeps t = 0 only
+    s2 = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    t2 = torch.tensor([[0.0, -1.5]], dtype=torch.float64)
+    loss = rollout_loss(s2, t2, torch.tensor([True, True]), torch.tensor([1.0]), torch.tensor([-1]),
+                        sigma=torch.tensor([1]), reversed_tokens="stance")
+    assert loss.item() == pytest.approx(-0.2190696 / 2, abs=1e-6)
+    # rho = +1 terms are untouched by the variant
+    a = rollout_loss(s2, t2, torch.tensor([True, True]), torch.tensor([1.0]), torch.tensor([1]), sigma=torch.tensor([-1]),
+                     reversed_tokens="stance")
+    assert a.item() == pytest.approx((0.2190696 + 0.0605481) / 2, abs=1e-6)
+    with pytest.raises(ValueError):
+        rollout_loss(s2, t2, torch.tensor([True, True]), torch.tensor([1.0]), torch.tensor([-1]), reversed_tokens="stance")
+
+
 def test_rollout_loss_respects_mask_and_teacher_is_constant():
     s = torch.tensor([-1.0, -2.0], requires_grad=True)
     t = torch.tensor([[0.0, 5.0]], requires_grad=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,6 +61,85 @@ def test_extract_linear_on_many_unterminated_boxes():
     t0 = time.perf_counter()
     assert extract_answer(text) is None
     assert time.perf_counter() - t0 < 2.0
+
+
+# issue 21: completions that made extraction / normalisation quadratic in the parent process (46 s and 36 s on
+# 2 cores before; each is now a few hundredths of a second). The bound is generous: a quadratic pass is >30 s.
+HOSTILE = {
+    "20k nested brace pairs in a box": ("\\boxed{" + "{" * 20000 + "1" + "}" * 20000 + "}", None, "no_answer"),
+    "20k nested boxes": ("\\boxed{" * 20000 + "1" + "}" * 20000, "1", "ok"),
+    "Answer: and 50k \\(": ("Answer: " + "\\(" * 50000, None, "no_answer"),
+    "Answer: and 50k $ then \\[": ("Answer: " + "\\[" * 25000 + "$" * 50000, None, "no_answer"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_completions_grade_in_linear_time(name):
+    text, pred, status = HOSTILE[name]
+    t0 = time.perf_counter()
+    assert extract_answer(text) == pred
+    normalize_answer(text)
+    with Verifier(workers=1, timeout_s=2.0) as v:
+        g = v.grade(text, "1")
+    assert time.perf_counter() - t0 < 10.0
+    assert (g.pred, g.status) == (pred, status)
+
+
+def test_normalize_strips_every_enclosing_brace_pair():
+    assert normalize_answer("{{{52_8}}}") == "52_8"
+    assert normalize_answer("{1}{2}") == "{1}{2}"  # not one enclosing pair
+    assert normalize_answer("{{1}+{2}}") == "{1}+{2}"
+    assert normalize_answer("{" * 30000 + "7" + "}" * 30000) == "7"
+
+
+def test_answer_length_cap():
+    assert extract_answer("\\boxed{" + "1" * V.MAX_ANSWER_CHARS + "}") == "1" * V.MAX_ANSWER_CHARS
+    assert extract_answer("\\boxed{" + "1" * (V.MAX_ANSWER_CHARS + 1) + "}") is None
+    assert extract_answer("Answer: " + "7" * (V.MAX_ANSWER_CHARS + 1)) is None
+    # a multi-box group over the cap against a set gold is no answer either
+    many = ", ".join(["\\boxed{" + "9" * 100 + "}"] * 11)
+    assert grade_many([(many, "\\{1,2\\}")], timeout_s=5)[0].status == "no_answer"
+
+
+def _math_segments_regex(s):
+    """The regex the linear scanner replaces (quadratic on unclosed delimiters): the reference for short strings."""
+    import re
+
+    found = list(re.finditer(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", s, re.DOTALL))
+    if not found:
+        return None
+    return next(g for g in found[-1].groups() if g is not None), found[-1].end()
+
+
+def _unwrap_box_quadratic(s):
+    while True:
+        m = V._BOX_RE.match(s)
+        if not m:
+            return s
+        rest = s[m.end():].lstrip()
+        if not rest.startswith("{"):
+            return s
+        off = len(s) - len(rest)
+        close = V._brace_matches(s, off).get(off)
+        if close is None or close != len(s) - 1:
+            return s
+        inner = s[off + 1:close].strip()
+        if not inner:
+            return s
+        s = inner
+
+
+def test_linear_scanners_agree_with_their_reference_on_random_strings():
+    import random
+
+    rng = random.Random(21)
+    atoms = ["$", "$$", "\\(", "\\)", "\\[", "\\]", "\\", "{", "}", "\\boxed", "\\fbox", " ", "\n", "x", "1", "\\{"]
+    for _ in range(4000):
+        s = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 14)))
+        assert V._last_math_segment(s) == _math_segments_regex(s), s
+        assert V._unwrap_box(s) == _unwrap_box_quadratic(s), s
+        for wrapped in ("{" + s + "}", "{{" + s + "}}", "\\boxed{ \\boxed{" + s + "} }"):
+            assert V._unwrap_box(wrapped) == _unwrap_box_quadratic(wrapped), wrapped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,3 +339,62 @@ def test_module_level_api():
     assert grade_many([]) == []
     with pytest.raises(ValueError):
         grade(box("x"), "1", timeout_s=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# every process that graded exits (issue 21): the pool is stopped before multiprocessing joins its children
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXIT_SCRIPT = r'''
+import multiprocessing, sys
+from stages.engine.verify import Verifier, grade
+
+HANG = "So the answer is $\\boxed{9^{9^{9^{9^{9}}}}}$."
+
+
+def work():
+    out = [grade(HANG, "1", timeout_s=0.5).status, grade("\\boxed{\\sqrt{4}}", "2", timeout_s=5).status]
+    v = Verifier(workers=1, timeout_s=0.5)  # never closed by its owner
+    out += [g.status for g in v.grade_many([(HANG, "1"), ("\\boxed{\\sqrt{9}}", "3")])]
+    return out
+
+
+def child(q):
+    q.put(work())
+
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context(sys.argv[1])
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    got = q.get(timeout=60)
+    p.join(20)
+    print("child", got, "exited" if not p.is_alive() else "HUNG", flush=True)
+    if p.is_alive():
+        p.kill()
+        sys.exit(3)
+    print("main", work(), flush=True)
+'''
+
+
+def test_grading_processes_always_exit(tmp_path):
+    """A process that graded (hang cases included, a Verifier left open) exits, whether it is the main process
+    or a multiprocessing child (whose exit runs no atexit hook and used to wait on the idle pool workers for
+    ever). Run several times: the main-process hang was a race."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "grade_and_exit.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    for i, method in enumerate(["fork", "spawn", "fork", "fork"]):
+        try:
+            r = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, timeout=90,
+                               env=env, cwd=tmp_path)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"run {i} ({method}) did not exit: {e.stdout}") from None
+        assert r.returncode == 0, (r.stdout, r.stderr[-2000:])
+        assert "child ['timeout', 'ok', 'timeout', 'ok'] exited" in r.stdout, r.stdout
+        assert "main ['timeout', 'ok', 'timeout', 'ok']" in r.stdout, r.stdout

@@ -135,6 +135,60 @@ def test_gate_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------
+# the base: shipped with a manifest, rebuilt bases checked against the bands
+
+
+def test_base_outside_its_bands_is_refused(tmp_path):
+    """A base built with far too few SFT steps does not know the seen families: `world build` refuses it with
+    one line naming the property and its value, exit 2, and nothing is left where a base would be used."""
+    out = tmp_path / "w"
+    args = [sys.executable, "-m", "sgsd_cli.main", "world", "build", "--out", str(out),
+            "--set", "world.families=4", "--set", "world.rules=2", "--set", "world.seen=2",
+            "--set", 'world.rule_set=["maximum", "minimum"]', "--set", "world.heldout_pairs=8",
+            "--set", "world.items_per_family=1", "--set", "world.corpus_size=200", "--set", "experiment.hidden_size=64",
+            "--set", "experiment.vocab_size=600", "--set", "experiment.sft_steps=3", "--set", "experiment.sft_batch_size=8",
+            "--set", 'experiment.levels=["sharp"]', "--set", 'experiment.calibrated_level="sharp"',
+            "--set", "experiment.p_values=[0.0]", "--set", "experiment.final_eval_n=2"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]  # the build's progress is logged above it
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-2000:]
+    assert "outside the world's bands: seen_accuracy = " in errors[0], errors
+    assert not (out / "base").exists() and not (out / "build.json").exists()
+    man = json.loads((out / "base.rejected" / "world_base.json").read_text())
+    assert man["calibration"]["outside"] and man["calibration"]["properties"]["seen_accuracy"] < 0.95
+
+
+def test_shipped_base_manifest_and_hashes(tmp_path):
+    import shutil
+
+    from stages.engine.io import file_hash
+    from stages.world import SHIPPED_BASE, WorldRunConfig, base_stamp, config_from_sections, shipped_base, verify_base
+    from stages.engine.config import load_toml
+    from pathlib import Path
+
+    cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / "world.toml"))
+    man = verify_base(SHIPPED_BASE)
+    assert man["stamp"] == base_stamp(cfg) and shipped_base(cfg) == SHIPPED_BASE
+    # every file listed with its sha256, computed independently here
+    import hashlib
+    for name, h in man["files"].items():
+        assert hashlib.sha256((SHIPPED_BASE / name).read_bytes()).hexdigest() == h == file_hash(SHIPPED_BASE / name)
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(man["files"])
+    assert man["calibration"]["outside"] == [] and {"torch", "transformers"} <= set(man["versions"])
+    # another world seed is not the shipped base's world
+    from dataclasses import replace
+    assert shipped_base(replace(cfg, world=replace(cfg.world, seed=cfg.world.seed + 1))) is None
+    # one changed byte is caught, naming the file
+    bad = tmp_path / "base"
+    shutil.copytree(SHIPPED_BASE, bad)
+    p = bad / "config.json"
+    p.write_text(p.read_text() + " ")
+    with pytest.raises(InputError, match="config.json"):
+        verify_base(bad)
+
+
+# --------------------------------------------------------------------------------------------------
 # learning regression: a small world, its base trained from scratch here, SGSD through the ordinary loop
 
 
@@ -152,19 +206,26 @@ def _unseen_right_prob(P, world, model_dir):
     return sum(d[world.rule_of[r["family"]]] for d, r in zip(ds, rows)) / len(rows)
 
 
-@pytest.fixture(scope="module")
-def small_world(tmp_path_factory):
-    from stages.world import WorldRunConfig, build
+# the learning test's run: the demo's recipe (configs/world.toml: medium bank, p = 0, 16 rollouts per step) at
+# lr 5e-4 on the shipped base, shortened to LEARN_STEPS loop steps
+LEARN_STEPS = 20
 
-    cfg = WorldRunConfig(
-        out=str(tmp_path_factory.mktemp("world") / "w"),
-        # R = 2 copy-like rules: the base learns them in a few hundred SFT steps; sharp guidance gap log 2 = 0.69
-        world=WorldConfig(families=4, rules=2, seen=2, heldout_pairs=8, items_per_family=1, corpus_size=2000,
-                          rule_set=["maximum", "minimum"]),
-        hidden_size=64, layers=2, vocab_size=600, sft_steps=200, sft_batch_size=32, sft_lr=5e-3,
-        objectives=["sgsd"], p_values=[0.0], levels=["sharp"], calibrated_level="sharp", seeds=[0],
-        rollouts_per_step=16, steps=20, lr=3e-3, eval_every=20, eval_n=2, final_eval_n=2, k_teachers=2)
-    P = build(cfg, log=lambda s: None)
+
+@pytest.fixture(scope="module")
+def shipped_world(tmp_path_factory):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from stages.engine.config import load_toml
+    from stages.world import BASE_MANIFEST, config_from_sections, build
+
+    cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / "world.toml"))
+    cfg = replace(cfg, out=str(tmp_path_factory.mktemp("world") / "w"), steps=LEARN_STEPS, eval_every=LEARN_STEPS, lr=5e-4,
+                  eval_n=1, p_values=[0.0], levels=[cfg.calibrated_level])
+    logs: list[str] = []
+    P = build(cfg, log=logs.append)
+    assert any("using the shipped base" in ln for ln in logs), logs  # no SFT here: the shipped base
+    assert (P.base / BASE_MANIFEST).exists()
     return cfg, P, World(cfg.world)
 
 
@@ -182,27 +243,28 @@ def _flip_loss(monkeypatch):
 
 
 @pytest.mark.parametrize("breakage", [None, "polarity", "loss"])
-def test_sgsd_learns_unseen_families(small_world, monkeypatch, breakage):
-    """SGSD (verifier polarity) raises p(right rule) on held-out unseen families clearly above the base.
+def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
+    """SGSD (verifier polarity), started from the shipped base, raises p(right rule) on held-out unseen families.
 
-    The same run with the sign of the polarity (rho = -o sigma) or of the loss flipped does not learn: the
-    assertion that the method passes is one that a sign error fails (the broken variants are run here too)."""
+    On the shipped base this run (20 steps x 16 rollouts, lr 5e-4) moves the exact mean p(right rule) from 0.181 to
+    0.286 (measured 2026-12-06); the assertion asks for +0.06, a little over half of that.  The same run with the
+    sign of the polarity (rho = -o sigma) or of the loss flipped must not gain (measured: both fall to 0.018)."""
     from stages import loop
     from stages.world import RunSpec, loop_sections
 
-    cfg, P, world = small_world
+    cfg, P, world = shipped_world
     before = _unseen_right_prob(P, world, P.base)
-    assert before < 0.6  # the base does not know the unseen rules
+    assert abs(before - 0.181) < 0.01  # the shipped base (calibration: p(right rule | plain) 0.18)
     if breakage == "polarity":
         _flip_polarity(monkeypatch)
     elif breakage == "loss":
         _flip_loss(monkeypatch)
-    spec = RunSpec("sgsd", 0.0, "sharp", 0)
+    spec = RunSpec("sgsd", 0.0, cfg.calibrated_level, 0)
     run_dir = P.compare / f"{spec.name}_{breakage or 'ok'}"
     loop.run(loop_sections(cfg, P, spec, run_dir))
     after = _unseen_right_prob(P, world, loop.step_dir(run_dir, cfg.steps) / "checkpoint")
     print(f"\nunseen p(right rule): base {before:.3f} -> SGSD ({breakage or 'as built'}) {after:.3f}")
     if breakage is None:
-        assert after > before + 0.15, (before, after)
+        assert after > before + 0.06, (before, after)
     else:
-        assert after < before + 0.05, (before, after)
+        assert after < before + 0.01, (before, after)

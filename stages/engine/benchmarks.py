@@ -6,7 +6,8 @@
 
 A registry name is looked up in ``--data-dir``, then ``$SGSD_DATA_DIR``, then the folders listed in the
 registry (``../shared/data`` beside the repository ...), then on the hub through ``datasets`` (imported
-only then).  When nothing works the error is one line saying where the file was looked for and why the
+only then) when the registry fixes the row count (the same benchmark); an entry without one (the training
+pool, whose hub entry is other data) is loaded from the hub only when named ``hub:NAME``.  When nothing works the error is one line saying where the file was looked for and why the
 hub failed.
 """
 
@@ -27,6 +28,7 @@ from stages.engine.io import DATA_DIR, REPO_ROOT, InputError, read_table
 REGISTRY_PATH = DATA_DIR / "benchmarks.toml"
 ENV_DATA_DIR = "SGSD_DATA_DIR"
 PROBLEM_COLUMNS = ("id", "problem", "answer")
+HUB_PREFIX = "hub:"  # hub:NAME loads the registry entry's hub dataset even when a local file exists
 TABLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 
 
@@ -155,6 +157,15 @@ def load(name_or_path: str | os.PathLike, data_dir: str | os.PathLike | None = N
     A bare word is a registry name (or alias); if it is no known name but an existing file of that name
     exists it is read as a file; otherwise the error lists the known names.  Anything else is a path.
     """
+    if isinstance(name_or_path, str) and name_or_path.startswith(HUB_PREFIX):  # hub:NAME, the hub copy by name
+        bench = get_benchmark(name_or_path[len(HUB_PREFIX):])
+        if not bench.hub_id:
+            raise InputError(None, f"benchmark '{bench.name}' has no hub dataset")
+        if not allow_hub:
+            raise InputError(None, f"benchmark '{name_or_path}': hub disabled")
+        df = _load_from_hub(bench, "hub copy asked for by name")
+        _check_rows(bench, df, bench.hub_id)
+        return Problems(name=bench.name, df=df, source=hub_source(bench), path=None)
     if is_bare_name(name_or_path):
         try:
             bench = get_benchmark(str(name_or_path))
@@ -202,6 +213,12 @@ def load_benchmark(bench: Benchmark | str, data_dir: str | os.PathLike | None = 
              else "no local file (hub-only entry)")
     if not bench.hub_id:
         raise InputError(None, f"benchmark '{bench.name}': {where}, and it has no hub dataset")
+    if bench.file and bench.rows is None:
+        # the hub entry is other data (the training pool's is DAPO-Math-17k, not MATH 3-5 + AIME): the same
+        # config must not train on different data on another machine, so it is used only when named
+        raise InputError(None, f"benchmark '{bench.name}': {where}; set {ENV_DATA_DIR} (or --data-dir / "
+                               f"loop.data_dir) to a folder holding {bench.file}, or name the hub copy "
+                               f"({bench.hub_id}, other data) explicitly as '{HUB_PREFIX}{bench.name}'")
     if not allow_hub:
         raise InputError(None, f"benchmark '{bench.name}': {where} (hub disabled)")
     df = _load_from_hub(bench, where)

@@ -135,6 +135,33 @@ def validate(path: str | os.PathLike) -> dict:
     return json.loads((path / STATE).read_text())
 
 
+def load_state(path: str | os.PathLike, map_location=None):
+    """A ``.pt`` file of a checkpoint (optimizer, scheduler, EMA, rng state) with ``torch.load(weights_only=True)``:
+    tensors and plain values only, so a crafted file cannot run code (its checksum proves nothing: it sits in the
+    same folder).  NumPy's array reconstruction is allowed too, for rng files written before the rng state was
+    stored as tensors.  Anything else is refused with a CheckpointError."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct,
+               (_reconstruct, "numpy.core.multiarray._reconstruct"), (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        why = next((ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(boiler)),
+                   "not a weights-only file")
+        raise CheckpointError(path, f"holds objects other than tensors and plain values, refused (loading it could "
+                                    f"run code): {why[:200]}") from None
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and (p / META).exists()

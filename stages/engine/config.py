@@ -152,9 +152,15 @@ def build(cls: type, values: Mapping[str, Any], section: str, source: str = "con
     """Instantiate a config dataclass from a section dict; unknown keys and bad types are InputErrors."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    renamed = old_keys(cls)
     kw: dict[str, Any] = {}
     for k, v in values.items():
         k2 = k.replace("-", "_")
+        if k2 not in names and k2 in renamed:
+            deprecated(f"'{section}.{k}'", f"'{section}.{renamed[k2]}'")
+            if renamed[k2] in values:
+                continue  # the new key, given too, wins
+            k2 = renamed[k2]
         if k2 not in names:
             close = [n for n in sorted(names) if n.startswith(k2[:3])]
             hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
@@ -202,15 +208,19 @@ def resolved_dict(obj: Any) -> dict:
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Options", flag: str | None = None,
         choices: Iterable[Any] | None = None, ge: float | None = None, gt: float | None = None,
         le: float | None = None, lt: float | None = None, factory: Any = dataclasses.MISSING, cli: bool = True,
-        prefix: str | None = None, metavar: str | None = None, what: str | None = None) -> Any:
+        prefix: str | None = None, metavar: str | None = None, what: str | None = None,
+        old: Iterable[str] = ()) -> Any:
     """A config field with its documentation and checks.
 
     ``flag``: the CLI name without dashes (default: the field name with '-' for '_'); ``cli=False`` keeps a
     field out of the CLI (TOML/--set only); ``prefix``: for a nested config, the prefix of its fields' flags;
     ``choices``/``ge``/``gt``/``le``/``lt``: accepted values (None is always accepted for Optional fields);
-    ``what``: the noun an error names for a value outside ``choices`` (default: the option)."""
+    ``what``: the noun an error names for a value outside ``choices`` (default: the option); ``old``: former
+    names that keep working with a one-line deprecation notice, ``--flag`` for a CLI flag, a bare word for a
+    TOML / ``--set`` key."""
     md = {"help": help, "group": group, "flag": flag, "choices": tuple(choices) if choices is not None else None,
-          "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "prefix": prefix, "metavar": metavar, "what": what}
+          "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "prefix": prefix, "metavar": metavar, "what": what,
+          "old": tuple(old)}
     if factory is not dataclasses.MISSING:
         if default is not dataclasses.MISSING:
             raise TypeError("opt(): give either a default or a factory, not both")
@@ -221,7 +231,29 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
 def field_opt(f: dataclasses.Field) -> dict:
     return f.metadata.get("opt", {"help": "", "group": "Options", "flag": None, "choices": None, "ge": None,
                                   "gt": None, "le": None, "lt": None, "cli": True, "prefix": None, "metavar": None,
-                                  "what": None})
+                                  "what": None, "old": ()})
+
+
+_NOTICED: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """One line on stderr, once per process and name: ``old`` still works but is now called ``new``."""
+    import sys
+
+    if old not in _NOTICED:
+        _NOTICED.add(old)
+        print(f"note: {old} is deprecated and will be removed; use {new}", file=sys.stderr, flush=True)
+
+
+def old_keys(cls: type) -> dict[str, str]:
+    """Former TOML / --set keys of a config's fields -> their field names."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for o in field_opt(f).get("old", ()):
+            if not o.startswith("--"):
+                out[o.replace("-", "_")] = f.name
+    return out
 
 
 def flag_of(f: dataclasses.Field, prefix: str = "") -> str:

@@ -66,6 +66,18 @@ class StageSkipped(Exception):
     """Raised internally when a stage's manifest matches and nothing needs doing."""
 
 
+# control characters (C0 but newline and tab, DEL, C1) and the bidirectional overrides: what model or bank text
+# must not send to a terminal as is (escape sequences set the window title, write the clipboard, clear the screen)
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character replaced by a visible escape (ESC -> ``\\x1b``, U+202E ->
+    ``\\u202e``); newlines and tabs stay.  For text printed to a terminal."""
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}",
+                           text)
+
+
 # --------------------------------------------------------------------------------------------------
 # atomic writes
 
@@ -116,6 +128,20 @@ def as_write_error(e: BaseException, path: str | os.PathLike) -> WriteError | No
     return None
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
     """Write to a temp file in the same folder, fsync, then rename into place.
 
@@ -127,6 +153,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes it 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -400,14 +427,115 @@ def _held_by_me(run_dir: Path) -> str | None:
     return None
 
 
+_WAIT = "wait for it to finish or use another run directory"
+LOCK_SCAN_DEPTH = 4  # sub-folder levels searched for the locks of runs inside a run directory
+
+
+def _shared_fd(lock: Path) -> int | None:
+    """An fd holding a shared flock on ``lock``; None when another process holds it exclusively; -1 when it
+    cannot be opened (then nothing is held)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return -1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _release_shared(fd: int) -> None:
+    if fd >= 0:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _busy_below(run_dir: Path, depth: int = LOCK_SCAN_DEPTH) -> tuple[Path, str] | None:
+    """(sub-folder, holder) of a run directory inside ``run_dir`` whose lock another process holds."""
+    def walk(d: Path, level: int):
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            return None
+        for e in entries:
+            if e.name.startswith(".") or e.is_symlink() or not e.is_dir():
+                continue
+            sub = Path(e.path)
+            lock = sub / LOCK_NAME
+            if str(sub) not in _HELD and lock.is_file():
+                fd = _shared_fd(lock)
+                if fd is None:
+                    return sub, _describe_holder(lock)
+                _release_shared(fd)
+            if level < depth:
+                found = walk(sub, level + 1)
+                if found:
+                    return found
+        return None
+
+    return walk(run_dir, 1)
+
+
+def _claim_nested(run_dir: Path) -> list[int]:
+    """Shared locks on the locks of the run directories around ``run_dir`` (its parents that have one), after
+    checking that no run holds a folder inside it.  A run on R/step_0001 and a run on R then exclude each other
+    whichever starts first: the later one finds the earlier one's lock (exclusive on its own folder, shared on
+    the parents').  Returns the shared fds (released with the lock); InputError naming the holder otherwise."""
+    held: list[int] = []
+    try:
+        for parent in run_dir.parents:
+            lock = parent / LOCK_NAME
+            if not lock.is_file():
+                continue
+            fd = _shared_fd(lock)
+            if fd is None:
+                raise InputError(run_dir, f"run directory is inside {parent}, which is in use by "
+                                          f"{_describe_holder(lock)}; {_WAIT}")
+            held.append(fd)
+        busy = _busy_below(run_dir)
+        if busy:
+            raise InputError(run_dir, f"run directory holds {busy[0]}, which is in use by {busy[1]}; {_WAIT}")
+    except BaseException:
+        for fd in held:
+            _release_shared(fd)
+        raise
+    return held
+
+
+def run_dir_in_use(run_dir: str | os.PathLike) -> InputError | None:
+    """Would :func:`lock_run_dir` refuse ``run_dir`` because another process holds it, a folder around it or one
+    inside it?  Only looks (creates nothing, holds nothing): the CLI asks it before its heavy imports."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir() or _held_by_me(run_dir) is not None:
+        return None
+    lock = run_dir / LOCK_NAME
+    if lock.is_file():
+        fd = _shared_fd(lock)
+        if fd is None:
+            return InputError(run_dir, f"run directory is in use by {_describe_holder(lock)}; {_WAIT}")
+        _release_shared(fd)
+    try:
+        for fd in _claim_nested(run_dir):
+            _release_shared(fd)
+    except InputError as e:
+        return e
+    return None
+
+
 def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Callable[[], None]:
     """Take the run directory's lock (``<run_dir>/.sgsd.lock``, flock); return the function that releases it.
 
     Re-entrant inside one process, and a lock on a folder covers its sub-folders (the loop's step dirs).
-    Another process holding it -> InputError naming it (pid, host, command, since).  The kernel drops the
-    lock when its process dies (kill -9), so a crashed run never blocks its rerun.  Taking the lock also
-    checks that the directory is writable and not full (the holder line is written and fsynced); on first
-    acquisition the directory's stale temp files of an earlier crashed write are removed.
+    Across processes the lock covers nested folders too: a run inside a locked folder, or around a folder
+    another run holds, is refused.  Another process holding it -> InputError naming it (pid, host, command,
+    since).  The kernel drops the lock when its process dies (kill -9), so a crashed run never blocks its rerun.
+    Taking the lock also checks that the directory is writable and not full (one byte written and fsynced);
+    on first acquisition the stale temp files of an earlier crashed write are removed (no live process can
+    own them: every run inside or around this folder is excluded) and one line on stderr says what went.
     """
     run_dir = check_run_dir(run_dir).resolve()
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the ranks of one job are one run; rank 0 holds the lock
@@ -419,15 +547,17 @@ def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Call
     lock = run_dir / LOCK_NAME
     command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as e:
         raise InputError(run_dir, f"run directory is not writable ({e.strerror or type(e).__name__})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise InputError(run_dir, f"run directory is in use by {_describe_holder(lock)}; wait for it to finish "
-                                  "or use another run directory") from None
+        busy = _busy_below(run_dir)  # held shared by a run inside it: name that run
+        if busy:
+            raise InputError(run_dir, f"run directory holds {busy[0]}, which is in use by {busy[1]}; {_WAIT}") from None
+        raise InputError(run_dir, f"run directory is in use by {_describe_holder(lock)}; {_WAIT}") from None
     try:  # writable and not full? one byte written, fsynced, then removed again
         os.pwrite(fd, b"\n", 0)
         os.fsync(fd)
@@ -435,8 +565,17 @@ def lock_run_dir(run_dir: str | os.PathLike, command: str | None = None) -> Call
     except OSError as e:
         _unlock(fd)
         raise InputError(run_dir, f"run directory is not writable ({e.strerror or type(e).__name__})") from None
-    _HELD[str(run_dir)] = [fd, 1]
-    clean_stale_temp(run_dir)
+    try:
+        around = _claim_nested(run_dir)
+    except BaseException:
+        _unlock(fd)
+        raise
+    _HELD[str(run_dir)] = [fd, 1, around]
+    gone = clean_stale_temp(run_dir)
+    if gone:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in gone[:4]) + (f" and {len(gone) - 4} more" if len(gone) > 4 else "")
+        print(f"note: {run_dir}: removed {len(gone)} temp file(s) an interrupted run left: {names}", file=sys.stderr,
+              flush=True)
     return _releaser(str(run_dir))
 
 
@@ -464,6 +603,8 @@ def _releaser(key: str) -> Callable[[], None]:
         entry[1] -= 1
         if entry[1] <= 0:
             del _HELD[key]
+            for fd in entry[2]:
+                _release_shared(fd)
             _unlock(entry[0])
 
     return release

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stages.engine.io import InputError, atomic_write_text, commit_dir
+from stages.engine.io import InputError, atomic_write_text, commit_dir, current_umask
 
 # A Qwen3-style chat template: ChatML turns, thinking on by default, and `enable_thinking=False`
 # pre-fills an empty think block exactly as Qwen3's template does.
@@ -252,6 +252,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpe
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700: the folder gets the mode mkdir would give
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer = None
         model.save_pretrained(tmp, safe_serialization=True)

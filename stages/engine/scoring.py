@@ -245,10 +245,13 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if rep > 1:
         key = key.repeat_interleave(rep, dim=1)
         value = value.repeat_interleave(rep, dim=1)
+    # torch.split, not slicing: the backward of a slice allocates and zero-fills a full-size gradient per
+    # sequence (quadratic in the number of packed sequences; 48% of a world SFT step), split's is one cat
+    sizes = [e - s for s, e in _segment_bounds(pos)]
     outs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout if module.training else 0.0, scale=scaling)
-        for s, e in _segment_bounds(pos)
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout if module.training else 0.0,
+                                       scale=scaling)
+        for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.transpose(1, 2).contiguous(), None

@@ -1,7 +1,9 @@
 """Answer verifier: extract the final answer of a completion and grade it against the gold answer.
 
 Extraction: the last brace-matched ``\\boxed{...}`` / ``\\fbox{...}`` (also ``\\boxed 5``); an unterminated
-``\\boxed{`` is ignored. Without a box, the last "Answer: ..." line.
+``\\boxed{`` is ignored. Without a box, the last "Answer: ..." line. Extraction and normalisation take linear time
+in the completion's length (one brace-matching pass, no regex that rescans to the end); an answer longer than
+``MAX_ANSWER_CHARS`` counts as no answer, so what reaches math-verify is short.
 
 Comparison, cheapest first:
 
@@ -76,7 +78,36 @@ _ANSWER_LINE_RE = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _TAIL_NUMBER_RE = re.compile(r"[-+]?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-_MATH_SEG_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+# math delimiters of an "Answer:" line, in the order they are tried at a position: $$..$$, $..$, \(..\), \[..\]
+_MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+MAX_ANSWER_CHARS = 1000  # a longer extracted answer is no answer (nothing real is that long; bounds the parse)
+
+
+def _last_math_segment(s: str) -> tuple[str, int] | None:
+    r"""(content, end) of the last math segment of ``s``, left to right as the regex
+    ``\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]`` (DOTALL) would find them, in linear time: a closing
+    delimiter that is absent once is absent for every later position, so no position rescans to the end."""
+    last = None
+    absent: set[str] = set()
+    i, n = 0, len(s)
+    while i < n:
+        c = s[i]
+        if c != "$" and c != "\\":
+            i += 1
+            continue
+        for op, cl in _MATH_DELIMS:
+            if cl in absent or not s.startswith(op, i):
+                continue
+            k = s.find(cl, i + len(op) + 1)  # content: at least one character
+            if k < 0:
+                absent.add(cl)
+                continue
+            last = (s[i + len(op):k], k + len(cl))
+            i = k + len(cl)
+            break
+        else:
+            i += 1
+    return last
 
 
 def _brace_matches(s: str, start: int) -> dict[int, int]:
@@ -98,22 +129,32 @@ def _brace_matches(s: str, start: int) -> dict[int, int]:
 
 
 def _unwrap_box(s: str) -> str:
-    """``\\boxed{X}`` (the whole string) -> ``X``, repeatedly."""
+    """``\\boxed{X}`` (the whole string) -> ``X``, repeatedly.  One brace-matching pass over ``s`` serves every
+    layer (linear time however deep the boxes nest)."""
+    braces: dict[int, int] | None = None
+    a, b = 0, len(s)  # the current string is s[a:b]
     while True:
-        m = _BOX_RE.match(s)
+        m = _BOX_RE.match(s, a, b)
         if not m:
-            return s
-        rest = s[m.end():].lstrip()
-        if not rest.startswith("{"):
-            return s
-        off = len(s) - len(rest)
-        close = _brace_matches(s, off).get(off)
-        if close is None or close != len(s) - 1:
-            return s
-        inner = s[off + 1:close].strip()
-        if not inner:
-            return s
-        s = inner
+            break
+        off = m.end()
+        while off < b and s[off].isspace():
+            off += 1
+        if off >= b or s[off] != "{":
+            break
+        if braces is None:
+            braces = _brace_matches(s, a)
+        if braces.get(off) != b - 1:
+            break
+        i, j = off + 1, b - 1
+        while i < j and s[i].isspace():
+            i += 1
+        while j > i and s[j - 1].isspace():
+            j -= 1
+        if i == j:
+            break
+        a, b = i, j
+    return s[a:b]
 
 
 def _last_boxed(text: str) -> str | None:
@@ -236,27 +277,28 @@ def _answer_line(text: str) -> str | None:
         else:
             return None
     val = val.strip().strip("*_").strip()
-    found = list(_MATH_SEG_RE.finditer(val))
-    if found:
-        tail = val[found[-1].end():]
+    seg = _last_math_segment(val)
+    if seg is not None:
+        tail = val[seg[1]:]
         nums = _TAIL_NUMBER_RE.findall(tail)
         if nums:  # "The largest $n$ is 34": the answer is the number after the math, not the variable
             val = nums[-1]
         else:
-            val = next(g for g in found[-1].groups() if g is not None)
+            val = seg[0]
     val = val.strip().rstrip(".").strip()
     val = val.strip("$").strip()
     return val or None
 
 
 def extract_answer(completion: str) -> str | None:
-    """The last brace-matched ``\\boxed{}``/``\\fbox{}`` content, else the last "Answer: ..." line, else None."""
+    """The last brace-matched ``\\boxed{}``/``\\fbox{}`` content, else the last "Answer: ..." line, else None.
+    Linear time in the completion's length; an answer longer than ``MAX_ANSWER_CHARS`` counts as none."""
     if not completion:
         return None
-    boxed = _last_boxed(completion)
-    if boxed is not None:
-        return boxed
-    return _answer_line(completion)
+    ans = _last_boxed(completion)
+    if ans is None:
+        ans = _answer_line(completion)
+    return ans if ans is not None and len(ans) <= MAX_ANSWER_CHARS else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,8 +350,11 @@ def normalize_answer(s: str) -> str:
     s = _WS_RE.sub("", s)
     s = s.rstrip(".").lower()
     s = _ASSIGN_RE.sub("", s)
-    while len(s) >= 2 and s[0] == "{" and s[-1] == "}" and _brace_matches(s, 0).get(0) == len(s) - 1:
-        s = s[1:-1]  # "{52_8}" -> "52_8"
+    if len(s) >= 2 and s[0] == "{" and s[-1] == "}":  # "{52_8}" -> "52_8", every enclosing pair (one pass)
+        braces, k, n = _brace_matches(s, 0), 0, len(s)
+        while n - 2 * k >= 2 and s[k] == "{" and braces.get(k) == n - 1 - k:
+            k += 1
+        s = s[k:n - k]
     m = _PAREN_ONE_RE.match(s)
     if m:  # "(051)", "(c)": parentheses around a single item (a tuple/interval always has a comma)
         s = m.group(1)
@@ -562,6 +607,7 @@ class Verifier:
         self.path_stats: dict[str, int] = {"fast": 0, "pool": 0, "dedup": 0, "chunk_retries": 0}
         self._pool = None
         self._pool_pid = 0
+        self._pool_finalizer = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -587,10 +633,10 @@ class Verifier:
             raise RuntimeError("Verifier is closed")
         with self._lock:
             if self._pool is not None and self._pool_pid != os.getpid():
-                self._pool = None  # we are a forked copy: that pool (threads, workers) belongs to the parent
+                self._take_pool()  # we are a forked copy: that pool (threads, workers) belongs to the parent
             if self._pool is None or not getattr(self._pool, "active", True):
                 if self._pool is not None:
-                    self._stop_pool(self._pool)
+                    self._stop_pool(self._take_pool())
                 from pebble import ProcessPool
 
                 ctx = _mp_context()
@@ -603,26 +649,48 @@ class Verifier:
                     context=ctx,
                 )
                 self._pool_pid = os.getpid()
+                # Stop the pool when this Verifier is collected and, above all, at process exit *before*
+                # multiprocessing joins its children: pebble's workers are not daemonic and wait for tasks
+                # forever, so a process that exits with the pool running (a multiprocessing child, whose exit runs
+                # no atexit hook; or the main process when pebble's exit hook races the pool's manager thread
+                # starting a replacement worker) would otherwise wait on them for ever.  multiprocessing runs
+                # finalizers with an exit priority before it joins its children, in every kind of process.
+                import multiprocessing.util
+
+                self._pool_finalizer = multiprocessing.util.Finalize(
+                    self, Verifier._stop_pool, args=(self._pool, self._pool_pid), exitpriority=100)
             return self._pool
 
     @staticmethod
-    def _stop_pool(pool) -> None:
+    def _stop_pool(pool, owner_pid: int | None = None) -> None:
+        """Stop the pool and its workers (pebble's join of a stopped pool first joins its manager thread, so no
+        replacement worker can start after the workers are killed).  Only in the process that started it."""
+        if owner_pid is not None and owner_pid != os.getpid():
+            return  # a forked copy: the pool (threads, workers) belongs to the parent
         try:
             pool.stop()
             pool.join(timeout=10)
         except Exception:
             pass
 
+    def _take_pool(self):
+        """Detach the current pool (caller holds the lock); its exit finalizer is cancelled."""
+        pool, self._pool = self._pool, None
+        fin, self._pool_finalizer = self._pool_finalizer, None
+        if fin is not None:
+            fin.cancel()
+        return pool
+
     def _drop_pool(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool = self._take_pool()
         if pool is not None and self._pool_pid == os.getpid():
             self._stop_pool(pool)
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pool, self._pool = self._pool, None
+            pool = self._take_pool()
         if pool is not None and self._pool_pid == os.getpid():
             self._stop_pool(pool)
 
@@ -652,7 +720,8 @@ class Verifier:
                     pred = ", ".join(group)
                     if gold.strip().strip("$").strip().startswith("\\{"):
                         pred = "\\{" + pred + "\\}"
-            if pred is None:
+            if pred is None or len(pred) > MAX_ANSWER_CHARS:
+                pred = None
                 out[i] = Grade(False, None, "no_answer")
                 continue
             fast = _fast_compare(pred, gold)

@@ -7,6 +7,13 @@
   ``ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t))`` (pi_old: by default the training model's log-probs
   before its first update on the table, as TRL computes them; optionally the rollout engine's sampling log-probs).
 * optional KL to a reference policy with the k3 estimator ``exp(ref - new) - (ref - new) - 1``, weight beta.
+* optional importance-sampling correction of the engine/trainer mismatch (TRL 0.26 GRPOTrainer, grpo_trainer.py
+  1859-1884 and 2213-2214): with ``d_t = m_t (log pi_old(y_t) - log pi_sampler(y_t))`` (pi_old: the training
+  model before the update, pi_sampler: the rollout engine's stored sampling log-probs), the ratio is
+  ``r_t = exp(d_t)`` (``token-*`` modes) or one ``r = exp(sum_t d_t)`` for every token (``sequence-*``);
+  ``*-truncate``: ``min(r, C)``, ``*-mask``: ``r`` if ``r <= C`` else 0.  The weight (no gradient) multiplies the
+  clipped surrogate per token, before the KL term is added.  TRL 0.26's default, which the reference's GRPO run
+  got (run_grpo.sh:42 --use_vllm): ``sequence-mask`` with C = 3.0.
 * aggregation: ``sequence-mean`` (per-sequence token mean, then mean over sequences: TRL's ``loss_type=grpo``,
   the reference's scripts/run_grpo.sh:40) or ``token-mean`` (sum over every valid token of the batch / number
   of valid tokens).
@@ -19,6 +26,8 @@ from typing import Sequence
 import torch
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
+IS_MODES = ("none", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")
+IS_CAP = 3.0  # TRL 0.26 GRPOConfig.vllm_importance_sampling_cap (grpo_config.py:755-761)
 
 
 def group_advantages(
@@ -59,12 +68,29 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1.0
 
 
+def is_weights(old_logp: torch.Tensor, sample_logp: torch.Tensor, mask: torch.Tensor, mode: str,
+               cap: float = IS_CAP) -> torch.Tensor:
+    """Per-token importance-sampling weights [T] of one completion (see the module docstring); ``none``: ones."""
+    if mode not in IS_MODES:
+        raise ValueError(f"importance-sampling mode must be one of {IS_MODES}, got {mode!r}")
+    if mode == "none":
+        return torch.ones_like(old_logp, dtype=torch.float32)
+    d = (old_logp.detach().double() - sample_logp.detach().double().to(old_logp.device)) * mask.double()
+    r = torch.exp(d.sum()).expand_as(d) if mode.startswith("sequence") else torch.exp(d)
+    r = torch.clamp(r, max=cap) if mode.endswith("truncate") else r.masked_fill(r > cap, 0.0)
+    return r.float()
+
+
 def sequence_loss(
     logp: torch.Tensor, old_logp: torch.Tensor, advantage: float, mask: torch.Tensor, *,
     eps_low: float = 0.2, eps_high: float | None = None, beta: float = 0.0, ref_logp: torch.Tensor | None = None,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Masked per-token loss of one completion, summed over tokens (not yet normalised), and its stats."""
+    """Masked per-token loss of one completion, summed over tokens (not yet normalised), and its stats;
+    ``is_weight``: per-token importance-sampling weights (:func:`is_weights`) on the surrogate."""
     per_tok, was_clipped = clipped_surrogate(logp, old_logp, advantage, eps_low, eps_high)
+    if is_weight is not None:
+        per_tok = per_tok * is_weight.to(per_tok.dtype)
     kl = None
     if beta and ref_logp is not None:
         kl = kl_k3(logp, ref_logp)

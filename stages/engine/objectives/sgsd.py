@@ -8,7 +8,10 @@ Per rollout y, teacher k, completion token t:
 * stance ``sigma_k = sign(a_k)`` if ``|a_k| > 0.05`` else 0
 * outcome ``o = +1`` if the verifier accepts y else -1; polarity ``rho_k = o * sigma_k``
 * gated token loss ``l(D) = log 2 - softplus(-D^2 / (2 tau))`` (D unclipped, tau = 1)
-* rollout loss ``L = sum_k w_k rho_k (1/N) sum_t m_t l(Delta_{k,t})``; batch loss = mean over rollouts.
+* rollout loss ``L = sum_k w_k rho_k (1/N) sum_t m_t g_{k,t} l(Delta_{k,t})``; batch loss = mean over rollouts.
+  ``g = 1`` (the reference, ``reversed_tokens = "all"``).  VARIANT ``reversed_tokens = "stance"``: for a reversed
+  teacher (``rho_k = -1``) ``g_{k,t} = 1[sign(Delta_{k,t}) = sigma_k]``, so the pushed-apart term acts only on the
+  tokens where the teacher leans the way its stance says (docs/SKILL_WORLD.md, "over-suppression").
 """
 
 from __future__ import annotations
@@ -109,6 +112,9 @@ def gated_loss(delta: torch.Tensor, tau: float = TAU) -> torch.Tensor:
     return LOG2 - F.softplus(-(delta * delta) / (2.0 * tau))
 
 
+REVERSED_TOKENS = ("all", "stance")
+
+
 def rollout_loss(
     student: torch.Tensor,
     teachers: torch.Tensor,
@@ -116,15 +122,26 @@ def rollout_loss(
     weights: torch.Tensor,
     rho: torch.Tensor,
     tau: float = TAU,
+    sigma: torch.Tensor | None = None,
+    reversed_tokens: str = "all",
 ) -> torch.Tensor:
-    """L = sum_k w_k rho_k (1/N) sum_t m_t l(t_{k,t} - s_t).
+    """L = sum_k w_k rho_k (1/N) sum_t m_t g_{k,t} l(t_{k,t} - s_t)  (module docstring; N counts m_t only).
 
-    student [T] (with grad), teachers [K, T] (no grad), mask [T] bool, weights [K], rho [K].
+    student [T] (with grad), teachers [K, T] (no grad), mask [T] bool, weights [K], rho [K]; ``sigma`` [K]
+    (the stances) is needed for ``reversed_tokens = "stance"``.
     """
     delta = teachers.detach() - student.unsqueeze(0)
     m = mask.to(student.dtype)
     n = m.sum().clamp(min=1.0)
-    per_teacher = (gated_loss(delta, tau) * m).sum(-1) / n
+    g = torch.ones_like(delta)
+    if reversed_tokens == "stance":
+        if sigma is None:
+            raise ValueError("reversed_tokens='stance' needs the teachers' stances (sigma)")
+        agrees = (torch.sign(delta.detach()) == sigma.to(delta.dtype).unsqueeze(-1)).to(delta.dtype)
+        g = torch.where((rho < 0).unsqueeze(-1), agrees, g)
+    elif reversed_tokens != "all":
+        raise ValueError(f"reversed_tokens must be one of {REVERSED_TOKENS}, got {reversed_tokens!r}")
+    per_teacher = (gated_loss(delta, tau) * g * m).sum(-1) / n
     return (weights.to(student.dtype) * rho.to(student.dtype) * per_teacher).sum()
 
 

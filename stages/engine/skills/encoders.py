@@ -85,8 +85,9 @@ def _has_st_config(name: str) -> bool:
 
 
 def load_encoder(name: str, device: str = "cpu", backend: str = "auto") -> Encoder:
-    """``backend``: auto (sentence-transformers when installed and the model has its config, else
-    transformers mean pooling), ``sentence-transformers`` or ``hf``.  Loaded encoders are cached."""
+    """``backend``: auto (sentence-transformers for a hub id or a folder with its config, refused when the
+    package is missing; transformers mean pooling for a plain folder), ``sentence-transformers`` or ``hf``
+    (mean pooling, asked for explicitly).  Loaded encoders are cached."""
     return _load_encoder(str(name), str(device), backend or "auto")
 
 
@@ -107,7 +108,14 @@ def _load_encoder(name: str, device: str, backend: str) -> Encoder:
             have_st = True
         except ImportError:
             have_st = False
-        backend = "sentence-transformers" if have_st and (not p.is_dir() or _has_st_config(name)) else "hf"
+        st_model = not p.is_dir() or _has_st_config(name)  # a hub id (e.g. the paper's) or a folder with its config
+        if st_model and not have_st:
+            # mean pooling of a model built for another pooling (Qwen3-Embedding: last token, query prompts)
+            # retrieves other teachers: refuse rather than change the method silently
+            raise InputError(name, "this encoder needs sentence-transformers, which is not installed (pip install "
+                                   "'sgsd[embed]'); mean pooling over transformers would retrieve other teachers "
+                                   "(to use it anyway: sgsd build-index --encoder-backend hf, then score with that index)")
+        backend = "sentence-transformers" if st_model else "hf"
     try:
         if backend == "sentence-transformers":
             return SentenceTransformerEncoder(name, device)

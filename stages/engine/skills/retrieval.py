@@ -25,6 +25,7 @@ from stages.engine.skills.bank import KINDS, SkillBank, item_label, mistake_text
 from stages.engine.objectives.sgsd import teacher_weights
 
 RETRIEVAL_MODES = ("embedding", "lexical", "hybrid", "random")
+SCORES_PER_BATCH = 2_000_000  # (query, item) similarities computed per batch of retrieve_many
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class LexicalRetriever:
 
         q = [utils.default_process(x) for x in queries]
         sk, mk = self._scores(q, self._sk), self._scores(q, self._mk)
-        return [(sk[i].tolist(), mk[i].tolist()) for i in range(len(q))]
+        return [(sk[i], mk[i]) for i in range(len(q))]
 
     def similarities(self, query: str) -> Sims:
         return self.similarities_many([query])[0]
@@ -101,7 +102,8 @@ class EmbeddingRetriever:
                 raise InputError(None, f"{name} embeddings have dimension {e.shape[1]} but the encoder gives {dim}")
         sk = q @ self.skill_emb.T if self.skill_emb.shape[0] else np.zeros((len(queries), 0), np.float32)
         mk = q @ self.mistake_emb.T if self.mistake_emb.shape[0] else np.zeros((len(queries), 0), np.float32)
-        return [(sk[i].astype(np.float64).tolist(), mk[i].astype(np.float64).tolist()) for i in range(len(queries))]
+        sk, mk = sk.astype(np.float64), mk.astype(np.float64)
+        return [(sk[i], mk[i]) for i in range(len(queries))]
 
     def similarities(self, query: str) -> Sims:
         return self.similarities_many([query])[0]
@@ -119,7 +121,7 @@ class HybridRetriever:
         a = self.alpha
         out = []
         for (es, em), (ls, lm) in zip(self.embedding.similarities_many(queries), self.lexical.similarities_many(queries)):
-            out.append(([a * x + (1 - a) * y for x, y in zip(es, ls)], [a * x + (1 - a) * y for x, y in zip(em, lm)]))
+            out.append((a * np.asarray(es) + (1 - a) * np.asarray(ls), a * np.asarray(em) + (1 - a) * np.asarray(lm)))
         return out
 
     def similarities(self, query: str) -> Sims:
@@ -137,7 +139,7 @@ class RandomRetriever:
     def similarities(self, query: str) -> Sims:
         h = int.from_bytes(hashlib.sha256(f"{self.seed}\x00{query}".encode()).digest()[:8], "little")
         rng = np.random.default_rng(h)
-        return rng.random(len(self.bank.skills)).tolist(), rng.random(len(self.bank.mistakes)).tolist()
+        return rng.random(len(self.bank.skills)), rng.random(len(self.bank.mistakes))
 
     def similarities_many(self, queries: Sequence[str]) -> list[Sims]:
         return [self.similarities(q) for q in queries]
@@ -181,8 +183,18 @@ def _same_encoder(a: str, b: str) -> bool:
 
 
 def top_k(scores: Sequence[float], k: int) -> list[int]:
-    """Indices of the k best scores, ties broken by position (deterministic)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+    """Indices of the k best scores, ties broken by position (deterministic; NaN ranks last).  A partial
+    selection (``np.partition``) then a sort of the few candidates: linear in the bank size, not n log n."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = np.where(np.isnan(s), -np.inf, s)
+    n = s.shape[0]
+    k = min(int(k), n)
+    if k <= 0:
+        return []
+    neg = -s
+    cand = np.arange(n) if k == n else np.flatnonzero(neg <= np.partition(neg, k - 1)[k - 1])  # ties at the cut too
+    order = np.lexsort((cand, neg[cand]))  # best score first, then position
+    return cand[order][:k].tolist()
 
 
 def teacher_pool(bank: SkillBank, sk: Sequence[float], mk: Sequence[float], k: int = 8,
@@ -190,7 +202,7 @@ def teacher_pool(bank: SkillBank, sk: Sequence[float], mk: Sequence[float], k: i
     """Top-k skills and top-k mistakes paired by rank, weights = softmax of the pair's mean similarity."""
     si, mi = top_k(sk, k), top_k(mk, k)
     K = min(len(si), len(mi))
-    pair = [(sk[si[j]] + mk[mi[j]]) / 2 for j in range(K)]
+    pair = [(float(sk[si[j]]) + float(mk[mi[j]])) / 2 for j in range(K)]
     w = teacher_weights(pair, temperature)
     return [Teacher(j, bank.skills[si[j]], bank.mistakes[mi[j]], float(sk[si[j]]), float(mk[mi[j]]), w[j])
             for j in range(K)]
@@ -203,9 +215,12 @@ def retrieve(retriever, problem: str, k: int = 8, temperature: float = 1.0) -> l
 
 def retrieve_many(retriever, problems: Sequence[str], k: int = 8, temperature: float = 1.0,
                   batch_size: int = 256, on_done: Callable[[int], None] | None = None) -> list[list[Teacher]]:
-    """Teacher pools for a whole table of problems: distinct queries are scored in batches."""
+    """Teacher pools for a whole table of problems: distinct queries are scored in batches (smaller ones for a
+    large bank, so ``on_done(n)`` reports progress and a batch's score matrix stays small)."""
     queries = [strip_wrappers(p) for p in problems]
     distinct = list(dict.fromkeys(queries))
+    items = len(retriever.bank.skills) + len(retriever.bank.mistakes)
+    batch_size = max(1, min(batch_size, SCORES_PER_BATCH // max(1, items)))
     pools: dict[str, list[Teacher]] = {}
     many = getattr(retriever, "similarities_many", None)
     for s in range(0, len(distinct), batch_size):

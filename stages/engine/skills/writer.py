@@ -22,6 +22,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -85,6 +86,25 @@ def chat_completions_url(url: str) -> str:
     return u if u.endswith("/chat/completions") else u + "/chat/completions"
 
 
+class _NoCrossOriginAuth(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, but a redirect to another scheme, host or port never carries the
+    ``Authorization`` header (the API key) along."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None:
+            a, b = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new.full_url)
+            if (a.scheme, a.hostname, a.port) != (b.scheme, b.hostname, b.port):
+                for h in [k for k in new.headers if k.lower() == "authorization"]:
+                    del new.headers[h]
+                for h in [k for k in new.unredirected_hdrs if k.lower() == "authorization"]:
+                    del new.unredirected_hdrs[h]
+        return new
+
+
+_OPENER = urllib.request.build_opener(_NoCrossOriginAuth)
+
+
 class HTTPWriter(Writer):
     name = "http"
 
@@ -112,7 +132,7 @@ class HTTPWriter(Writer):
             wait = cfg.backoff_s * (2 ** attempt)
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=cfg.timeout_s) as resp:
+                with _OPENER.open(req, timeout=cfg.timeout_s) as resp:
                     raw = resp.read()
                 return self._content(raw)
             except urllib.error.HTTPError as e:
