@@ -102,9 +102,17 @@ def _run_dir_arg(argv: list[str]) -> str | None:
     return found
 
 
+# the commands that lock their --run-dir (the stages, the loop, the online skill update)
+LOCKING_COMMANDS = {"rollout", "score-teachers", "polarize", "train", "eval", "loop", "sft", "mine-skills",
+                    "build-index", "skills update"}
+
+
 def _refuse_busy_run_dir(argv: list[str]) -> None:
     """A run directory another process holds is refused now, in one line, before the stages' heavy imports
     (torch, transformers: many seconds); the stage takes the lock itself later."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if not words or (words[0] not in LOCKING_COMMANDS and " ".join(words) not in LOCKING_COMMANDS):
+        return  # a command that only reads (inspect, report, skills show ...) may look at a busy run directory
     run_dir = _run_dir_arg(argv)
     if not run_dir or "--help" in argv or "--dry-run" in argv:
         return

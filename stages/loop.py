@@ -179,6 +179,19 @@ class Sections:
     update: Any
     raw: dict
 
+    def defaults(self) -> dict:
+        """Each section's field defaults (what a field absent from an older run's loop_config.json meant)."""
+        from dataclasses import MISSING, fields
+
+        out = {}
+        for name, c in (("loop", self.loop), ("rollout", self.rollout), ("score_teachers", self.score),
+                        ("polarize", self.polarize), ("train", self.train), ("eval", self.eval),
+                        ("update_skills", self.update)):
+            if c is not None:
+                out[name] = {f.name: (f.default if f.default is not MISSING else f.default_factory())
+                             for f in fields(c) if f.default is not MISSING or f.default_factory is not MISSING}
+        return json.loads(json.dumps(out, default=str))
+
     def resolved(self) -> dict:
         out = {"loop": asdict(self.loop), "rollout": asdict(self.rollout), "score_teachers": asdict(self.score),
                "polarize": asdict(self.polarize), "train": asdict(self.train)}
@@ -299,13 +312,19 @@ def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
-def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = True) -> None:
+def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = True, defaults: dict | None = None) -> None:
     """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change);
-    ``write=False`` (the dry run) only checks."""
+    ``write=False`` (the dry run) only checks.  A field that the recorded config lacks (it was written before
+    the field existed) matches when the new value is the field's default (``defaults``: Sections.defaults)."""
     path = run_dir / "loop_config.json"
 
-    def key(r: dict) -> dict:
+    def key(r: dict, like: dict | None = None) -> dict:
         k = json.loads(json.dumps(r))
+        for s, fs in (defaults or {}).items():
+            if like is not None and isinstance(k.get(s), dict):
+                for f, v in fs.items():
+                    if f not in (like.get(s) or {}) and k[s].get(f) == v:
+                        k[s].pop(f)
         for f in LOOP_KEY_IGNORED:
             k["loop"].pop(f, None)
         for sec in k.values():
@@ -316,10 +335,11 @@ def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = Tru
 
     if path.exists() and not force:
         old = json.loads(path.read_text())
-        if key(old) != key(resolved):
-            a, b = key(old), key(resolved)
-            diff = sorted(f"{s}.{f}" for s in set(a) | set(b) for f in set(a.get(s, {})) | set(b.get(s, {}))
-                          if a.get(s, {}).get(f) != b.get(s, {}).get(f))
+        if key(old) != key(resolved, old):
+            a, b = key(old), key(resolved, old)
+            diff = sorted(f"{s}.{f}" for s in set(a) | set(b) for f in set(a.get(s) or {}) | set(b.get(s) or {})
+                          if (a.get(s) or {}).get(f, "<absent>") != (b.get(s) or {}).get(f, "<absent>"))
+            diff += sorted(s for s in set(a) | set(b) if not isinstance(a.get(s), dict) or not isinstance(b.get(s), dict))
             raise InputError(path, f"this run directory was started with another config (differs in "
                                    f"{', '.join(diff[:6])}); use another run directory or pass --force")
     if write:
@@ -388,7 +408,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = S.resolved()
     if d.main:  # refused now if started with another config; claimed (loop_config.json) when the first stage starts
-        _check_run_dir(run_dir, resolved, force, write=False)
+        _check_run_dir(run_dir, resolved, force, write=False, defaults=S.defaults())
     d.barrier()
     pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
 
@@ -432,7 +452,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
     trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say, dist=d, inference_copy=True)
     trainer.policy.eval()
     if d.main:  # everything the first stage needs has loaded: the run directory is this config's from here on
-        _check_run_dir(run_dir, resolved, force)
+        _check_run_dir(run_dir, resolved, force, defaults=S.defaults())
     bank_hist = None
     if lc.skill_update_every and lc.objective == "sgsd":
 

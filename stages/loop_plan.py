@@ -104,7 +104,7 @@ def check(sections: dict, source: str = "config", force: bool = False) -> tuple[
 
     run_dir = Path(lc.run_dir)
     if (run_dir / "loop_config.json").exists():
-        loop._check_run_dir(run_dir, json.loads(json.dumps(resolved)), force, write=False)
+        loop._check_run_dir(run_dir, json.loads(json.dumps(resolved)), force, write=False, defaults=S.defaults())
         done = loop.completed_steps(run_dir, lc.steps)
         lines.append(f"run dir: {run_dir} ({done} of {lc.steps} steps complete"
                      + (f"; continues at step {done + 1})" if done < lc.steps else ")"))

@@ -39,6 +39,7 @@ import torch
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
+from stages.engine.objectives.grpo import IS_CAP, IS_MODES, is_weights
 from stages.engine.config import Checked, opt
 from stages.engine.metrics_log import MetricSinks
 from stages.engine.io import commit_dir
@@ -112,6 +113,8 @@ class TrainConfig(Checked):
     loss_agg: str = opt("sequence-mean", "GRPO: sequence-mean (per-sequence token mean, then mean over sequences: TRL loss_type=grpo, the reference) or token-mean.", group="GRPO", choices=AGGREGATIONS)
     old_logprobs: str = opt("policy", "GRPO: pi_old of the ratio: policy (the training model's log-probs before the first update on the table, as TRL computes them) or sampler (the rollout engine's sampling log-probs, which carry the engine/trainer mismatch).", group="GRPO", choices=("policy", "sampler"))  # new
     mask_truncated: bool = opt(False, "GRPO/OPSD: drop completions cut at the token limit from the loss.", group="GRPO")
+    is_correction: str | None = opt(None, "GRPO: importance-sampling correction of the engine/trainer mismatch (weight from pi_old / the engine's sampling log-probs): none, token-truncate, token-mask, sequence-truncate, sequence-mask. Default as the reference (TRL 0.26): sequence-mask for rollouts sampled by vLLM, none otherwise; sgsd and opsd: none (their reference trainers use no sampling log-probs).", group="GRPO", choices=IS_MODES)
+    is_cap: float | None = opt(None, "GRPO: cap C of --is-correction (truncate: min(r, C); mask: 0 above C). Default 3.0 (TRL 0.26).", group="GRPO", gt=0)
     verify_timeout_s: float = opt(5.0, "GRPO: hard timeout per verifier call when the rollouts are not graded yet, seconds.", group="GRPO", flag="verify-timeout", gt=0)
     # engine
     token_budget: int = opt(16384, "Tokens per packed forward.", group="Engine", ge=1)
@@ -152,6 +155,10 @@ class TrainConfig(Checked):
             (0.0 <= cfg.ema_decay < 1.0, "ema decay must be in [0, 1)"),
             (cfg.kl_chunk >= 1 and cfg.token_budget >= 1 and cfg.logit_chunk >= 1, "chunk sizes must be positive"),
             (cfg.lora_r >= 1, "lora r must be at least 1"),
+            (cfg.is_correction in (None, "none") or cfg.objective == "grpo",
+             f"--is-correction {cfg.is_correction} is a GRPO option (the sgsd and opsd losses have no sampling ratio)"),
+            (cfg.is_correction in (None, "none") or cfg.old_logprobs == "policy",
+             "--is-correction needs --old-logprobs policy (with sampler, pi_old already is the engine's)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -160,7 +167,8 @@ class TrainConfig(Checked):
 
     def key(self) -> dict:
         """The part of the config that determines the result (the stage manifest's key)."""
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+        return {k: v for k, v in asdict(self).items()
+                if k not in self.RUNTIME_FIELDS and not (k in ("is_correction", "is_cap") and v is None)}
 
 
 
@@ -188,6 +196,7 @@ class Item:
     teachers: list[TeacherTarget] = field(default_factory=list)  # sgsd
     teacher_prompt_ids: tuple[int, ...] = ()  # opsd
     old_logprobs: list[float] | None = None  # grpo
+    sample_logprobs: list[float] | None = None  # grpo: the engine's, for the importance-sampling correction
     advantage: float = 0.0
     reward: float = 0.0
 
@@ -326,10 +335,11 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
     for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
         n = len(r["completion_ids"])
         keep = not (cfg.mask_truncated and fin == "length")
-        old = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 and cfg.old_logprobs == "sampler" else None
+        smp = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
+        old = smp if cfg.old_logprobs == "sampler" else None
         items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
                           [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
-                          reward=rewards[r["rollout_id"]]))
+                          reward=rewards[r["rollout_id"]], sample_logprobs=smp))
     items.sort(key=lambda i: i.rid)
     adv = group_advantages(torch.tensor([i.reward for i in items]), [i.group for i in items], scale_std=cfg.scale_std)
     for it, a in zip(items, adv.tolist()):
@@ -337,8 +347,11 @@ def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
     sizes = {}
     for it in items:
         sizes[it.group] = sizes.get(it.group, 0) + 1
+    vllm = "backend" in rt.columns and "vllm" in set(rt["backend"].drop_nulls().to_list())
+    is_mode = cfg.is_correction or ("sequence-mask" if vllm and cfg.old_logprobs == "policy" else "none")
     info = {"rollouts": len(items), "reward_source": source, "group_sizes": sorted(set(sizes.values())),
-            "old_logprobs": cfg.old_logprobs, "missing_sample_logprobs": sum(i.old_logprobs is None for i in items)}
+            "old_logprobs": cfg.old_logprobs, "missing_sample_logprobs": sum(i.sample_logprobs is None for i in items),
+            "is_correction": is_mode, "is_cap": cfg.is_cap if cfg.is_cap is not None else IS_CAP}
     return Data(items, paths, info, temp)
 
 
@@ -680,11 +693,24 @@ class Trainer:
         sums, nvalid = [], []
         st = self._base_stats(items, weights)
         st.update({"clipped": 0.0, "ratio": 0.0, "kl": 0.0, "reward": 0.0, "advantage_abs": 0.0})
+        is_mode = self.data.info.get("is_correction", "none")
+        if is_mode != "none":
+            st.update({"is_weight": 0.0, "is_capped": 0.0})
         for it, w, l, r in zip(items, weights, lp_parts, ref_parts):
             old = torch.tensor(it.old_logprobs, dtype=torch.float32, device=l.device)
             mask = torch.tensor(it.mask, device=l.device)
+            isw = None
+            if is_mode != "none" and it.sample_logprobs is not None:
+                cap = self.data.info["is_cap"]
+                isw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, cap)
+                if w > 0:
+                    raw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, float("inf"))
+                    st["is_weight"] += float((isw * mask).sum())
+                    st["is_capped"] += float(((isw != raw) * mask).sum())
+            elif is_mode != "none" and w > 0:
+                st["is_weight"] += float(mask.sum())  # no sampling log-probs stored: weight 1
             s, stats = sequence_loss(l, old, it.advantage, mask, eps_low=cfg.clip_eps, eps_high=cfg.clip_eps_high,
-                                     beta=cfg.kl_beta, ref_logp=r)
+                                     beta=cfg.kl_beta, ref_logp=r, is_weight=isw)
             sums.append(s * w)
             nvalid.append(int(mask.sum()))
             if w > 0:
@@ -793,6 +819,8 @@ class Trainer:
             mt = max(1.0, s["mask_tokens"])
             row.update({"reward": s["reward"] / n, "clip_frac": s["clipped"] / mt, "ratio_mean": s["ratio"] / mt,
                         "kl": s["kl"] / mt, "advantage_abs": s["advantage_abs"] / n})
+            if "is_weight" in s:  # importance-sampling correction: mean weight, share of tokens truncated / masked
+                row.update({"is_weight_mean": s["is_weight"] / mt, "is_capped_frac": s["is_capped"] / mt})
         row.update(getattr(self, "_agree", {}))  # the table's engine/trainer agreement (same on every row of it)
         return row
 

@@ -77,6 +77,9 @@ class WorldRunConfig:
     group_sizes: list[int] = field(default_factory=lambda: [4, 8, 16])  # GRPO, at its tuned lr
     opsd_temperatures: list[float] = field(default_factory=lambda: [0.7, 1.1, 1.5])  # OPSD KL temperature, tuned lr
     sweep_seed: int = 0
+    # collapse probe (base 0, sweep seed): sgsd and sgsd-stance at these lrs, p = 0 and each p of p_values; their
+    # seen-family accuracy, first alarm and polarity mix go to the results file
+    probe_lrs: list[float] = field(default_factory=lambda: [1e-3])
     # more bases: each a table of [world] settings that differ from base 0's (e.g. {seed = 1})
     bases: list[dict] = field(default_factory=list)
     threads: int = 0  # torch intra-op threads per process; 0 = the machine's cores divided by the processes at work
@@ -107,6 +110,7 @@ class WorldRunConfig:
             (all(g >= 2 and self.rollouts_per_step % g == 0 for g in self.group_sizes),
              "every group size must be >= 2 and divide rollouts_per_step"),
             (all(isinstance(b, dict) for b in self.bases), "bases must be a list of [world] tables"),
+            (all(math.isfinite(x) and x > 0 for x in self.probe_lrs), "probe_lrs must hold positive numbers"),
         ]:
             if not ok:
                 raise InputError(None, msg)
@@ -1009,6 +1013,8 @@ def claims(cfg: WorldRunConfig, per_base: list[dict], sgsd: str = "sgsd") -> lis
               (f"{sgsd} keeps >= 70% of its gain at p=0.5", keeps70),
               ("imitate loses >= half its gain at p=0.5", imitate_loses),
               (f"{sgsd}: seen families drop <= 5 points (p=0 and p=0.5)", seen5)]
+    if sgsd != "sgsd":  # a variant's claims: the imitate claim is the method's, listed once
+        checks = [c for c in checks if not c[0].startswith("imitate")]
     for name, fn in checks:
         res = [(b["name"],) + fn(b) for b in per_base]
         tested = [r for r in res if r[1] is not None]
@@ -1112,7 +1118,12 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
         for spec in run_specs(bc, tuning):
             jobs.append((bc, spec, b["base_curve"], True))
             owners.append(b["name"])
-    rows = _run_all(jobs, cfg, log, progress, "compare")
+    probe_jobs = [(cfg, RunSpec(o, p, cfg.calibrated_level, cfg.sweep_seed, lr=lr), None, True)
+                  for lr in cfg.probe_lrs for o in ("sgsd", "sgsd-stance") for p in cfg.p_values
+                  if o in cfg.objectives and bases and "refused" not in bases[0]]
+    rows = _run_all(jobs + probe_jobs, cfg, log, progress, "compare")
+    probe_rows = rows[len(jobs):]
+    rows = rows[: len(jobs)]
     for (bc, spec, _, _), r in zip(jobs, rows):  # the alarms as stages.engine.alarms computes them now
         r["first_alarm"] = first_alarm(bc, spec, Paths(bc.out).compare / spec.name)
     per_base = []
@@ -1128,12 +1139,33 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
                          "base": base, "table": table, "markdown": md, "png": str(png), "runs": rs,
                          "calibration": b["calib"], "properties": base_properties(b["calib"], b["cfg"])})
         log(f"base {b['name']} ({b['hash']}):\n{md}")
+    run_walls = [r["wall_s"] for r in rows + probe_rows]
+    for t in tuning.get("sweep", []):
+        f = Paths(cfg.out).compare / t["run"] / "world_result.json"
+        if f.exists() and t["run"] not in {r["run"] for r in rows[: len(run_specs(cfg, tuning))]}:
+            run_walls.append(json.loads(f.read_text())["wall_s"])
+    build_walls = []
+    for b in bases:
+        mp = Paths(b["cfg"].out).base / BASE_MANIFEST
+        if "refused" not in b and mp.exists() and not b.get("shipped"):
+            build_walls.append(json.loads(mp.read_text()).get("build_wall_s") or 0.0)
     results = {"config": _jsonable(asdict(cfg)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+               "compute": {"runs": len(run_walls), "run_wall_sum_s": sum(run_walls),
+                           "base_builds_s": sum(build_walls), "bases_built": len(build_walls)},
                "machine": machine(), "versions": _package_versions(), "wall_s": time.time() - t0,
                "wall_bases_s": t_bases, "tuning": tuning, "per_base": per_base,
                "refused": [{"name": b["name"], "problem": b["refused"]} for b in bases if "refused" in b],
                "pooled": pooled(per_base), "claims": claims(cfg, per_base),
                "claims_variant": claims(cfg, per_base, "sgsd-stance") if "sgsd-stance" in cfg.objectives else [],
+               "collapse_probe": [{"objective": r["objective"], "p": r["p"], "lr": r["lr"], "seed": r["seed"],
+                                   "unseen": r["final"]["unseen"]["avg"], "seen": r["final"]["seen"]["avg"],
+                                   "seen_curve": r["curve"]["seen"][1:],
+                                   "first_alarm": first_alarm(cfg, RunSpec(r["objective"], r["p"], r["level"], r["seed"],
+                                                                           lr=r["lr"]), Paths(cfg.out).compare / r["run"]),
+                                   "over_suppressive_last10": statistics.fmean(r["frac_over_suppressive"][-10:])
+                                   if r.get("frac_over_suppressive") else None,
+                                   "helpful_last10": statistics.fmean(r["frac_helpful"][-10:])
+                                   if r.get("frac_helpful") else None} for r in probe_rows],
                "png": per_base[0]["png"] if per_base else None}
     atomic_write_json(Paths(cfg.out).compare / "results.json", results)
     for c in results["claims"] + results["claims_variant"]:
@@ -1151,9 +1183,14 @@ def results_markdown(res: dict, command: str) -> str:
              "", f"- date: {res['date']}",
              f"- machine: {m['processor']}, {m['cpus']} CPUs, {cfg['jobs']} runs at a time",
              "- packages: " + ", ".join(f"{k} {x}" for k, x in v.items()),
-             f"- whole comparison: {res['wall_s']:.0f} s wall ({res['wall_bases_s']:.0f} s of it building and "
-             f"calibrating bases); {sum(len(b['runs']) for b in res['per_base'])} compared runs + "
-             f"{len(res['tuning'].get('sweep', []))} tuning runs",
+             f"- this invocation: {res['wall_s']:.0f} s wall ({res['wall_bases_s']:.0f} s of it building and "
+             f"calibrating bases; cached runs are not run again); {sum(len(b['runs']) for b in res['per_base'])} "
+             f"compared runs + {len(res['tuning'].get('sweep', []))} tuning runs + "
+             f"{len(res.get('collapse_probe', []))} collapse-probe runs",
+             f"- compute behind the figures: {res['compute']['runs']} distinct runs, {res['compute']['run_wall_sum_s']:.0f} s "
+             f"of run wall time in all ({res['compute']['run_wall_sum_s'] / cfg['jobs']:.0f} s at {cfg['jobs']} at a time), "
+             f"plus {res['compute']['base_builds_s']:.0f} s building and checking {res['compute']['bases_built']} bases "
+             f"(base0 is the shipped one)",
              f"- every run: {cfg['steps']} loop steps x {cfg['rollouts_per_step']} generated rollouts, K = "
              f"{cfg['k_teachers']} teachers, rollout T = {cfg['temperature']}, banks at sharpness {cfg['levels']}, "
              f"misleading p {cfg['p_values']}, run seeds {cfg['seeds']}; plain-prompt greedy and avg@{cfg['final_eval_n']} "
@@ -1185,13 +1222,25 @@ def results_markdown(res: dict, command: str) -> str:
         per = "; ".join(f"{x['base']}: {'yes' if x['holds'] else ('no' if x['holds'] is not None else 'n/a')} "
                         f"({x['figure']})" for x in c["per_base"])
         lines.append(f"| {c['claim']} | {c['holds_on']} of {c['tested_on']} bases ({c['bases']} compared) | {per} |")
+    if res.get("collapse_probe"):
+        lines += ["", "## Collapse probe (base0, run seed %s, above the tuned lr)" % cfg["sweep_seed"], "",
+                  "| method | bank p | lr | unseen avg | seen avg | seen avg@n every 5 steps | first alarm | "
+                  "over-suppressive / helpful pairs, last 10 steps |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["collapse_probe"]:
+            fa = f"step {r['first_alarm'][0]}: {r['first_alarm'][1]}" if r["first_alarm"] else "none"
+            mix = (f"{r['over_suppressive_last10']:.2f} / {r['helpful_last10']:.2f}"
+                   if r["over_suppressive_last10"] is not None else "-")
+            lines.append(f"| {r['objective']} | {r['p']} | {r['lr']:g} | {r['unseen']:.3f} | {r['seen']:.3f} | "
+                         f"{' '.join(f'{x:.2f}' for x in r['seen_curve'])} | {fa} | {mix} |")
+        lines.append("")
     lines += ["", "## Pooled over bases (mean of the per-base seed means ± standard error over bases)", "",
               "| method | bank p | bases | unseen avg | gain | seen avg |", "|---|---|---|---|---|---|"]
     for p in res["pooled"]:
         lines.append(f"| {p['objective']} | {'-' if p['p'] is None else p['p']} | {p['bases']} | {f(p['unseen_avg'])} | "
                      f"{f(p['gain'])} | {f(p['seen_avg'])} |")
     for b in res["per_base"]:
-        lines += ["", f"## Base {b['name']} (`{b['hash']}`)", "", b["markdown"], "", f"Learning curves: `{b['png']}`", "",
+        lines += ["", f"## Base {b['name']} (`{b['hash']}`)", "", b["markdown"], "",
+                  f"Learning curves: `{b['png']}` (copied to `bench/skill_world/learning_curves_{b['name']}.png`)", "",
                   "<details><summary>calibration</summary>", "", "```"]
         buf: list[str] = []
         print_calibration(b["calibration"], buf.append)

@@ -357,3 +357,20 @@ def test_collapse_alarm_warns_and_can_stop_the_loop(tmp_path, tiny_model_dir, mo
     cfg2 = _cfg(tmp_path, tiny_model_dir, objective="grpo", steps=1, n=2, name="stop")
     with pytest.raises(InputError, match="collapse alarm at step 1: reward"):
         _run(cfg2, ["loop.alarm_stop=true"])
+
+
+def test_run_dir_written_before_a_field_existed_still_matches(tmp_path):
+    """A field absent from an older loop_config.json matches when the new value is its default; a non-default
+    value of it, or a changed recorded field, is still refused (naming the field)."""
+    from stages.engine.io import InputError
+    from stages.loop import _check_run_dir
+
+    new = {"loop": {"steps": 3, "objective": "sgsd"}, "train": {"lr": 1e-3, "reversed_tokens": "all"}}
+    defaults = {"train": {"lr": 5e-6, "reversed_tokens": "all"}, "loop": {"steps": 200}}
+    (tmp_path / "loop_config.json").write_text(json.dumps({"loop": {"steps": 2, "objective": "sgsd"},
+                                                           "train": {"lr": 1e-3}}))
+    _check_run_dir(tmp_path, new, force=False, write=False, defaults=defaults)  # steps may grow; field at default
+    with pytest.raises(InputError, match=r"differs in train\.reversed_tokens"):
+        _check_run_dir(tmp_path, {**new, "train": {"lr": 1e-3, "reversed_tokens": "stance"}}, False, False, defaults)
+    with pytest.raises(InputError, match=r"differs in train\.lr"):
+        _check_run_dir(tmp_path, {**new, "train": {"lr": 2e-3, "reversed_tokens": "all"}}, False, False, defaults)

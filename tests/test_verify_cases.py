@@ -40,6 +40,10 @@ CASES = [
     (f"{MV} test_simple_fraction_notation ('10/9' vs '\\frac{{10}}{{9}}')", r"\boxed{\frac{10}{9}}", "10/9", True),
     (f"{MV} test_simple_fraction_notation ('-10/9' vs '-\\frac{{10}}{{9}}')", r"\boxed{-\frac{10}{9}}", "-10/9", True),
     (f"{MV} test_number_extraction ('0.4' vs '.4')", r"\boxed{.4}", "0.4", True),
+    # --- a relation is not read as a plain expression (that keeps one side): issue 21
+    (f"{MV} test_relations_math ('$a +3z = 0$' vs '$0$' -> 0)", r"\boxed{0}", "a +3z = 0", False),
+    (f"{MV} test_relations_math ('$2x + z = 1$' vs '$1$' -> 0)", r"\boxed{1}", "2x + z = 1", False),
+    (f"{MV} test_relations_math ('$a^2 + b = 0$' vs '$0$' -> 0)", r"\boxed{0}", "a^2 + b = 0", False),
     (f"{MV} test_number_extraction ('-5' vs '-5')", r"\boxed{-5}", "-5", True),
     # --- intervals and sets (MV test_sets_handling)
     (f"{MV} test_sets_handling ('[0,1)' vs '[0,1)')", r"\boxed{[0,1)}", "[0,1)", True),

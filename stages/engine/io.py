@@ -61,6 +61,9 @@ class InputError(Exception):
     def line(self) -> str:
         return f"{self.path}: {self.problem}" if self.path else self.problem
 
+    def __reduce__(self):  # picklable: an error raised in a worker process reaches the parent intact
+        return (type(self), (self.path, self.problem))
+
 
 class StageSkipped(Exception):
     """Raised internally when a stage's manifest matches and nothing needs doing."""

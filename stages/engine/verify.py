@@ -510,8 +510,9 @@ def _parse_gold(gold: str):
 
 @functools.lru_cache(maxsize=4096)
 def _parse_gold_plain(gold: str):
-    """math-verify's own reading of a bare gold (LaTeX and plain expression, its defaults): ``1,22`` -> 1.22."""
-    if "$" in gold or "\\" in gold:
+    """math-verify's own reading of a bare gold (LaTeX and plain expression, its defaults): ``1,22`` -> 1.22.
+    Not for a relation (``a + 3z = 0``, ``x < 5``): the plain-expression reading keeps one side of it (``0``)."""
+    if "$" in gold or "\\" in gold or any(c in gold for c in "=<>"):
         return None
     try:
         return _mv().parse(gold, **_PARSE_KW) or None
