@@ -59,7 +59,9 @@ def test_installed_wheel_runs_help_and_a_stage(wheel, tmp_path):
     assert h.returncode == 0 and "rollout" in h.stdout
     model = tmp_path / "model"
     subprocess.run([str(sgsd), "make-tiny-model", str(model)], check=True, capture_output=True, cwd=tmp_path, env=env)
+    demo = Path(data_dir) / "demo" / "problems.jsonl"  # the installed sgsd_data's demo set
     r = subprocess.run([str(sgsd), "rollout", "--run-dir", str(tmp_path / "run"), "--model", str(model), "--limit", "2",
+                        "--problems", str(demo),
                         "--max-new-tokens", "4", "--backend", "hf", "--device", "cpu", "--dtype", "fp32"],
                        capture_output=True, text=True, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]

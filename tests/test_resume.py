@@ -344,7 +344,13 @@ def test_loop_sigkill_at_five_points_equals_uninterrupted_run(tmp_path, tiny_mod
             a, b = _table(sd_a / f"{name}.parquet", base), _table(sd_b / f"{name}.parquet", run)
             assert a.equals(b), (n, name)
         _same_weights(sd_a / "checkpoint", sd_b / "checkpoint")
-    ma = _table(base / "metrics.parquet", base)
-    mb = _table(run / "metrics.parquet", run)
-    assert ma.equals(mb)
+    # the engine/trainer probe gaps are float-noise measurements (~1e-6 nats) whose last bits depend on the process
+    # that took them (a restart rebuilds the engine); the check that they stay under tolerance is test_agreement's
+    noise = TIMING + ("probe_gap_mean", "probe_gap_max")
+    ma = _table(base / "metrics.parquet", base, drop=noise)
+    mb = _table(run / "metrics.parquet", run, drop=noise)
+    if not ma.equals(mb):  # name the columns that differ
+        diff = [c for c in ma.columns if c not in mb.columns or not ma[c].equals(mb[c])]
+        raise AssertionError(f"metrics differ in {diff}: {ma.select(diff).to_dicts()} vs "
+                             f"{mb.select([c for c in diff if c in mb.columns]).to_dicts()}")
     assert mb["policy_step"].to_list() == [2, 4, 6]

@@ -3,16 +3,18 @@
 Three trends, each computed from ``metrics.parquet`` rows only (so a resumed run recomputes the same alarms):
 
 * ``reward``:  the mean training reward of the last ``W`` steps is below the best ``W``-step mean so far by
-  ``REWARD_DROP`` (0.2) or by three standard errors of a window mean, whichever is larger, counting the
+  ``REWARD_DROP`` (0.3) or by three standard errors of a window mean, whichever is larger, counting the
   window's prompts (the ``prompts`` column; 16 a step if absent) as independent: ``3 sqrt(b (1 - b) / n)``.
-  W = 5: with 16 prompts a step the floor 0.2 rules; GRPO's 2 prompts x 8 need a drop of about 0.45.
-* ``eval``:    a benchmark's avg@n is ``EVAL_DROP`` or more below its best earlier eval of the run (0.10).
+  W = 5: with 16 prompts a step the floor 0.3 rules; GRPO's 2 prompts x 8 need a drop of about 0.4.
+* ``eval``:    a benchmark's avg@n is ``EVAL_DROP`` or more below its best earlier eval of the run (0.15).
 * ``polarity`` (SGSD): over the last ``W`` steps, over-suppressive teachers (a correct rollout whose teachers
-  push the other way, rho = -1) are at least ``OVER_SUPPRESSIVE`` of the teacher-rollout pairs (0.3) while
-  helpful ones are at most ``HELPFUL_MAX`` (0.1): the reversed term dominates the loss.
+  push the other way, rho = -1) are at least ``OVER_SUPPRESSIVE`` of the teacher-rollout pairs (0.4) while
+  helpful ones are at most ``HELPFUL_MAX`` (0.05): the reversed term dominates the loss.
 
-The skill world's late collapses (issue 20: seen-family accuracy 0.98 -> 0.42 after a rising share of
-over-suppressive pairs) are the cases these bands were set on; ``tests/test_alarms.py`` checks them by hand.
+The bands were set on the skill world's comparison (bench/SKILL_WORLD_RESULTS.md, 120 runs, in-sample): they
+fire before the end in every run whose seen-family accuracy fell below 0.6 (6 of 6) and in 7 of 84 runs that
+ended healthy; tighter bands (0.2 / 0.10 / 0.3 / 0.1) caught 12 of 16 runs with any drop past 5 points but
+fired in 32 of the 84 healthy ones.  ``tests/test_alarms.py`` checks them by hand.
 """
 
 from __future__ import annotations
@@ -21,11 +23,11 @@ import math
 from typing import Any, Sequence
 
 WINDOW = 5
-REWARD_DROP = 0.2
+REWARD_DROP = 0.3
 DEFAULT_PROMPTS = 16
-EVAL_DROP = 0.10
-OVER_SUPPRESSIVE = 0.3
-HELPFUL_MAX = 0.1
+EVAL_DROP = 0.15
+OVER_SUPPRESSIVE = 0.4
+HELPFUL_MAX = 0.05
 
 
 def _num(x: Any) -> float | None:
