@@ -163,7 +163,7 @@ def test_shipped_base_manifest_and_hashes(tmp_path):
     import shutil
 
     from stages.engine.io import file_hash
-    from stages.world import SHIPPED_BASE, WorldRunConfig, base_stamp, config_from_sections, shipped_base, verify_base
+    from stages.world import SHIPPED_BASE, base_stamp, config_from_sections, shipped_base, verify_base
     from stages.engine.config import load_toml
     from pathlib import Path
 
