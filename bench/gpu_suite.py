@@ -6,8 +6,8 @@
 Sections (each measured after a warm-up call, on the same random inputs for both ways):
 
 (a) scoring: log-probs of given tokens for rollouts of realistic lengths (prompts U(100, 600), completions
-    U(200, 1024) tokens): ``stages.scoring.score_naive`` (right-padded batch, full fp32 logits) vs
-    ``stages.scoring.score_segments`` (packed, chunked LM head).
+    U(200, 1024) tokens): ``stages.engine.scoring.score_naive`` (right-padded batch, full fp32 logits) vs
+    ``stages.engine.scoring.score_segments`` (packed, chunked LM head).
 (b) one SGSD scoring step with K=8 teachers per rollout: the reference layout (per rollout, K right-padded
     teacher rows + K copies of the student row, full logits) vs ours (one student segment + K teacher
     segments, all rollouts packed into ``score_segments`` micro-batches).
@@ -29,7 +29,7 @@ the OS), a rough lower bound.
 
 The suite writes its table into bench/RESULTS.md (a block per device/shape, with the card's name and the
 date) and prints one JSON object with every figure as its last line.  It imports only torch,
-transformers, stages.scoring and (section d) stages.fast_generation / stages.generation.
+transformers, stages.engine.scoring and (section d) stages.engine.generation.
 """
 
 from __future__ import annotations
@@ -498,7 +498,7 @@ def check_imports() -> int:
     import subprocess
 
     bad = []
-    for mod in ("stages.scoring", "stages.generation", "stages.fast_generation"):
+    for mod in ("stages.engine.scoring", "stages.engine.generation", "stages.engine.generation.fast"):
         code = f"import sys; sys.modules['polars'] = None; sys.path.insert(0, {str(REPO)!r}); import {mod}"
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if r.returncode != 0:

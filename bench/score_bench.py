@@ -1,7 +1,7 @@
-"""Scoring-core benchmark (issue 2): tokens/s and peak memory of ``stages.scoring.score_segments``
-(packed, chunked LM head) against ``stages.scoring.score_naive`` (right-padded batch, full fp32 logits)
+"""Scoring-core benchmark (issue 2): tokens/s and peak memory of ``stages.engine.scoring.score_segments``
+(packed, chunked LM head) against ``stages.engine.scoring.score_naive`` (right-padded batch, full fp32 logits)
 on the same variable-length batch of (prompt, completion) segments of a random Qwen3 model.  A third way,
-``ours_varlen``, is ``stages.fast_generation.score_segments_varlen``: the same packing with attention run
+``ours_varlen``, is ``stages.engine.scoring.score_segments_varlen``: the same packing with attention run
 per packed sequence instead of over the packed row with a block-diagonal mask.
 
     python bench/score_bench.py                                   # CPU, hidden-256 random Qwen3
@@ -223,7 +223,7 @@ def run_methods(model, segs, device: str, repeats: int, token_budget: int, logit
         "naive": lambda: score_naive(model, segs),
         "ours": lambda: score_segments(model, segs, token_budget=token_budget, logit_chunk=logit_chunk),
     }
-    try:  # the same packing with per-sequence attention (stages.fast_generation; imports stages.io -> polars)
+    try:  # the same packing with per-sequence attention (stages.engine.scoring.score_segments_varlen)
         from stages.engine.scoring import score_segments_varlen
 
         m["ours_varlen"] = lambda: score_segments_varlen(model, segs, token_budget=token_budget, logit_chunk=logit_chunk)

@@ -16,7 +16,7 @@ the global batch is ``micro_batch_size x grad_accum x world`` rollouts whatever 
 
 Outputs in the run directory: ``train.parquet`` (one metrics row per optimizer step) + manifest,
 ``checkpoint/`` (model or adapter, optimizer, scheduler, RNG states, sampler position, policy step, skill
-bank version; see :mod:`stages.checkpoint`) and ``checkpoints/step_XXXXXX/`` snapshots (``save_every``).
+bank version; see :mod:`stages.engine.checkpoint`) and ``checkpoints/step_XXXXXX/`` snapshots (``save_every``).
 """
 
 from __future__ import annotations

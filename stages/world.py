@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import polars as pl
 
-from stages.engine.io import DATA_DIR, InputError, atomic_write_json, atomic_write_text, commit_dir, file_hash
+from stages.engine.io import (DATA_DIR, InputError, atomic_write_json, atomic_write_text, commit_dir, file_hash,
+                              versions)
 from stages.engine.world import LEVELS, World, WorldConfig, bank_key, check_level, check_p
 
 # imitate = sgsd with train.polarity = "imitate" (ABLATION); sgsd-stance = sgsd with train.reversed_tokens = "stance"
@@ -215,18 +216,6 @@ def shipped_base(cfg: WorldRunConfig, where: Path = SHIPPED_BASE) -> Path | None
     return where if man.get("stamp") == base_stamp(cfg) else None
 
 
-def _package_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in ("sgsd", "torch", "transformers", "tokenizers", "safetensors", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 # The bands a base must sit in to be the world's base (docs/SKILL_WORLD.md "Base checks"): the world's law made
 # loose enough for a 0.4M-parameter model, fixed before any comparison.  (name, what, lo, hi)
 BASE_BANDS = (
@@ -334,7 +323,7 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, r
                      "parameters": n_params},
            "sft": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size, "lr": cfg.sft_lr, "seed": cfg.world.seed,
                    "wall_s": round(sft_wall, 1)},
-           "versions": _package_versions(), "machine": machine(),
+           "versions": versions(), "machine": machine(),
            "built_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "build_wall_s": round(time.time() - t0, 1),
            "calibration": {"properties": base_properties(calib, cfg), "bands": [list(b) for b in BASE_BANDS],
@@ -1152,7 +1141,7 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
     results = {"config": _jsonable(asdict(cfg)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "compute": {"runs": len(run_walls), "run_wall_sum_s": sum(run_walls),
                            "base_builds_s": sum(build_walls), "bases_built": len(build_walls)},
-               "machine": machine(), "versions": _package_versions(), "wall_s": time.time() - t0,
+               "machine": machine(), "versions": versions(), "wall_s": time.time() - t0,
                "wall_bases_s": t_bases, "tuning": tuning, "per_base": per_base,
                "refused": [{"name": b["name"], "problem": b["refused"]} for b in bases if "refused" in b],
                "pooled": pooled(per_base), "claims": claims(cfg, per_base),

@@ -669,7 +669,12 @@ def versions() -> dict[str, str]:
     for mod in ("torch", "transformers", "polars", "pyarrow", "vllm", "peft", "math_verify"):
         try:
             m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "?")
+            v = getattr(m, "__version__", None)
+            if v is None:  # e.g. math_verify: the installed distribution's version
+                from importlib import metadata
+
+                v = metadata.version(mod.replace("_", "-"))
+            out[mod] = v
         except Exception:
             pass
     return out
