@@ -17,20 +17,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import polars as pl
 import torch
 
 from stages.engine import checkpoint as ckpt
+from stages.engine import training
 from stages.engine.config import Checked, opt
 from stages.engine.distributed import rng_state, seed_all, set_rng_state
-from stages.engine.io import InputError, StageRun, atomic_write_json, read_table, write_parquet
+from stages.engine.io import InputError, StageRun, read_table
 
 
 @dataclass
@@ -112,24 +111,6 @@ def encode(tok, df: pl.DataFrame, thinking: bool) -> list[tuple[tuple[int, ...],
     return out
 
 
-def lr_factor(step: int, cfg: SFTConfig, total: int) -> float:
-    """Linear warmup to 1, then cosine to min_lr_ratio at ``total`` (or constant)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    prog = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog))
-
-
-def batch_indices(n: int, B: int, seed: int, b: int) -> list[int]:
-    """Global batch b: a fresh seeded permutation per epoch, partial last batch dropped (train.Sampler's rule)."""
-    per = max(1, n // B)
-    epoch, j = divmod(b, per)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return [int(x) for x in perm[j * B : (j + 1) * B]]
-
-
 def nll_loss(model, pairs, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
     """Mean NLL over the completion tokens of ``pairs`` (the prompt tokens carry no loss)."""
     from stages.engine.scoring import Segment, score_segments
@@ -148,15 +129,9 @@ def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], met
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / "rank_00000.pt")
         save_model(model, tok, tmp / "model")
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        torch.save(sched.state_dict(), tmp / "scheduler.pt")
-        if rows:
-            write_parquet(pl.DataFrame(rows), tmp / "metrics.parquet")
-        atomic_write_json(tmp / ckpt.STATE, state)
-        atomic_write_json(tmp / ckpt.META, meta)
+        training.lift_model_dir(tmp)
+        training.write_checkpoint_files(tmp, optimizer_state=opt.state_dict(), scheduler_state=sched.state_dict(),
+                                        rows=rows, state=state, meta=meta)
 
     return ckpt.write(path, fill, progress=progress)
 
@@ -195,16 +170,16 @@ def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: boo
     pairs = encode(tok, df, cfg.thinking)
     n, B = len(pairs), min(cfg.batch_size, len(pairs))
     total = cfg.steps or cfg.epochs * max(1, n // B)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total))
+    opt, sched = training.adamw_and_schedule((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
+                                             weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
+                                             schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio, horizon=total)
+    sampler = training.Sampler(n, B, cfg.seed)
     done, rows = 0, []
     if start:
         opt.load_state_dict(ckpt.load_state(start / "optimizer.pt"))
         sched.load_state_dict(ckpt.load_state(start / "scheduler.pt"))
         done = int(state["local_step"])
-        if (start / "metrics.parquet").exists():
-            rows = pl.read_parquet(start / "metrics.parquet").to_dicts()
+        rows = training.saved_rows(start)
         set_rng_state(ckpt.load_state(start / "rng" / "rank_00000.pt"))
         say(f"sft: resuming from {start} at step {done}/{total}")
 
@@ -225,18 +200,15 @@ def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: boo
     for step in range(done, total):
         seed_all(cfg.seed, step, 0)
         t0 = time.time()
-        batch = [pairs[i] for i in batch_indices(n, B, cfg.seed, step)]
+        batch = [pairs[i] for i in sampler.batch(step)]
         with varlen_attention(model):
             loss, ntok = nll_loss(model, batch, cfg)
             if not torch.isfinite(loss):
                 raise InputError(cfg.data, f"the loss became non-finite at step {step + 1}; lower --lr")
             loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        rows.append({"step": step + 1, "loss": float(loss.detach()), "grad_norm": float(gn), "lr": lr,
+        gn = training.clip_grad_norm(list(model.parameters()), cfg.max_grad_norm)
+        lr = training.optimizer_step(opt, sched)
+        rows.append({"step": step + 1, "loss": float(loss.detach()), "grad_norm": gn, "lr": lr,
                      "tokens": ntok, "wall_s": time.time() - t0})
         if advance:
             advance(1)

@@ -1,7 +1,9 @@
-"""`sgsd train`: one optimizer loop for the three objectives (sgsd, opsd, grpo).  docs/DESIGN.md 1.4-1.5 and 2.
+"""`sgsd train`: one optimizer loop for every registered objective.  docs/DESIGN.md 1.4-1.5 and 2.
 
-Reads the tables of one run directory (``rollout`` and, for SGSD, ``score_teachers`` + ``polarize``; part
-directories work too), builds one item per rollout and runs ``steps`` optimizer steps over global batches
+The objective (``--objective NAME``: a class in ``stages/engine/objectives/``, looked up in their registry) reads
+the tables of one run directory (``rollout`` and, for SGSD, ``score_teachers`` + ``polarize``; part directories
+work too), builds one item per rollout, computes the loss and its own metrics columns; this module owns the
+model, optimizer, schedule, distributed wrapping and checkpoints, and runs ``steps`` optimizer steps over global batches
 of ``batch_size`` rollouts drawn by a seeded sampler.  Each step (the whole of it fits on one screen, see
 :meth:`Trainer.train_step`)::
 
@@ -25,40 +27,34 @@ import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import polars as pl
 import torch
 
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
-from stages.engine.objectives.grpo import AGGREGATIONS, aggregate, group_advantages, sequence_loss
-from stages.engine.objectives.grpo import IS_CAP, IS_MODES, is_weights
+from stages.engine import training
 from stages.engine.config import Checked, opt
-from stages.engine.metrics_log import MetricSinks
-from stages.engine.io import commit_dir
-from stages.engine.io import (InputError, StageRun, atomic_write_json, check_finite, read_table, stage_table_path,
-                              write_parquet)
-from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
-from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
-from stages.engine.objectives.sgsd import CATEGORIES, REVERSED_TOKENS, rollout_loss, stance
 from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
-from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
-from stages.engine.grading import grade_rollouts
-from stages.engine.models import ModelSpec, load_model, pick_device
-from stages.engine.models import save_model
-from stages.engine.models import check_token_ids
+from stages.engine.io import InputError, StageRun, commit_dir, read_table
+from stages.engine.metrics_log import MetricSinks
+from stages.engine.models import ModelSpec, check_token_ids, load_model, pick_device, save_model
+from stages.engine.objectives import base as objectives
+from stages.engine.objectives.base import Objective
+from stages.engine.objectives.grpo import AGGREGATIONS, IS_MODES
+from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
+from stages.engine.objectives.sgsd import REVERSED_TOKENS
+from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
+from stages.engine.training import SCHEDULES, Sampler
 
-OBJECTIVES = ("sgsd", "opsd", "grpo")
+OBJECTIVES = objectives.names()  # the registered objectives (stages/engine/objectives/)
 TEACHER_MODES = ("live", "fixed", "ema")
 PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16")
-SCHEDULES = ("constant", "cosine", "linear")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 
 
@@ -135,10 +131,11 @@ class TrainConfig(Checked):
 
     def resolved(self) -> "TrainConfig":
         cfg = replace(self)
+        kind = objectives.get(cfg.objective)
         if not cfg.teacher_mode:
-            cfg.teacher_mode = "fixed" if cfg.objective == "opsd" else "live"
+            cfg.teacher_mode = kind.default_teacher_mode
         if cfg.lora_dropout is None:
-            cfg.lora_dropout = 0.05 if cfg.objective == "grpo" else 0.0
+            cfg.lora_dropout = kind.default_lora_dropout
         checks = [
             (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got '{cfg.objective}'"),
             (bool(cfg.model), "a model is required (--model)"),
@@ -174,205 +171,6 @@ class TrainConfig(Checked):
 
 class TrainingDiverged(InputError):
     """The loss or the grad norm of a step is NaN / inf: training stops before that update, nothing is saved."""
-
-@dataclass
-class TeacherTarget:
-    prompt_ids: tuple[int, ...]
-    logprobs: list[float]
-    weight: float
-    rho: int
-    category: str = "neutral"
-    support: float = 0.0
-
-
-@dataclass
-class Item:
-    rid: str
-    group: str
-    prompt_ids: tuple[int, ...]
-    completion_ids: tuple[int, ...]
-    mask: list[bool]
-    correct: bool | None = None
-    teachers: list[TeacherTarget] = field(default_factory=list)  # sgsd
-    teacher_prompt_ids: tuple[int, ...] = ()  # opsd
-    old_logprobs: list[float] | None = None  # grpo
-    sample_logprobs: list[float] | None = None  # grpo: the engine's, for the importance-sampling correction
-    advantage: float = 0.0
-    reward: float = 0.0
-
-    @property
-    def segment(self) -> Segment:
-        return Segment.of(self.prompt_ids, self.completion_ids)
-
-
-@dataclass
-class Data:
-    items: list[Item]
-    inputs: dict[str, Path]
-    info: dict[str, Any]
-    temperature: float = 1.0
-
-
-def input_paths(objective: str, run_dir: Path) -> dict[str, Path]:
-    paths = {"rollout": stage_table_path(run_dir, "rollout")}
-    if objective == "sgsd":
-        paths["score_teachers"] = stage_table_path(run_dir, "score_teachers")
-        paths["polarize"] = stage_table_path(run_dir, "polarize")
-    if objective == "grpo" and (run_dir / "polarize_rollouts.parquet").exists():
-        paths["grades"] = run_dir / "polarize_rollouts.parquet"
-    return paths
-
-
-def _unique_temperature(df: pl.DataFrame, col: str, path: Path, override: float | None, default: float) -> float:
-    if override is not None:
-        return float(override)
-    if col not in df.columns:
-        return default
-    vals = sorted(set(float(v) for v in df[col].drop_nulls().to_list()))
-    if len(vals) > 1:
-        raise InputError(path, f"rows use several {col} values {vals}; pass --scoring-temperature")
-    t = vals[0] if vals else default
-    return t if t > 0 else 1.0  # greedy rollouts: log-probs at T = 1
-
-
-def _check_len(path: Path, rid: str, what: str, n: int, want: int) -> None:
-    if n != want:
-        raise InputError(path, f"rollout '{rid}': {what} has {n} entries but the completion has {want} tokens")
-
-
-def load_sgsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-    paths = input_paths("sgsd", run_dir)
-    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
-    st = read_table(paths["score_teachers"], {"rollout_id": str, "teacher_rank": int, "teacher_prompt_ids": list,
-                                             "teacher_logprobs": list})
-    pt = read_table(paths["polarize"], {"rollout_id": str, "teacher_rank": int, "weight": float, "polarity": int,
-                                       "token_mask": list})
-    check_finite(pt, ["weight", "support"], paths["polarize"], "rollout_id")
-    if cfg.teacher_mode == "fixed":  # the stored log-probs are the teacher itself
-        check_finite(st, ["teacher_logprobs"], paths["score_teachers"], "rollout_id")
-    extra = [c for c in ("category", "support", "correct") if c in pt.columns]
-    joined = pt.select("rollout_id", "teacher_rank", "weight", "polarity", "token_mask", *extra).join(
-        st.select("rollout_id", "teacher_rank", "teacher_prompt_ids", "teacher_logprobs"),
-        on=["rollout_id", "teacher_rank"], how="left")
-    missing = joined.filter(pl.col("teacher_prompt_ids").is_null())
-    if missing.height:
-        r = missing.row(0, named=True)
-        raise InputError(paths["score_teachers"], f"{missing.height} polarize rows have no score-teachers row "
-                                                  f"(first: rollout '{r['rollout_id']}' teacher {r['teacher_rank']})")
-    per = {r["rollout_id"]: r for r in rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()}
-    items: dict[str, Item] = {}
-    for r in joined.sort(["rollout_id", "teacher_rank"]).to_dicts():
-        rid = r["rollout_id"]
-        if rid not in per:
-            raise InputError(paths["polarize"], f"rollout '{rid}' is not in the rollout table {paths['rollout']}")
-        if rid not in items:
-            ro = per[rid]
-            n = len(ro["completion_ids"])
-            _check_len(paths["polarize"], rid, "token_mask", len(r["token_mask"]), n)
-            items[rid] = Item(rid, ro["problem_id"], tuple(ro["prompt_ids"]), tuple(ro["completion_ids"]),
-                              [bool(x) for x in r["token_mask"]], correct=r.get("correct"))
-        it = items[rid]
-        _check_len(paths["score_teachers"], rid, "teacher_logprobs", len(r["teacher_logprobs"]), len(it.completion_ids))
-        it.teachers.append(TeacherTarget(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
-                                 int(r["polarity"]), r.get("category") or "neutral", float(r.get("support") or 0.0)))
-    bank = sorted(set(st["bank_version"].drop_nulls().to_list())) if "bank_version" in st.columns else []
-    temp = _unique_temperature(st, "scoring_temperature", paths["score_teachers"], cfg.scoring_temperature, 1.0)
-    info = {"bank_version": ",".join(bank) if bank else None, "rollouts": len(items),
-            "teachers_per_rollout": max((len(i.teachers) for i in items.values()), default=0)}
-    return Data(sorted(items.values(), key=lambda i: i.rid), paths, info, temp)
-
-
-def load_opsd(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-
-    paths = input_paths("opsd", run_dir)
-    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
-                                       "prompt_ids": list, "completion_ids": list})
-    own = rt["thinking"].to_list() if "thinking" in rt.columns else [False] * rt.height
-    thinking = [teacher_thinking_flag(cfg.teacher_thinking, bool(x)) for x in own]
-    finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
-    cache: dict[tuple[str, str, bool], tuple[int, ...]] = {}
-    items = []
-    for r, th, fin in zip(rt.select("rollout_id", "problem_id", "problem", "answer", "prompt_ids",
-                                    "completion_ids").to_dicts(), thinking, finish):
-        key = (r["problem"], r["answer"], bool(th))
-        if key not in cache:
-            cache[key] = tuple(chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), bool(th)))
-        n = len(r["completion_ids"])
-        keep = not (cfg.mask_truncated and fin == "length")
-        items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
-                          [keep] * n, teacher_prompt_ids=cache[key]))
-    # the reference divides both logits by the training (sampling) temperature: opsd_trainer.py:455-457
-    temp = _unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
-    info = {"rollouts": len(items), "teacher_thinking": cfg.teacher_thinking}
-    return Data(sorted(items, key=lambda i: i.rid), paths, info, temp)
-
-
-def load_grpo(run_dir: Path, cfg: TrainConfig, tok) -> Data:
-    paths = input_paths("grpo", run_dir)
-    rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
-    if "grades" in paths:
-        gr = read_table(paths["grades"], {"rollout_id": str, "correct": bool})
-        rewards = dict(zip(gr["rollout_id"].to_list(), [1.0 if c else 0.0 for c in gr["correct"].to_list()]))
-        missing = [r for r in rt["rollout_id"].to_list() if r not in rewards]
-        if missing:
-            raise InputError(paths["grades"], f"{len(missing)} rollouts have no grade (first: '{missing[0]}')")
-        source = "polarize_rollouts"
-    elif "reward" in rt.columns:
-        check_finite(rt, ["reward"], paths["rollout"], "rollout_id")
-        rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
-        source = "rollout.reward"
-    else:
-
-        graded = grade_rollouts(read_table(paths["rollout"], {"rollout_id": str, "completion": str, "answer": str}),
-                                timeout_s=cfg.verify_timeout_s)
-        rewards = dict(zip(graded["rollout_id"].to_list(), [1.0 if c else 0.0 for c in graded["correct"].to_list()]))
-        source = "verifier"
-    temp = _unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
-    finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
-    check_finite(rt, ["sample_logprobs"], paths["rollout"], "rollout_id", nulls_ok=True)  # null: recomputed
-    slp = rt["sample_logprobs"].to_list() if "sample_logprobs" in rt.columns else [None] * rt.height
-    items = []
-    for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
-        n = len(r["completion_ids"])
-        keep = not (cfg.mask_truncated and fin == "length")
-        smp = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
-        old = smp if cfg.old_logprobs == "sampler" else None
-        items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
-                          [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
-                          reward=rewards[r["rollout_id"]], sample_logprobs=smp))
-    items.sort(key=lambda i: i.rid)
-    adv = group_advantages(torch.tensor([i.reward for i in items]), [i.group for i in items], scale_std=cfg.scale_std)
-    for it, a in zip(items, adv.tolist()):
-        it.advantage = a
-    sizes = {}
-    for it in items:
-        sizes[it.group] = sizes.get(it.group, 0) + 1
-    vllm = "backend" in rt.columns and "vllm" in set(rt["backend"].drop_nulls().to_list())
-    is_mode = cfg.is_correction or ("sequence-mask" if vllm and cfg.old_logprobs == "policy" else "none")
-    info = {"rollouts": len(items), "reward_source": source, "group_sizes": sorted(set(sizes.values())),
-            "old_logprobs": cfg.old_logprobs, "missing_sample_logprobs": sum(i.sample_logprobs is None for i in items),
-            "is_correction": is_mode, "is_cap": cfg.is_cap if cfg.is_cap is not None else IS_CAP}
-    return Data(items, paths, info, temp)
-
-
-LOADERS = {"sgsd": load_sgsd, "opsd": load_opsd, "grpo": load_grpo}
-
-
-class Sampler:
-    """Global batches of row indices: a fresh seeded permutation per epoch, partial last batch dropped."""
-    def __init__(self, n_rows: int, batch_size: int, seed: int):
-        self.n, self.B, self.seed = n_rows, batch_size, seed
-        self.per_epoch = max(1, n_rows // batch_size)
-
-    def batch(self, b: int) -> list[int]:
-        epoch, j = divmod(b, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return [int(x) for x in perm[j * self.B : (j + 1) * self.B]]
-
-    def state(self, position: int) -> dict:
-        return {"rows": self.n, "batch_size": self.B, "seed": self.seed, "batches_per_epoch": self.per_epoch,
-                "position": position, "epoch": position // self.per_epoch}
-
 
 # --------------------------------------------------------------------------------------------------
 # the policy as one module (so DDP / FSDP see every forward)
@@ -421,19 +219,6 @@ def _decoder_layers(model):
     return layers
 
 
-def _lr_lambda(cfg: TrainConfig, horizon: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
-        if cfg.lr_schedule == "linear":  # HF get_linear_schedule_with_warmup: 1 -> 0 (here -> min_lr_ratio)
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1.0 - progress)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
-
-
 # --------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -451,6 +236,7 @@ class Trainer:
                  log: Callable[[str], None] | None = None, inference_copy: bool = False):
 
         self.cfg = cfg = cfg.resolved()
+        self.objective: Objective = objectives.get(cfg.objective)(cfg)
         self.dist = dist or Dist()
         self.log = log or (lambda s: None)
         self.device = pick_device(cfg.device)
@@ -502,10 +288,7 @@ class Trainer:
         self.model = model
 
         # teacher / reference copy: EMA, or fixed initial weights under full fine-tuning
-        needs_copy = cfg.teacher_mode == "ema" or (not self.lora and (
-            (cfg.objective in ("sgsd", "opsd") and cfg.teacher_mode == "fixed") or (cfg.objective == "grpo" and cfg.kl_beta > 0)))
-        if cfg.objective == "sgsd" and cfg.teacher_mode == "fixed":
-            needs_copy = False  # fixed SGSD teachers are the stored score-teachers log-probs
+        needs_copy = cfg.teacher_mode == "ema" or self.objective.needs_frozen_copy(self.lora)
         self.teacher_model = None
         if needs_copy:
             if cfg.teacher_mode != "ema" and self.start is not None and self.teacher_init:
@@ -526,12 +309,11 @@ class Trainer:
                        if inference_copy and self.mode == "fsdp" else None)
         self.wrapped = self._wrap()
 
-        params = [p for p in self.policy.parameters() if p.requires_grad]
         self.trainable_names = [n for n, p in self.policy.named_parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                     weight_decay=cfg.weight_decay)
-        horizon = cfg.schedule_steps or cfg.steps or 1
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, horizon))
+        self.opt, self.sched = training.adamw_and_schedule(
+            (p for p in self.policy.parameters() if p.requires_grad), lr=cfg.lr, weight_decay=cfg.weight_decay,
+            betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, warmup_steps=cfg.warmup_steps,
+            schedule=cfg.lr_schedule, min_lr_ratio=cfg.min_lr_ratio, horizon=cfg.schedule_steps or cfg.steps or 1)
         if self.start is not None:
             self._load_optimizer(self.start)
         self._start_consumed = False
@@ -605,150 +387,11 @@ class Trainer:
             return split_lm(self.teacher_model)[1]
         return None
 
-    # ---- objectives: (loss already divided by the batch normaliser, stats sums)
-
-    def normaliser(self, items: list[Item]) -> float:
-        cfg = self.cfg
-        if cfg.objective == "sgsd" or (cfg.objective == "grpo" and cfg.loss_agg == "sequence-mean"):
-            return float(len(items))
-        return float(sum(sum(i.mask) for i in items))
-
-    def micro_loss(self, items: list[Item], weights: list[float], norm: float) -> tuple[torch.Tensor, dict]:
-        return {"sgsd": self._sgsd_loss, "opsd": self._opsd_loss, "grpo": self._grpo_loss}[self.cfg.objective](
-            items, weights, norm)
-
-    def _base_stats(self, items, weights) -> dict:
-        real = [it for it, w in zip(items, weights) if w > 0]
-        return {"rollouts": len(real), "tokens": sum(len(i.completion_ids) for i in real),
-                "mask_tokens": sum(sum(i.mask) for i in real),
-                "correct": sum(1 for i in real if i.correct)}
-
-    def _rho(self, t: TeacherTarget) -> int:
-        """The teacher's polarity: the verifier's (polarize table), or +1 under the imitate ablation."""
-        return 1 if self.cfg.polarity == "imitate" else t.rho
-
-    def _sgsd_loss(self, items, weights, norm):
-        T = self.data.temperature
-        s_all = self.student("logprobs", [it.segment for it in items], T)
-        s_parts = torch.split(s_all, [len(it.completion_ids) for it in items])
-        if self.cfg.teacher_mode == "fixed":
-            t_rows = [[torch.tensor(t.logprobs, dtype=torch.float32, device=s_all.device) for t in it.teachers] for it in items]
-        else:  # recompute, skipping neutral teachers (rho = 0 adds nothing)
-            active = [(i, k) for i, it in enumerate(items) for k, t in enumerate(it.teachers) if self._rho(t) != 0 and weights[i] > 0]
-            segs = [Segment.of(items[i].teachers[k].prompt_ids, items[i].completion_ids) for i, k in active]
-            if not segs and self.mode == "fsdp":
-                segs = [items[0].segment]  # every rank must run the same number of forwards
-            lp = self.frozen("logprobs", segs, T) if segs else s_all.new_zeros(0)
-            parts = torch.split(lp, [len(s.completion_ids) for s in segs]) if segs else []
-            t_rows = [[s_all.new_zeros(len(it.completion_ids)) for _ in it.teachers] for it in items]
-            for (i, k), p in zip(active, parts):
-                t_rows[i][k] = p.float()
-        loss = s_all.new_zeros(())
-        st = self._base_stats(items, weights)
-        st.update({f"n_{c}": 0 for c in CATEGORIES})
-        st.update({"teachers": 0, "support": 0.0, "abs_delta": 0.0, "delta_tokens": 0})
-        for it, w, s, trow in zip(items, weights, s_parts, t_rows):
-            if not it.teachers:
-                continue
-            teachers = torch.stack(trow)
-            mask = torch.tensor(it.mask, device=s.device)
-            wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
-            rho = torch.tensor([self._rho(t) for t in it.teachers], device=s.device)
-            sigma = torch.tensor([stance(t.support) for t in it.teachers], device=s.device)
-            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.cfg.tau, sigma=sigma,
-                                           reversed_tokens=self.cfg.reversed_tokens)
-            if w > 0:
-                live = rho != 0
-                d = (teachers - s.detach())[live][:, mask] if bool(live.any()) else s.new_zeros(0)
-                st["abs_delta"] += float(d.abs().sum())
-                st["delta_tokens"] += int(d.numel())
-                st["teachers"] += len(it.teachers)
-                st["support"] += sum(t.support for t in it.teachers)
-                for t in it.teachers:
-                    if t.category in CATEGORIES:
-                        st[f"n_{t.category}"] += 1
-        st["loss"] = float(loss.detach()) / norm
-        return loss / norm, st
-
-    def _opsd_loss(self, items, weights, norm):
-        T = self.data.temperature
-        th = self.frozen("hidden", [Segment.of(it.teacher_prompt_ids, it.completion_ids) for it in items], T)
-        kl = self.student("opsd", [it.segment for it in items], T, teacher_hidden=th, teacher_head=self.teacher_head(),
-                          kl={"clip": self.cfg.kl_clip, "top_k": self.cfg.kl_top_k, "chunk": self.cfg.kl_chunk})
-        m = torch.tensor([float(b) * w for it, w in zip(items, weights) for b in it.mask], device=kl.device)
-        total = (kl * m).sum()
-        st = self._base_stats(items, weights)
-        st["loss"] = float(total.detach()) / norm
-        st["kl_sum"] = float(total.detach())
-        return total / norm, st
-
-    def _grpo_loss(self, items, weights, norm):
-        cfg, T = self.cfg, self.data.temperature
-        segs = [it.segment for it in items]
-        lp = self.student("logprobs", segs, T)
-        ref = self.frozen("logprobs", segs, T, role="reference") if cfg.kl_beta > 0 else None
-        lens = [len(it.completion_ids) for it in items]
-        lp_parts = torch.split(lp, lens)
-        ref_parts = torch.split(ref, lens) if ref is not None else [None] * len(items)
-        sums, nvalid = [], []
-        st = self._base_stats(items, weights)
-        st.update({"clipped": 0.0, "ratio": 0.0, "kl": 0.0, "reward": 0.0, "advantage_abs": 0.0})
-        is_mode = self.data.info.get("is_correction", "none")
-        if is_mode != "none":
-            st.update({"is_weight": 0.0, "is_capped": 0.0})
-        for it, w, l, r in zip(items, weights, lp_parts, ref_parts):
-            old = torch.tensor(it.old_logprobs, dtype=torch.float32, device=l.device)
-            mask = torch.tensor(it.mask, device=l.device)
-            isw = None
-            if is_mode != "none" and it.sample_logprobs is not None:
-                cap = self.data.info["is_cap"]
-                isw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, cap)
-                if w > 0:
-                    raw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, float("inf"))
-                    st["is_weight"] += float((isw * mask).sum())
-                    st["is_capped"] += float(((isw != raw) * mask).sum())
-            elif is_mode != "none" and w > 0:
-                st["is_weight"] += float(mask.sum())  # no sampling log-probs stored: weight 1
-            s, stats = sequence_loss(l, old, it.advantage, mask, eps_low=cfg.clip_eps, eps_high=cfg.clip_eps_high,
-                                     beta=cfg.kl_beta, ref_logp=r, is_weight=isw)
-            sums.append(s * w)
-            nvalid.append(int(mask.sum()))
-            if w > 0:
-                for k in ("clipped", "ratio", "kl"):
-                    st[k] += stats[k]
-                st["reward"] += it.reward
-                st["advantage_abs"] += abs(it.advantage)
-        loss = aggregate(sums, nvalid, cfg.loss_agg, norm)
-        st["loss"] = float(loss.detach())
-        return loss, st
-
-    # ---- GRPO: sampling log-probs the backend did not return
-
-    def _fill_old_logprobs(self, run_dir: Path) -> None:
-        items = self.data.items
-        missing = [i for i, it in enumerate(items) if it.old_logprobs is None]
-        if not missing:
-            return
-        cache = run_dir / "train_old_logprobs.parquet"
-        if cache.exists():
-            got = dict(zip(*pl.read_parquet(cache).select("rollout_id", "old_logprobs").to_dict(as_series=False).values()))
-            if all(items[i].rid in got for i in missing):
-                for i in missing:
-                    items[i].old_logprobs = got[items[i].rid]
-                return
-        why = "pi_old from the training model" if self.cfg.old_logprobs == "policy" else "the backend did not return them"
-        self.log(f"computing pi_old log-probs of {len(missing)} rollouts ({why})")
-        mb = self.cfg.micro_batch_size
-        for s in range(0, len(missing), mb):
-            idx = missing[s : s + mb]
-            with torch.no_grad(), self._amp(), self._eval():
-                lp = self.policy("logprobs", [items[i].segment for i in idx], self.data.temperature)
-            for i, p in zip(idx, torch.split(lp, [len(items[i].completion_ids) for i in idx])):
-                items[i].old_logprobs = p.float().cpu().tolist()
-        if self.dist.main:
-            write_parquet(pl.DataFrame({"rollout_id": [items[i].rid for i in missing],
-                                        "old_logprobs": [items[i].old_logprobs for i in missing]}), cache)
-        self.dist.barrier()
+    @torch.no_grad()
+    def scoring_forward(self, segs: list[Segment], temperature: float) -> torch.Tensor:
+        """No-grad, eval-mode log-probs of the policy itself (pi_old, the agreement check)."""
+        with self._amp(), self._eval():
+            return self.policy("logprobs", segs, temperature)
 
     # ---- one optimizer step
 
@@ -757,7 +400,7 @@ class Trainer:
         seed_all(cfg.seed, self.policy_step, d.rank)
         t0 = time.time()
         items = [self.data.items[i] for i in batch]
-        norm = self.normaliser(items)
+        norm = self.objective.normaliser(items)
         mine = items[d.rank :: d.world]
         n_micro = max(1, math.ceil(math.ceil(len(items) / d.world) / cfg.micro_batch_size))
         self.policy.train()
@@ -769,13 +412,11 @@ class Trainer:
                 mb, weights = [items[0]], [0.0]
             # attention per packed sequence in forward *and* backward (checkpointing re-runs it there)
             with self._sync(j == n_micro - 1), varlen_attention(self.model):
-                loss, st = self.micro_loss(mb, weights, norm)
+                loss, st = self.objective.loss(self, mb, weights, norm)
                 (loss * d.world).backward()
             for k, v in st.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-        gn = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        gn = training.clip_grad_norm([p for p in self.policy.parameters() if p.requires_grad], cfg.max_grad_norm)
         keys = sorted(sums)
         sums = dict(zip(keys, d.all_sum([sums[k] for k in keys])))
         if not (math.isfinite(sums.get("loss", 0.0)) and math.isfinite(gn)):
@@ -783,10 +424,7 @@ class Trainer:
             raise TrainingDiverged(self._run_dir, f"optimizer step {self.policy_step + 1} (step {local_step + 1} of this "
                                    f"run): loss {sums.get('loss')} / grad norm {gn} is not finite; stopped before the "
                                    "update, nothing saved, the previous checkpoint is kept")
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        lr = training.optimizer_step(self.opt, self.sched)
         if cfg.teacher_mode == "ema" and self.teacher_model is not None:
             self._ema_update()
         self.policy_step += 1
@@ -808,19 +446,7 @@ class Trainer:
             "tokens": int(s.get("tokens", 0)), "completion_len": s.get("tokens", 0.0) / n,
             "accuracy": s.get("correct", 0.0) / n, "wall_s": wall, "tokens_per_s": s.get("tokens", 0.0) / max(wall, 1e-9),
         }
-        if self.cfg.objective == "sgsd":
-            nt = max(1.0, s["teachers"])
-            row.update({f"frac_{c}": s[f"n_{c}"] / nt for c in CATEGORIES})
-            row["mean_support"] = s["support"] / nt
-            row["mean_abs_delta"] = s["abs_delta"] / max(1.0, s["delta_tokens"])
-        elif self.cfg.objective == "opsd":
-            row["kl_per_token"] = s["kl_sum"] / max(1.0, s["mask_tokens"])
-        else:
-            mt = max(1.0, s["mask_tokens"])
-            row.update({"reward": s["reward"] / n, "clip_frac": s["clipped"] / mt, "ratio_mean": s["ratio"] / mt,
-                        "kl": s["kl"] / mt, "advantage_abs": s["advantage_abs"] / n})
-            if "is_weight" in s:  # importance-sampling correction: mean weight, share of tokens truncated / masked
-                row.update({"is_weight_mean": s["is_weight"] / mt, "is_capped_frac": s["is_capped"] / mt})
+        row.update(self.objective.metrics(s))
         row.update(getattr(self, "_agree", {}))  # the table's engine/trainer agreement (same on every row of it)
         return row
 
@@ -849,8 +475,7 @@ class Trainer:
         parts = []
         for T in sorted({t for _, _, t in picked}):
             grp = [(it, lp) for it, lp, t in picked if t == T]
-            with self._amp(), self._eval():
-                out = self.policy("logprobs", [it.segment for it, _ in grp], T)
+            out = self.scoring_forward([it.segment for it, _ in grp], T)
             for (it, lp), p in zip(grp, torch.split(out, [len(it.completion_ids) for it, _ in grp])):
                 parts.append(agreement.gap_sums(p.float(), torch.tensor(lp, dtype=torch.float64), thr))
         return agreement.summary(agreement.combine(parts))
@@ -881,7 +506,7 @@ class Trainer:
         cfg = self.cfg
         state = {
             "policy_step": self.policy_step, "local_step": local_step, "run_dir": str(Path(run_dir).resolve()),
-            "sampler": sampler.state(local_step // (cfg.num_iterations if cfg.objective == "grpo" else 1)),
+            "sampler": sampler.state(local_step // self.objective.iterations),
             "world_size": self.dist.world, "config_key": cfg.key(), "config": asdict(cfg),
             "precision": self.precision, "distributed": self.mode,
         }
@@ -909,21 +534,15 @@ class Trainer:
                 self.tok.save_pretrained(tmp / "model")
                 if self.lora:
                     (tmp / "model" / "sgsd_base.json").write_text(json.dumps(self.base_spec.to_json()))
-            for f in (tmp / "model").iterdir():
-                os.replace(f, tmp / f.name)
-            (tmp / "model").rmdir()
+            training.lift_model_dir(tmp)
             if cfg.save_merged and self.lora and model_sd is None:
                 merged = copy.deepcopy(self.model).merge_and_unload()
                 save_model(merged, self.tok, tmp / "merged")
                 del merged
-            torch.save(osd, tmp / "optimizer.pt")
-            torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
             if ema is not None:
                 torch.save(ema, tmp / "ema.pt")
-            if rows:
-                write_parquet(pl.DataFrame(rows), tmp / "metrics.parquet")
-            atomic_write_json(tmp / ckpt.STATE, state)
-            atomic_write_json(tmp / ckpt.META, meta)
+            training.write_checkpoint_files(tmp, optimizer_state=osd, scheduler_state=self.sched.state_dict(),
+                                            rows=rows, state=state, meta=meta)
 
         return ckpt.write(path, fill, rank=self.dist.rank, barrier=self.dist.barrier, commit=commit,
                           progress=progress if self.dist.main else None)
@@ -934,23 +553,22 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         run_dir = Path(run_dir)
         self._run_dir = run_dir
-        self.data = LOADERS[cfg.objective](run_dir, cfg, self.tok)
+        self.data = self.objective.load(run_dir, self.tok)
         if not self.data.items:
             raise InputError(run_dir, "no rollouts to train on")
         self._check_tokens()
-        if cfg.objective == "sgsd" and self.data.info.get("bank_version"):
+        if self.data.info.get("bank_version"):
             self.bank_version = self.data.info["bank_version"]
         stage = StageRun(run_dir, "train", cfg.key(), inputs=self.data.inputs, force=force, seed=cfg.seed)
         if stage.done:
             return stage.output
-        if cfg.objective == "grpo":
-            self._fill_old_logprobs(run_dir)
+        self.objective.prepare(self, run_dir)
         n = len(self.data.items)
         B = min(cfg.batch_size or n, n)
         if B < cfg.batch_size:
             self.log(f"batch size {cfg.batch_size} > {n} rollouts in the table: using {B}")
         sampler = Sampler(n, B, cfg.seed)
-        iters = cfg.num_iterations if cfg.objective == "grpo" else 1
+        iters = self.objective.iterations
         n_steps = cfg.steps or sampler.per_epoch * iters
 
         start_local, rows = 0, []
@@ -963,8 +581,7 @@ class Trainer:
                 raise ckpt.CheckpointError(self.start, f"checkpoint was written for {st['sampler']['rows']} rows / batch "
                                                        f"{st['sampler']['batch_size']}, the tables now give {n} / {B}")
             start_local = int(st["local_step"])
-            if (self.start / "metrics.parquet").exists():
-                rows = pl.read_parquet(self.start / "metrics.parquet").to_dicts()
+            rows = training.saved_rows(self.start)
             rng = self.start / "rng" / f"rank_{d.rank:05d}.pt"
             if rng.exists():
                 set_rng_state(ckpt.load_state(rng))
@@ -1058,11 +675,6 @@ class Trainer:
         for n, p in self.model.named_parameters():
             dst[n].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
-    def release(self) -> None:
-        """Drop the DDP / FSDP wrappers' references (the loop keeps the model itself)."""
-        self.wrapped = None
-
-
 def resolve_start(run_dir: Path, cfg: TrainConfig, resume: str = "auto", warn: Callable[[str], None] | None = None) -> Path | None:
     """Checkpoint to start from: one inside ``run_dir`` (resume) or ``cfg.model`` when it is a checkpoint."""
     found = ckpt.find_resume(run_dir, resume, warn)
@@ -1083,7 +695,8 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", force: b
     dist = init_distributed(cfg.device)
     say = log if (log and dist.main) else (lambda s: None)
     # a finished stage with the same config and inputs is skipped before any model is loaded
-    pre = StageRun(run_dir, "train", cfg.key(), inputs=input_paths(cfg.objective, run_dir), force=force, seed=cfg.seed)
+    pre = StageRun(run_dir, "train", cfg.key(), inputs=objectives.get(cfg.objective).input_paths(run_dir), force=force,
+                   seed=cfg.seed)
     if pre.done:
         say(f"train: {pre.output} is up to date")
         return pre.output

@@ -60,7 +60,7 @@ def test_auto_mode_follows_the_rollout_backend(tmp_path):
     """TRL applies its correction only to vLLM rollouts: auto = sequence-mask for a vllm table, none for hf."""
     import polars as pl
 
-    from stages.train import load_grpo
+    from stages.engine.objectives.grpo import GRPO
 
     def table(backend):
         d = tmp_path / backend
@@ -71,9 +71,9 @@ def test_auto_mode_follows_the_rollout_backend(tmp_path):
         return d
 
     cfg = TrainConfig(objective="grpo", model="m").resolved()
-    assert load_grpo(table("vllm"), cfg, None).info["is_correction"] == "sequence-mask"
-    assert load_grpo(table("hf"), cfg, None).info["is_correction"] == "none"
-    got = load_grpo(table("hf-fast"), TrainConfig(objective="grpo", model="m", is_correction="token-truncate", is_cap=2.0).resolved(), None)
+    assert GRPO(cfg).load(table("vllm"), None).info["is_correction"] == "sequence-mask"
+    assert GRPO(cfg).load(table("hf"), None).info["is_correction"] == "none"
+    got = GRPO(TrainConfig(objective="grpo", model="m", is_correction="token-truncate", is_cap=2.0).resolved()).load(table("hf-fast"), None)
     assert got.info["is_correction"] == "token-truncate" and got.info["is_cap"] == 2.0
     assert got.items[0].sample_logprobs == [-0.1]
 

@@ -192,3 +192,62 @@ def test_chunked_kl_never_holds_two_full_logit_tensors():
         chunked_clipped_forward_kl(sh, th, head, chunk=chunk).sum()
     # tensors saved for backward: never a [N, V] one (the chunks are recomputed)
     assert max(sizes) < N * V // 4
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_holds_the_three_objectives_in_order():
+    from stages.engine.objectives import base
+    from stages.train import OBJECTIVES, TrainConfig
+
+    assert base.names() == ("sgsd", "opsd", "grpo") == OBJECTIVES
+    assert [base.get(n).name for n in OBJECTIVES] == ["sgsd", "opsd", "grpo"]
+    with pytest.raises(base.InputError, match="objective must be one of sgsd, opsd, grpo, got 'dpo'"):
+        base.get("dpo")
+    # the defaults each objective declares, as TrainConfig.resolved applies them
+    got = {n: (c.teacher_mode, c.lora_dropout) for n in OBJECTIVES
+           for c in [TrainConfig(model="m", objective=n).resolved()]}
+    assert got == {"sgsd": ("live", 0.0), "opsd": ("fixed", 0.0), "grpo": ("live", 0.05)}
+
+
+def test_a_registered_objective_is_found_by_name():
+    from stages.engine.objectives import base
+
+    @base.register
+    class Toy(base.Objective):
+        name = "toy-test"
+        order = 99
+
+    try:
+        assert base.get("toy-test") is Toy and base.names()[-1] == "toy-test"
+        with pytest.raises(TypeError, match="registered twice"):
+            base.register(type("Other", (base.Objective,), {"name": "toy-test"}))
+    finally:
+        base._REGISTRY.pop("toy-test")
+
+
+@pytest.mark.parametrize("objective,mode,kl_beta,lora,want", [
+    ("sgsd", "live", 0.0, False, False), ("sgsd", "fixed", 0.0, False, False),  # fixed sgsd: stored log-probs
+    ("opsd", "fixed", 0.0, False, True), ("opsd", "fixed", 0.0, True, False),    # LoRA: the adapter switched off
+    ("opsd", "live", 0.0, False, False),
+    ("grpo", "live", 0.0, False, False), ("grpo", "live", 0.1, False, True), ("grpo", "live", 0.1, True, False),
+])
+def test_frozen_copy_rules(objective, mode, kl_beta, lora, want):
+    from stages.engine.objectives import base
+    from stages.train import TrainConfig
+
+    cfg = TrainConfig(model="m", objective=objective, teacher_mode=mode, kl_beta=kl_beta).resolved()
+    assert base.get(objective)(cfg).needs_frozen_copy(lora) is want
+
+
+def test_normalisers_hand_values():
+    """sgsd: rollouts; opsd: masked tokens; grpo: rollouts (sequence-mean) or masked tokens (token-mean)."""
+    from stages.engine.objectives import base
+    from stages.train import TrainConfig
+
+    items = [base.Item("a", "g", (1,), (2, 3, 4), [True, False, True]), base.Item("b", "g", (1,), (5,), [True])]
+    norms = {(o, agg): base.get(o)(TrainConfig(model="m", objective=o, loss_agg=agg).resolved()).normaliser(items)
+             for o in ("sgsd", "opsd", "grpo") for agg in ("sequence-mean", "token-mean")}
+    assert norms == {("sgsd", "sequence-mean"): 2.0, ("sgsd", "token-mean"): 2.0, ("opsd", "sequence-mean"): 3.0,
+                     ("opsd", "token-mean"): 3.0, ("grpo", "sequence-mean"): 2.0, ("grpo", "token-mean"): 3.0}

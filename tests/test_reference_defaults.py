@@ -134,9 +134,9 @@ def test_stage_defaults_follow_the_reference():
 
 
 def test_linear_schedule_decays_to_zero_like_hf():
-    from stages.train import TrainConfig, _lr_lambda
+    from stages.engine.training import lr_lambda
 
-    f = _lr_lambda(TrainConfig(model="m", lr_schedule="linear"), 200)
+    f = lr_lambda(warmup_steps=0, schedule="linear", min_lr_ratio=0.0, horizon=200)
     # HF get_linear_schedule_with_warmup, no warmup: (200 - s) / 200
     assert [f(s) for s in (0, 50, 100, 199, 200)] == pytest.approx([1.0, 0.75, 0.5, 0.005, 0.0])
 

@@ -295,12 +295,13 @@ def test_diverging_step_stops_before_saving(tmp_path, tiny, tiny_model_dir, monk
     from test_train import make_run, train_cfg
 
     from stages import train
+    from stages.engine.objectives import sgsd
 
     run = make_run(tmp_path / "run", tiny, n_problems=2, K=2, T=5)
     cfg = train_cfg(tiny_model_dir, objective="sgsd", teacher_mode="fixed", steps=2)
     train.run(cfg, run)
     before = _snapshot(run)
-    real = train.rollout_loss
+    real = sgsd.rollout_loss
 
     def nan_on_second_step(*a, **k):
         out = real(*a, **k)
@@ -314,7 +315,7 @@ def test_diverging_step_stops_before_saving(tmp_path, tiny, tiny_model_dir, monk
         nan_on_second_step.calls += 1
         return real_step(self, *a, **k)
 
-    monkeypatch.setattr(train, "rollout_loss", nan_on_second_step)
+    monkeypatch.setattr(sgsd, "rollout_loss", nan_on_second_step)
     monkeypatch.setattr(train.Trainer, "train_step", counting_step)
     with pytest.raises(train.TrainingDiverged, match=r"optimizer step 2 .*not finite.*nothing saved"):
         train.run(cfg, run, force=True)

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 import torch
 
+from stages.engine.training import Sampler
 from test_train import make_run, train_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,10 +27,11 @@ def _grpo_run(tmp_path, tiny):
 
 
 def test_grpo_advantages_are_the_hand_values(tmp_path, tiny, tiny_model_dir):
-    from stages.train import TrainConfig, load_grpo
+    from stages.engine.objectives.grpo import GRPO
+    from stages.train import TrainConfig
 
     run = _grpo_run(tmp_path, tiny)
-    data = load_grpo(run, TrainConfig(model=str(tiny_model_dir), objective="grpo"), tiny[1])
+    data = GRPO(TrainConfig(model=str(tiny_model_dir), objective="grpo").resolved()).load(run, tiny[1])
     assert [it.rid for it in data.items] == ["demo-000#0", "demo-000#1", "demo-001#0", "demo-001#1"]
     assert [it.advantage for it in data.items] == pytest.approx(ADV, abs=1e-6)
     assert [len(it.completion_ids) for it in data.items] == LENS
@@ -47,7 +49,7 @@ def test_grpo_first_step_loss_is_the_hand_value(tmp_path, tiny, tiny_model_dir, 
     out = train.run(train_cfg(tiny_model_dir, objective="grpo", steps=1, batch_size=2, micro_batch_size=1,
                               loss_agg=agg, seed=0), run)
     m = pl.read_parquet(out)
-    batch = train.Sampler(4, 2, 0).batch(0)  # which rows the seeded sampler drew (input selection only)
+    batch = Sampler(4, 2, 0).batch(0)  # which rows the seeded sampler drew (input selection only)
     if agg == "sequence-mean":
         want = -sum(ADV[i] for i in batch) / 2
     else:

@@ -236,7 +236,7 @@ def _flip_polarity(monkeypatch):
 
 
 def _flip_loss(monkeypatch):
-    import stages.train as tr
+    import stages.engine.objectives.sgsd as tr
 
     orig = tr.rollout_loss
     monkeypatch.setattr(tr, "rollout_loss", lambda *a, **k: -orig(*a, **k))

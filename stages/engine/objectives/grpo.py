@@ -21,9 +21,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
+import polars as pl
 import torch
+
+from stages.engine.grading import grade_rollouts
+from stages.engine.io import InputError, check_finite, read_table, stage_table_path, write_parquet
+from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
 IS_MODES = ("none", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")
@@ -120,3 +126,159 @@ def aggregate(token_sums: Sequence[torch.Tensor], n_valid: Sequence[int], mode: 
     else:
         total = torch.stack([s / max(1, n) for s, n in zip(token_sums, n_valid)]).sum()
     return total / max(normaliser, 1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective (docs/DESIGN.md 2, "Objectives")
+
+
+@register
+class GRPO(Objective):
+    """GRPO baseline: rewards from the polarize grades, the rollout table's reward column or the verifier; group
+    advantages; pi_old from the training model (computed once per table, cached) or the sampler.  A frozen copy
+    of the initial weights is the KL reference under full fine-tuning when ``kl_beta > 0``."""
+    name = "grpo"
+    order = 2
+    default_lora_dropout = 0.05  # peft / TRL default
+
+    @classmethod
+    def input_paths(cls, run_dir: Path) -> dict[str, Path]:
+        paths = {"rollout": stage_table_path(run_dir, "rollout")}
+        if (run_dir / "polarize_rollouts.parquet").exists():
+            paths["grades"] = run_dir / "polarize_rollouts.parquet"
+        return paths
+
+    @property
+    def iterations(self) -> int:
+        return self.cfg.num_iterations
+
+    def needs_frozen_copy(self, lora: bool) -> bool:
+        return not lora and self.cfg.kl_beta > 0
+
+    def normaliser(self, items: list[Item]) -> float:
+        if self.cfg.loss_agg == "sequence-mean":
+            return float(len(items))
+        return super().normaliser(items)
+
+    def load(self, run_dir: Path, tok) -> Data:
+        cfg = self.cfg
+        paths = self.input_paths(run_dir)
+        rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
+        if "grades" in paths:
+            gr = read_table(paths["grades"], {"rollout_id": str, "correct": bool})
+            rewards = dict(zip(gr["rollout_id"].to_list(), [1.0 if c else 0.0 for c in gr["correct"].to_list()]))
+            missing = [r for r in rt["rollout_id"].to_list() if r not in rewards]
+            if missing:
+                raise InputError(paths["grades"], f"{len(missing)} rollouts have no grade (first: '{missing[0]}')")
+            source = "polarize_rollouts"
+        elif "reward" in rt.columns:
+            check_finite(rt, ["reward"], paths["rollout"], "rollout_id")
+            rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
+            source = "rollout.reward"
+        else:
+            graded = grade_rollouts(read_table(paths["rollout"], {"rollout_id": str, "completion": str, "answer": str}),
+                                    timeout_s=cfg.verify_timeout_s)
+            rewards = dict(zip(graded["rollout_id"].to_list(), [1.0 if c else 0.0 for c in graded["correct"].to_list()]))
+            source = "verifier"
+        temp = unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
+        finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
+        check_finite(rt, ["sample_logprobs"], paths["rollout"], "rollout_id", nulls_ok=True)  # null: recomputed
+        slp = rt["sample_logprobs"].to_list() if "sample_logprobs" in rt.columns else [None] * rt.height
+        items = []
+        for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
+            n = len(r["completion_ids"])
+            keep = not (cfg.mask_truncated and fin == "length")
+            smp = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
+            old = smp if cfg.old_logprobs == "sampler" else None
+            items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
+                              [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
+                              reward=rewards[r["rollout_id"]], sample_logprobs=smp))
+        items.sort(key=lambda i: i.rid)
+        adv = group_advantages(torch.tensor([i.reward for i in items]), [i.group for i in items], scale_std=cfg.scale_std)
+        for it, a in zip(items, adv.tolist()):
+            it.advantage = a
+        sizes: dict[str, int] = {}
+        for it in items:
+            sizes[it.group] = sizes.get(it.group, 0) + 1
+        vllm = "backend" in rt.columns and "vllm" in set(rt["backend"].drop_nulls().to_list())
+        is_mode = cfg.is_correction or ("sequence-mask" if vllm and cfg.old_logprobs == "policy" else "none")
+        info = {"rollouts": len(items), "reward_source": source, "group_sizes": sorted(set(sizes.values())),
+                "old_logprobs": cfg.old_logprobs, "missing_sample_logprobs": sum(i.sample_logprobs is None for i in items),
+                "is_correction": is_mode, "is_cap": cfg.is_cap if cfg.is_cap is not None else IS_CAP}
+        return Data(items, paths, info, temp)
+
+    def prepare(self, fw, run_dir: Path) -> None:
+        """pi_old log-probs the backend did not return (or, by default, all of them): from the training model
+        before its first update on the table, cached in ``train_old_logprobs.parquet``."""
+        items = fw.data.items
+        missing = [i for i, it in enumerate(items) if it.old_logprobs is None]
+        if not missing:
+            return
+        cache = run_dir / "train_old_logprobs.parquet"
+        if cache.exists():
+            got = dict(zip(*pl.read_parquet(cache).select("rollout_id", "old_logprobs").to_dict(as_series=False).values()))
+            if all(items[i].rid in got for i in missing):
+                for i in missing:
+                    items[i].old_logprobs = got[items[i].rid]
+                return
+        why = "pi_old from the training model" if self.cfg.old_logprobs == "policy" else "the backend did not return them"
+        fw.log(f"computing pi_old log-probs of {len(missing)} rollouts ({why})")
+        mb = self.cfg.micro_batch_size
+        for s in range(0, len(missing), mb):
+            idx = missing[s : s + mb]
+            lp = fw.scoring_forward([items[i].segment for i in idx], fw.data.temperature)
+            for i, p in zip(idx, torch.split(lp, [len(items[i].completion_ids) for i in idx])):
+                items[i].old_logprobs = p.float().cpu().tolist()
+        if fw.dist.main:
+            write_parquet(pl.DataFrame({"rollout_id": [items[i].rid for i in missing],
+                                        "old_logprobs": [items[i].old_logprobs for i in missing]}), cache)
+        fw.dist.barrier()
+
+    def loss(self, fw, items, weights, norm):
+        cfg, T = self.cfg, fw.data.temperature
+        segs = [it.segment for it in items]
+        lp = fw.student("logprobs", segs, T)
+        ref = fw.frozen("logprobs", segs, T, role="reference") if cfg.kl_beta > 0 else None
+        lens = [len(it.completion_ids) for it in items]
+        lp_parts = torch.split(lp, lens)
+        ref_parts = torch.split(ref, lens) if ref is not None else [None] * len(items)
+        sums, nvalid = [], []
+        st = base_stats(items, weights)
+        st.update({"clipped": 0.0, "ratio": 0.0, "kl": 0.0, "reward": 0.0, "advantage_abs": 0.0})
+        is_mode = fw.data.info.get("is_correction", "none")
+        if is_mode != "none":
+            st.update({"is_weight": 0.0, "is_capped": 0.0})
+        for it, w, logp, ref_logp in zip(items, weights, lp_parts, ref_parts):
+            old = torch.tensor(it.old_logprobs, dtype=torch.float32, device=logp.device)
+            mask = torch.tensor(it.mask, device=logp.device)
+            isw = None
+            if is_mode != "none" and it.sample_logprobs is not None:
+                cap = fw.data.info["is_cap"]
+                isw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, cap)
+                if w > 0:
+                    raw = is_weights(old, torch.tensor(it.sample_logprobs, dtype=torch.float64), mask, is_mode, float("inf"))
+                    st["is_weight"] += float((isw * mask).sum())
+                    st["is_capped"] += float(((isw != raw) * mask).sum())
+            elif is_mode != "none" and w > 0:
+                st["is_weight"] += float(mask.sum())  # no sampling log-probs stored: weight 1
+            s, stats = sequence_loss(logp, old, it.advantage, mask, eps_low=cfg.clip_eps, eps_high=cfg.clip_eps_high,
+                                     beta=cfg.kl_beta, ref_logp=ref_logp, is_weight=isw)
+            sums.append(s * w)
+            nvalid.append(int(mask.sum()))
+            if w > 0:
+                for k in ("clipped", "ratio", "kl"):
+                    st[k] += stats[k]
+                st["reward"] += it.reward
+                st["advantage_abs"] += abs(it.advantage)
+        loss = aggregate(sums, nvalid, cfg.loss_agg, norm)
+        st["loss"] = float(loss.detach())
+        return loss, st
+
+    def metrics(self, sums):
+        n = max(1.0, sums.get("rollouts", 0.0))
+        mt = max(1.0, sums["mask_tokens"])
+        row = {"reward": sums["reward"] / n, "clip_frac": sums["clipped"] / mt, "ratio_mean": sums["ratio"] / mt,
+               "kl": sums["kl"] / mt, "advantage_abs": sums["advantage_abs"] / n}
+        if "is_weight" in sums:  # importance-sampling correction: mean weight, share of tokens truncated / masked
+            row.update({"is_weight_mean": sums["is_weight"] / mt, "is_capped_frac": sums["is_capped"] / mt})
+        return row

@@ -17,12 +17,16 @@ exist at once.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from stages.engine.io import read_table
+from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
+from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, head_logits_fp32, pack, pack_batches, split_lm
 
 KL_CLIP = 0.05
@@ -99,3 +103,58 @@ def completion_hidden(model, segments: Sequence[Segment], *, token_budget: int |
             pieces[i] = hsel[start : start + c]
             start += c
     return torch.cat([pieces[i] for i in range(len(segments))]) if segments else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective (docs/DESIGN.md 2, "Objectives")
+
+
+@register
+class OPSD(Objective):
+    """On-policy self-distillation baseline: the teacher prompt carries the gold answer; the teacher is the initial
+    weights by default (a frozen copy under full fine-tuning, the adapter switched off under LoRA)."""
+    name = "opsd"
+    order = 1
+    default_teacher_mode = "fixed"
+
+    def needs_frozen_copy(self, lora: bool) -> bool:
+        return not lora and self.cfg.teacher_mode == "fixed"
+
+    def load(self, run_dir: Path, tok) -> Data:
+        cfg = self.cfg
+        paths = self.input_paths(run_dir)
+        rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "problem": str, "answer": str,
+                                           "prompt_ids": list, "completion_ids": list})
+        own = rt["thinking"].to_list() if "thinking" in rt.columns else [False] * rt.height
+        thinking = [teacher_thinking_flag(cfg.teacher_thinking, bool(x)) for x in own]
+        finish = rt["finish_reason"].to_list() if "finish_reason" in rt.columns else ["stop"] * rt.height
+        cache: dict[tuple[str, str, bool], tuple[int, ...]] = {}
+        items = []
+        for r, th, fin in zip(rt.select("rollout_id", "problem_id", "problem", "answer", "prompt_ids",
+                                        "completion_ids").to_dicts(), thinking, finish):
+            key = (r["problem"], r["answer"], bool(th))
+            if key not in cache:
+                cache[key] = tuple(chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), bool(th)))
+            n = len(r["completion_ids"])
+            keep = not (cfg.mask_truncated and fin == "length")
+            items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
+                              [keep] * n, teacher_prompt_ids=cache[key]))
+        # the reference divides both logits by the training (sampling) temperature: opsd_trainer.py:455-457
+        temp = unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
+        info = {"rollouts": len(items), "teacher_thinking": cfg.teacher_thinking}
+        return Data(sorted(items, key=lambda i: i.rid), paths, info, temp)
+
+    def loss(self, fw, items, weights, norm):
+        cfg, T = self.cfg, fw.data.temperature
+        th = fw.frozen("hidden", [Segment.of(it.teacher_prompt_ids, it.completion_ids) for it in items], T)
+        kl = fw.student("opsd", [it.segment for it in items], T, teacher_hidden=th, teacher_head=fw.teacher_head(),
+                        kl={"clip": cfg.kl_clip, "top_k": cfg.kl_top_k, "chunk": cfg.kl_chunk})
+        m = torch.tensor([float(b) * w for it, w in zip(items, weights) for b in it.mask], device=kl.device)
+        total = (kl * m).sum()
+        st = base_stats(items, weights)
+        st["loss"] = float(total.detach()) / norm
+        st["kl_sum"] = float(total.detach())
+        return total / norm, st
+
+    def metrics(self, sums):
+        return {"kl_per_token": sums["kl_sum"] / max(1.0, sums["mask_tokens"])}

@@ -17,10 +17,17 @@ Per rollout y, teacher k, completion token t:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Iterable, Sequence
 
+import polars as pl
 import torch
 import torch.nn.functional as F
+
+from stages.engine.io import InputError, check_finite, read_table, stage_table_path
+from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, register,
+                                           unique_temperature)
+from stages.engine.scoring import Segment
 
 CLIP = 3.0
 STANCE_THRESHOLD = 0.05
@@ -154,3 +161,121 @@ def teacher_weights(pair_scores: Sequence[float], temperature: float = 1.0) -> l
     e = [math.exp(v - m) for v in z]
     tot = sum(e)
     return [v / tot for v in e]
+
+
+# --------------------------------------------------------------------------------------------------
+# the objective (docs/DESIGN.md 2, "Objectives")
+
+
+@register
+class SGSD(Objective):
+    """Gated skill-conditioned self-distillation: reads rollout + score_teachers + polarize; the teachers are
+    live (current weights, no grad), fixed (the stored score-teachers log-probs: no frozen copy) or EMA."""
+    name = "sgsd"
+    order = 0
+
+    @classmethod
+    def input_paths(cls, run_dir: Path) -> dict[str, Path]:
+        return {"rollout": stage_table_path(run_dir, "rollout"),
+                "score_teachers": stage_table_path(run_dir, "score_teachers"),
+                "polarize": stage_table_path(run_dir, "polarize")}
+
+    def load(self, run_dir: Path, tok) -> Data:
+        cfg = self.cfg
+        paths = self.input_paths(run_dir)
+        rt = read_table(paths["rollout"], {"rollout_id": str, "problem_id": str, "prompt_ids": list, "completion_ids": list})
+        st = read_table(paths["score_teachers"], {"rollout_id": str, "teacher_rank": int, "teacher_prompt_ids": list,
+                                                 "teacher_logprobs": list})
+        pt = read_table(paths["polarize"], {"rollout_id": str, "teacher_rank": int, "weight": float, "polarity": int,
+                                           "token_mask": list})
+        check_finite(pt, ["weight", "support"], paths["polarize"], "rollout_id")
+        if cfg.teacher_mode == "fixed":  # the stored log-probs are the teacher itself
+            check_finite(st, ["teacher_logprobs"], paths["score_teachers"], "rollout_id")
+        extra = [c for c in ("category", "support", "correct") if c in pt.columns]
+        joined = pt.select("rollout_id", "teacher_rank", "weight", "polarity", "token_mask", *extra).join(
+            st.select("rollout_id", "teacher_rank", "teacher_prompt_ids", "teacher_logprobs"),
+            on=["rollout_id", "teacher_rank"], how="left")
+        missing = joined.filter(pl.col("teacher_prompt_ids").is_null())
+        if missing.height:
+            r = missing.row(0, named=True)
+            raise InputError(paths["score_teachers"], f"{missing.height} polarize rows have no score-teachers row "
+                                                      f"(first: rollout '{r['rollout_id']}' teacher {r['teacher_rank']})")
+        per = {r["rollout_id"]: r for r in rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()}
+        items: dict[str, Item] = {}
+        for r in joined.sort(["rollout_id", "teacher_rank"]).to_dicts():
+            rid = r["rollout_id"]
+            if rid not in per:
+                raise InputError(paths["polarize"], f"rollout '{rid}' is not in the rollout table {paths['rollout']}")
+            if rid not in items:
+                ro = per[rid]
+                n = len(ro["completion_ids"])
+                check_len(paths["polarize"], rid, "token_mask", len(r["token_mask"]), n)
+                items[rid] = Item(rid, ro["problem_id"], tuple(ro["prompt_ids"]), tuple(ro["completion_ids"]),
+                                  [bool(x) for x in r["token_mask"]], correct=r.get("correct"))
+            it = items[rid]
+            check_len(paths["score_teachers"], rid, "teacher_logprobs", len(r["teacher_logprobs"]), len(it.completion_ids))
+            it.teachers.append(TeacherTarget(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
+                                             int(r["polarity"]), r.get("category") or "neutral",
+                                             float(r.get("support") or 0.0)))
+        bank = sorted(set(st["bank_version"].drop_nulls().to_list())) if "bank_version" in st.columns else []
+        temp = unique_temperature(st, "scoring_temperature", paths["score_teachers"], cfg.scoring_temperature, 1.0)
+        info = {"bank_version": ",".join(bank) if bank else None, "rollouts": len(items),
+                "teachers_per_rollout": max((len(i.teachers) for i in items.values()), default=0)}
+        return Data(sorted(items.values(), key=lambda i: i.rid), paths, info, temp)
+
+    def normaliser(self, items: list[Item]) -> float:
+        return float(len(items))  # batch loss = mean over rollouts
+
+    def _rho(self, t: TeacherTarget) -> int:
+        """The teacher's polarity: the verifier's (polarize table), or +1 under the imitate ablation."""
+        return 1 if self.cfg.polarity == "imitate" else t.rho
+
+    def loss(self, fw, items, weights, norm):
+        cfg, T = self.cfg, fw.data.temperature
+        s_all = fw.student("logprobs", [it.segment for it in items], T)
+        s_parts = torch.split(s_all, [len(it.completion_ids) for it in items])
+        if cfg.teacher_mode == "fixed":
+            t_rows = [[torch.tensor(t.logprobs, dtype=torch.float32, device=s_all.device) for t in it.teachers] for it in items]
+        else:  # recompute, skipping neutral teachers (rho = 0 adds nothing)
+            active = [(i, k) for i, it in enumerate(items) for k, t in enumerate(it.teachers) if self._rho(t) != 0 and weights[i] > 0]
+            segs = [Segment.of(items[i].teachers[k].prompt_ids, items[i].completion_ids) for i, k in active]
+            if not segs and fw.mode == "fsdp":
+                segs = [items[0].segment]  # every rank must run the same number of forwards
+            lp = fw.frozen("logprobs", segs, T) if segs else s_all.new_zeros(0)
+            parts = torch.split(lp, [len(s.completion_ids) for s in segs]) if segs else []
+            t_rows = [[s_all.new_zeros(len(it.completion_ids)) for _ in it.teachers] for it in items]
+            for (i, k), p in zip(active, parts):
+                t_rows[i][k] = p.float()
+        loss = s_all.new_zeros(())
+        st = base_stats(items, weights)
+        st.update({f"n_{c}": 0 for c in CATEGORIES})
+        st.update({"teachers": 0, "support": 0.0, "abs_delta": 0.0, "delta_tokens": 0})
+        for it, w, s, trow in zip(items, weights, s_parts, t_rows):
+            if not it.teachers:
+                continue
+            teachers = torch.stack(trow)
+            mask = torch.tensor(it.mask, device=s.device)
+            wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
+            rho = torch.tensor([self._rho(t) for t in it.teachers], device=s.device)
+            sigma = torch.tensor([stance(t.support) for t in it.teachers], device=s.device)
+            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=cfg.tau, sigma=sigma,
+                                           reversed_tokens=cfg.reversed_tokens)
+            if w > 0:
+                live = rho != 0
+                d = (teachers - s.detach())[live][:, mask] if bool(live.any()) else s.new_zeros(0)
+                st["abs_delta"] += float(d.abs().sum())
+                st["delta_tokens"] += int(d.numel())
+                st["teachers"] += len(it.teachers)
+                st["support"] += sum(t.support for t in it.teachers)
+                for t in it.teachers:
+                    if t.category in CATEGORIES:
+                        st[f"n_{t.category}"] += 1
+        st["loss"] = float(loss.detach()) / norm
+        return loss / norm, st
+
+    def metrics(self, sums):
+        nt = max(1.0, sums["teachers"])
+        row = {f"frac_{c}": sums[f"n_{c}"] / nt for c in CATEGORIES}
+        row["mean_support"] = sums["support"] / nt
+        row["mean_abs_delta"] = sums["abs_delta"] / max(1.0, sums["delta_tokens"])
+        return row
