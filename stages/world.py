@@ -33,7 +33,8 @@ import polars as pl
 
 from stages.engine.io import (DATA_DIR, InputError, atomic_write_json, atomic_write_text, commit_dir, file_hash,
                               versions)
-from stages.engine.world import LEVELS, World, WorldConfig, bank_key, check_level, check_p
+from stages.engine.world import (LEVELS, World, WorldConfig, bank_key, check_level, check_p, check_part, decision_indices,
+                                 world_dict)
 
 # imitate = sgsd with train.polarity = "imitate" (ABLATION); sgsd-stance = sgsd with train.reversed_tokens = "stance"
 # (VARIANT: the reversed term only on tokens whose Delta has the stance's sign; runs at sgsd's tuned lr)
@@ -58,6 +59,8 @@ class WorldRunConfig:
     objectives: list[str] = field(default_factory=lambda: list(OBJECTIVE_RUNS))
     p_values: list[float] = field(default_factory=lambda: [0.0, 0.5])
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
+    # multi-step worlds: which steps the banks' skills name (full: every step; first / last: that step only)
+    parts: list[str] = field(default_factory=lambda: ["full"])
     calibrated_level: str = "medium"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     rollouts_per_step: int = 16  # generated rollouts per loop step for every objective (GRPO: 2 prompts x 8)
@@ -92,6 +95,11 @@ class WorldRunConfig:
             check_p(p)
         for lv in self.levels + [self.calibrated_level]:
             check_level(lv)
+        for part in self.parts:
+            check_part(part)
+        if not self.parts or (self.world.steps == 1 and self.parts != ["full"]):
+            raise InputError(None, "parts must name at least one skill part, and a one-step world (world.steps = 1) "
+                                   f"has only 'full', got {self.parts}")
         for b in self.bases:
             base_world(self, b)
         for o in self.objectives:
@@ -150,8 +158,8 @@ class Paths:
         self.calib = self.out / "calibration"
         self.compare = self.out / "compare"
 
-    def bank(self, p: float, level: str) -> Path:
-        return self.world / f"{bank_key(p, level)}.json"
+    def bank(self, p: float, level: str, part: str = "full") -> Path:
+        return self.world / f"{bank_key(p, level, part)}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,11 +179,20 @@ def _threads(cfg: WorldRunConfig, jobs: int = 1) -> int:
 
 BASE_MANIFEST = "world_base.json"
 SHIPPED_BASE = DATA_DIR / "world_base"  # the base of configs/world.toml, shipped in the wheel (sgsd_data/world_base)
+# multi-step bases (configs/world_L<L>.toml): data/world_base_L<L>, in the wheel as sgsd_data/world_base_L<L>
+SHIPPED_BASES = (SHIPPED_BASE, DATA_DIR / "world_base_L2", DATA_DIR / "world_base_L3")
+
+
+def max_new_tokens(cfg: WorldRunConfig) -> int:
+    """Generation length of rollouts and evals: 16 at L = 1; a multi-step completion takes 9 tokens a step plus
+    8 for the boxed tuple (L = 2: 25 with the shipped tokenizer), with 4 to spare."""
+    return 16 if cfg.world.steps == 1 else 9 * cfg.world.steps + 12
 
 
 def base_stamp(cfg: WorldRunConfig) -> dict:
-    """What determines a base model: the world, the model shape and the SFT settings."""
-    return json.loads(json.dumps({"world": asdict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
+    """What determines a base model: the world, the model shape and the SFT settings (a one-step world's stamp
+    has no ``steps`` key, as before multi-step worlds existed)."""
+    return json.loads(json.dumps({"world": world_dict(cfg.world), "model": [cfg.hidden_size, cfg.layers, cfg.vocab_size],
                                   "sft": [cfg.sft_steps, cfg.sft_batch_size, cfg.sft_lr]}))
 
 
@@ -207,13 +224,16 @@ def verify_base(base: Path) -> dict:
     return man
 
 
-def shipped_base(cfg: WorldRunConfig, where: Path = SHIPPED_BASE) -> Path | None:
-    """The shipped base folder when its recorded settings equal ``cfg``'s, else None."""
-    try:
-        man = json.loads((where / BASE_MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return where if man.get("stamp") == base_stamp(cfg) else None
+def shipped_base(cfg: WorldRunConfig, where: Path | None = None) -> Path | None:
+    """The shipped base folder (``where``, else any of SHIPPED_BASES) whose recorded settings equal ``cfg``'s."""
+    for d in ([where] if where is not None else SHIPPED_BASES):
+        try:
+            man = json.loads((d / BASE_MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if man.get("stamp") == base_stamp(cfg):
+            return d
+    return None
 
 
 # The bands a base must sit in to be the world's base (docs/SKILL_WORLD.md "Base checks"): the world's law made
@@ -231,8 +251,38 @@ BASE_BANDS = (
 )
 
 
+def base_bands(cfg: WorldRunConfig) -> tuple:
+    """The bands of a base: BASE_BANDS at L = 1; a multi-step base's are per step position (docs/SKILL_WORLD.md
+    "Multi-step worlds"), fixed before its first build: the chain's plain accuracy on seen families (every step's
+    value right) >= 0.9, the unseen chain accuracy near (unseen_spread / R)^L, and at every step j the one-step
+    bands of the rule probabilities, the guidance following and the gate's band."""
+    L = cfg.world.steps
+    if L == 1:
+        return BASE_BANDS
+    out = [("seen_accuracy", "seen-family plain accuracy (avg@n), every step's value right", 0.9, 1.0),
+           ("unseen_accuracy_excess", "unseen plain accuracy (avg@n) minus (unseen_spread / R)^L", -0.05, 0.15)]
+    for j in range(1, L + 1):
+        out += [
+            (f"unseen_right_rule_excess_step{j}", f"step {j}: unseen p(right rule | plain, right steps before) minus "
+                                                  "unseen_spread / R", -0.08, 0.10),
+            (f"follows_right_guidance_step{j}", f"step {j}: unseen p(named rule) under an 'always' skill naming the "
+                                                "right rule at that step", 0.5, 1.0),
+            (f"follows_wrong_guidance_step{j}", f"step {j}: unseen p(named rule) under an 'always' skill naming a "
+                                                "wrong rule at that step", 0.5, 1.0),
+            (f"other_family_tv_seen_step{j}", f"step {j}: seen TV(rule distribution under other-family guidance, "
+                                              "plain)", 0.0, 0.2),
+            (f"other_family_tv_unseen_step{j}", f"step {j}: unseen TV(rule distribution under other-family guidance, "
+                                                "plain)", 0.0, 0.45),
+            (f"delta_in_band_step{j}", f"share of |Delta| at step {j}'s rule token inside the gate's band (own-family "
+                                       f"full-procedure teachers of unseen rollouts whose step {j} is right, calibrated "
+                                       "level, p = 0)", 0.6, 1.0)]
+    return tuple(out)
+
+
 def base_properties(c: dict, cfg: WorldRunConfig) -> dict[str, float]:
     """The banded properties of a calibration (``calibrate``'s dict)."""
+    if cfg.world.steps > 1:
+        return _step_properties(c, cfg)
     expect = cfg.world.unseen_spread / cfg.world.rules
     rp, ev = c["rule_probs"], c["base_eval"]
     d = c["delta"].get(bank_key(0.0, cfg.calibrated_level), {}).get("unseen_own_correct", {})
@@ -246,11 +296,28 @@ def base_properties(c: dict, cfg: WorldRunConfig) -> dict[str, float]:
             "delta_in_band": d.get("in_band", 0.0)}
 
 
+def _step_properties(c: dict, cfg: WorldRunConfig) -> dict[str, float]:
+    R, L = cfg.world.rules, cfg.world.steps
+    ev, rp = c["base_eval"], c["rule_probs"]
+    d = c["delta"].get(bank_key(0.0, cfg.calibrated_level), {}).get("steps", [{}] * L)
+    out = {"seen_accuracy": ev["seen"]["avg"],
+           "unseen_accuracy_excess": ev["unseen"]["avg"] - (cfg.world.unseen_spread / R) ** L}
+    for j in range(L):
+        u, sn = rp["unseen"]["steps"][j], rp["seen"]["steps"][j]
+        out |= {f"unseen_right_rule_excess_step{j + 1}": u["p_right_rule_plain"] - cfg.world.unseen_spread / R,
+                f"follows_right_guidance_step{j + 1}": u["follows_right_guidance"],
+                f"follows_wrong_guidance_step{j + 1}": u["follows_wrong_guidance"],
+                f"other_family_tv_seen_step{j + 1}": sn["tv_other_family_guidance_vs_plain"],
+                f"other_family_tv_unseen_step{j + 1}": u["tv_other_family_guidance_vs_plain"],
+                f"delta_in_band_step{j + 1}": d[j].get("unseen_own_step_right", {}).get("in_band", 0.0)}
+    return out
+
+
 def check_base(c: dict, cfg: WorldRunConfig) -> list[str]:
     """One line per property outside its band (empty: the base is the world's base)."""
     props = base_properties(c, cfg)
     return [f"{name} = {props[name]:.3f} outside [{lo:g}, {hi:g}] ({what})"
-            for name, what, lo, hi in BASE_BANDS if not lo - 1e-9 <= props[name] <= hi + 1e-9]
+            for name, what, lo, hi in base_bands(cfg) if not lo - 1e-9 <= props[name] <= hi + 1e-9]
 
 
 def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, rebuild: bool = False) -> Paths:
@@ -283,9 +350,10 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, r
         return P
     t0 = time.time()
     levels = tuple(dict.fromkeys(cfg.levels + [cfg.calibrated_level]))
-    files = world.write_files(P.world, p_values=tuple(dict.fromkeys(cfg.p_values + [0.0])), levels=levels)
+    files = world.write_files(P.world, p_values=tuple(dict.fromkeys(cfg.p_values + [0.0])), levels=levels,
+                              parts=tuple(dict.fromkeys(["full"] + cfg.parts)))
     log(f"world: {len(world.families)} families ({len(world.seen)} seen, {len(world.unseen)} unseen), "
-        f"{len(world.rules)} rules; files in {P.world}")
+        f"{len(world.rules)} rules" + (f", {world.steps} steps" if world.steps > 1 else "") + f"; files in {P.world}")
     for key, path in files.items():
         if key.startswith("bank_"):
             build_index.run(build_index.BuildIndexConfig(bank=str(path), mode="lexical"), P.index / key)
@@ -318,7 +386,7 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, r
     shutil.rmtree(P.calib, ignore_errors=True)
     calib = _measure(cfg, P, stamp, log=log, progress=progress)
     bad = check_base(calib, cfg)
-    man = {"format": 1, "stamp": stamp, "world": asdict(cfg.world),
+    man = {"format": 1, "stamp": stamp, "world": world_dict(cfg.world),
            "model": {"hidden_size": cfg.hidden_size, "layers": cfg.layers, "vocab_size": cfg.vocab_size,
                      "parameters": n_params},
            "sft": {"steps": cfg.sft_steps, "batch_size": cfg.sft_batch_size, "lr": cfg.sft_lr, "seed": cfg.world.seed,
@@ -326,7 +394,7 @@ def build(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, r
            "versions": versions(), "machine": machine(),
            "built_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "build_wall_s": round(time.time() - t0, 1),
-           "calibration": {"properties": base_properties(calib, cfg), "bands": [list(b) for b in BASE_BANDS],
+           "calibration": {"properties": base_properties(calib, cfg), "bands": [list(b) for b in base_bands(cfg)],
                            "outside": bad, "base_eval": calib["base_eval"]},
            "files": base_files_hash(P.base)}
     if bad:
@@ -400,7 +468,8 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     c = None
     if out_json.exists():
         c = json.loads(out_json.read_text())
-        if c.get("build") != stamp or c.get("levels") != sorted(set(cfg.levels + [cfg.calibrated_level])):
+        if (c.get("build") != stamp or c.get("levels") != sorted(set(cfg.levels + [cfg.calibrated_level]))
+                or (cfg.world.steps > 1 and c.get("parts") != list(dict.fromkeys(["full"] + cfg.parts)))):
             shutil.rmtree(P.calib, ignore_errors=True)
             c = None
         else:
@@ -422,6 +491,8 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
     from stages.engine.world import apply_rule
 
+    if cfg.world.steps > 1:
+        return _measure_steps(cfg, P, stamp, log=log, progress=progress)
     out_json = P.calib / "calibration.json"
     world = World(cfg.world)
     model, tok, spec = load_model(str(P.base), device="cpu")
@@ -498,7 +569,7 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows))
     rdir = P.calib / "rollouts"
     rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=1, temperature=cfg.temperature,
-                                 max_new_tokens=16, backend="hf", batch_size=192, seed=3, device="cpu")
+                                 max_new_tokens=max_new_tokens(cfg), backend="hf", batch_size=192, seed=3, device="cpu")
     rollout.run(rcfg, rdir, progress=progress, loaded=(model, tok, spec))
     fam_of = {r["id"]: r["family"] for r in train_rows}
     deltas: dict[str, Any] = {}
@@ -519,6 +590,241 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     atomic_write_json(out_json, res)
     print_calibration(res, log)
     return res
+
+
+def step_rule_probs(model, tok, world: World, items: list[tuple[list[int], tuple, list[str]]]) -> list[list[dict]]:
+    """Exact p(rule at step j | prompt, the steps before j as in ``chain``) for every step j and rule: one scored
+    completion per (item, step, rule).  ``items``: (prompt ids, operands, chain of L rules)."""
+    import torch
+
+    from stages.engine.scoring import Segment, score_segments
+
+    L, R = world.steps, len(world.rules)
+    segs, pos = [], []
+    cache: dict[str, tuple[list[int], list]] = {}
+    for ids, ops, chain in items:
+        for j in range(L):
+            for r in world.rules:
+                text = world.completion_of(list(chain[:j]) + [r] + list(chain[j + 1:]), ops)
+                if text not in cache:
+                    c = tok(text, add_special_tokens=False)["input_ids"]
+                    cache[text] = (c, decision_indices(tok, c, L))
+                c, idx = cache[text]
+                segs.append(Segment.of(ids, c))
+                pos.append(idx[j])
+    with torch.no_grad():
+        lps = score_segments(model, segs)
+    out, n = [], 0
+    for _ in items:
+        per = []
+        for j in range(L):
+            per.append({r: math.exp(float(lps[n + i][pos[n + i]])) for i, r in enumerate(world.rules)})
+            n += R
+        out.append(per)
+    return out
+
+
+def _ops(problem_id: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in problem_id.split("-")[1:])
+
+
+def _measure_steps(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, progress: Progress = None) -> dict:
+    """The calibration of a multi-step base, per step position j: exact p(rule at step j) with the right steps
+    before it (plain, guided, other-family, OPSD, the world's law), and |Delta| at every step's rule token through
+    the real rollout -> score-teachers -> polarize stages, grouped as at L = 1 with the wrong rollouts split by
+    whether step j itself is right."""
+    import random
+
+    from stages import polarize, rollout, score_teachers
+    from stages.engine.models import load_model
+    from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
+    from stages.engine.world import answer_text, apply_chain, apply_rule
+
+    out_json = P.calib / "calibration.json"
+    world = World(cfg.world)
+    L = world.steps
+    model, tok, spec = load_model(str(P.base), device="cpu")
+    rng = random.Random(17)
+    res: dict[str, Any] = {"build": stamp, "levels": sorted(set(cfg.levels + [cfg.calibrated_level])),
+                           "chance": 1.0 / len(world.rules), "steps": L, "parts": list(dict.fromkeys(["full"] + cfg.parts)),
+                           "chance_chain": (cfg.world.unseen_spread / len(world.rules)) ** L}
+    res["base_eval"] = evaluate(cfg, P, str(P.base), P.calib / "base_eval", log=log, progress=progress)
+
+    def enc(text: str, teacher: bool = True) -> list[int]:
+        return chat_prompt_ids(tok, text, teacher and cfg.world.teacher_thinking)
+
+    mean = statistics.fmean
+    probs: dict[str, Any] = {}
+    for split, fams in (("seen", world.seen), ("unseen", world.unseen)):
+        acc: list[dict[str, list]] = [{k: [] for k in ("plain", "right", "wrong", "other", "opsd")} | {
+            "law": {lv: [] for lv in LEVELS}} for _ in range(L)]
+        for r in world.problems(fams, "eval"):
+            f, ops = r["family"], _ops(r["id"])
+            chain = world.chain_of[f]
+            others = [g for g in world.families if g != f]
+            g2 = rng.choice(others)
+            mi_other = world.step_mistake_item(g2, rng.randint(1, L), rng.choice(world.rules), "always", "x")
+            rand_chain = [rng.choice(world.rules) for _ in range(L)]
+            vals = apply_chain(rand_chain, ops)
+            items = [(enc(student_prompt(r["problem"]), False), ops, chain),
+                     (enc(opsd_teacher_prompt(r["problem"], answer_text(vals))), ops, rand_chain)]
+            wrongs = [rng.choice([x for x in world.rules if x != chain[j]]) for j in range(L)]
+            for j in range(L):  # sharp skills naming step j only: right, wrong, another family's
+                for rule, fam in ((chain[j], f), (wrongs[j], f), (rng.choice(world.rules), rng.choice(others))):
+                    sk = world.step_skill_item(fam, [j + 1], [[rule]], "always", "x")
+                    items.append((enc(teacher_prompt(r["problem"], sk, mi_other)), ops, chain))
+            laws = []
+            for lv in LEVELS.values():  # full-procedure skill and a mistake at a random step, per level
+                k = min(lv.k, len(world.rules) - 1)
+                sets = [[chain[j]] + rng.sample([x for x in world.rules if x != chain[j]], k - 1) for j in range(L)]
+                sk = world.step_skill_item(f, list(range(1, L + 1)), sets, lv.hedge, "x")
+                ms = rng.randint(1, L)
+                mi = world.step_mistake_item(f, ms, rng.choice([x for x in world.rules if x != chain[ms - 1]]),
+                                             lv.hedge, "x")
+                items.append((enc(teacher_prompt(r["problem"], sk, mi)), ops, chain))
+                laws.append((lv.name, [world.guided_step(f, j, sk["world"], mi["world"]) for j in range(L)]))
+            ds = step_rule_probs(model, tok, world, items)
+            prev = [ops[0]] + vals[:-1]
+            for j in range(L):
+                a = acc[j]
+                d0 = ds[0][j]
+                a["plain"].append(d0[chain[j]])
+                ok = [x for x in world.rules if apply_rule(x, prev[j], ops[j + 1]) == vals[j]]
+                a["opsd"].append(sum(ds[1][j][x] for x in ok))
+                base = 2 + 3 * j
+                a["right"].append(ds[base][j][chain[j]])
+                a["wrong"].append(ds[base + 1][j][wrongs[j]])
+                a["other"].append(_tv(ds[base + 2][j], d0))
+                for (name, law), d in zip(laws, ds[2 + 3 * L:]):
+                    a["law"][name].append(_tv(d[j], law[j]))
+        probs[split] = {"steps": [{
+            "p_right_rule_plain": mean(a["plain"]), "p_right_rule_plain_min": min(a["plain"]),
+            "p_right_rule_plain_quantiles": _quantiles(a["plain"]),
+            "follows_right_guidance": mean(a["right"]), "follows_wrong_guidance": mean(a["wrong"]),
+            "tv_other_family_guidance_vs_plain": mean(a["other"]), "opsd_consistent_rule": mean(a["opsd"]),
+            "tv_model_vs_world_law": {k: mean(v) for k, v in a["law"].items()}} for a in acc]}
+    res["rule_probs"] = probs
+
+    lo, peak, hi = gate_band()
+    res["gate_band"] = {"lo": lo, "peak": peak, "hi": hi, "meaning": "|Delta| where the gate passes >= 1/2 of its peak gradient"}
+    unseen_rows, seen_rows = world.problems(world.unseen, "train"), world.problems(world.seen, "train")
+    rng.shuffle(unseen_rows)
+    rng.shuffle(seen_rows)
+    train_rows = unseen_rows[:160] + seen_rows[:32]
+    probe = P.calib / "probe_problems.jsonl"
+    atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows))
+    rdir = P.calib / "rollouts"
+    rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=2, temperature=cfg.temperature,
+                                 max_new_tokens=max_new_tokens(cfg), backend="hf", batch_size=192, seed=3, device="cpu")
+    rollout.run(rcfg, rdir, progress=progress, loaded=(model, tok, spec))
+    fam_of = {r["id"]: r["family"] for r in train_rows}
+    deltas: dict[str, Any] = {}
+    for lv in res["levels"]:
+        for part in dict.fromkeys(["full"] + cfg.parts):
+            for p in sorted(set(cfg.p_values + [0.0])):
+                key = bank_key(p, lv, part)
+                sd = P.calib / key
+                sd.mkdir(parents=True, exist_ok=True)
+                for f in ("rollout.parquet", "rollout.manifest.json"):
+                    shutil.copy2(rdir / f, sd / f)
+                scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv, part)),
+                                                          k=cfg.k_teachers, index=str(P.index / key / "index.parquet"),
+                                                          retrieval="lexical", teacher_thinking=_thinking(cfg), device="cpu")
+                score_teachers.run(scfg, sd, progress=progress, loaded=(model, tok, spec))
+                polarize.run(polarize.PolarizeConfig(model=str(P.base)), sd, tokenizer=tok)
+                deltas[key] = step_delta_stats(sd, tok, world, fam_of, (lo, hi))
+    res["delta"] = deltas
+    atomic_write_json(out_json, res)
+    print_calibration(res, log)
+    return res
+
+
+STEP_GROUPS = ("unseen_own_correct", "unseen_own_wrong_step_right", "unseen_own_wrong_step_wrong", "unseen_own_step_right",
+               "seen_own", "other_family")
+
+
+def parse_steps(text: str, steps: int) -> list[tuple[str, int] | None]:
+    """(rule, value) written at each step of a multi-step completion ("step j: <rule> x c = v"), None if absent."""
+    import re
+
+    out: list[tuple[str, int] | None] = [None] * steps
+    for m in re.finditer(r"step (\d+): ([a-z]+) -?\d+ -?\d+ = (-?\d+)", text):
+        j = int(m.group(1)) - 1
+        if 0 <= j < steps and out[j] is None:
+            out[j] = (m.group(2), int(m.group(3)))
+    return out
+
+
+def _group_stats(v: list[tuple[float, str]], band: tuple[float, float]) -> dict:
+    lo, hi = band
+    a = [abs(x) for x, _ in v]
+    cats: dict[str, int] = {}
+    for _, c in v:
+        cats[c] = cats.get(c, 0) + 1
+    return {"n": len(v), "mean": statistics.fmean(x for x, _ in v), "abs_quantiles": _quantiles(a),
+            "in_band": sum(lo <= x <= hi for x in a) / len(a), "gated_out": sum(x > hi for x in a) / len(a),
+            "categories": cats}
+
+
+def step_delta_stats(sd: Path, tok, world: World, fam_of: dict, band: tuple[float, float]) -> dict:
+    """delta_stats per step position: Delta at step j's rule token per (rollout, teacher), grouped as at L = 1
+    (unseen own-family teachers of correct / wrong rollouts, seen own-family, other family), the wrong rollouts
+    split by whether step j's rule is right ("a wrong step hiding behind right ones" is a wrong rollout's right
+    step), plus ``unseen_own_step_right`` (every unseen rollout whose step j is right: the gate-band property).
+    Also each step's rule and value accuracy over the probe's rollouts."""
+    from stages.engine.world import apply_chain
+
+    L = world.steps
+    st = pl.read_parquet(sd / "score_teachers.parquet")
+    pt = pl.read_parquet(sd / "polarize.parquet").select("rollout_id", "teacher_rank", "correct", "category")
+    ro = pl.read_parquet(sd / "rollout.parquet").select("rollout_id", "completion_ids")
+    j_ = st.join(pt, on=["rollout_id", "teacher_rank"]).join(ro, on="rollout_id")
+    groups: list[dict[str, list]] = [{g: [] for g in STEP_GROUPS} for _ in range(L)]
+    seen_rollouts: dict[str, list] = {}
+    for r in j_.iter_rows(named=True):
+        fam = fam_of[r["problem_id"]]
+        ops = _ops(r["problem_id"])
+        chain = world.chain_of[fam]
+        vals = apply_chain(chain, ops)
+        if r["rollout_id"] not in seen_rollouts:
+            written = parse_steps(tok.decode(r["completion_ids"]), L)
+            idx = decision_indices(tok, r["completion_ids"], L)
+            seen_rollouts[r["rollout_id"]] = [written, idx, fam, vals, bool(r["correct"])]
+        written, idx = seen_rollouts[r["rollout_id"]][:2]
+        own = r["skill_id"].split("-")[1] == fam
+        for j in range(L):
+            i = idx[j]
+            if i is None:
+                continue
+            d = r["teacher_logprobs"][i] - r["student_logprobs"][i]
+            step_right = written[j] is not None and written[j][0] == chain[j]
+            if not own:
+                gs = ["other_family"]
+            elif fam in world.seen:
+                gs = ["seen_own"]
+            elif r["correct"]:
+                gs = ["unseen_own_correct"]
+            else:
+                gs = ["unseen_own_wrong_step_right" if step_right else "unseen_own_wrong_step_wrong"]
+            if own and fam in world.unseen and step_right:
+                gs.append("unseen_own_step_right")
+            for g in gs:
+                groups[j][g].append((d, r["category"]))
+    out: dict[str, Any] = {"steps": [{g: _group_stats(v, band) for g, v in gr.items() if v} for gr in groups]}
+    # per step, over the probe's rollouts: the rule written is the family's (rule), the value is the right chain's
+    # value at that step (value: a wrong rule earlier makes it wrong), and the rollout's verdict
+    for split in ("unseen", "seen"):
+        rs = [v for v in seen_rollouts.values() if (v[2] in world.unseen) == (split == "unseen")]
+        if rs:
+            out[f"step_accuracy_{split}"] = [
+                {"rule": statistics.fmean(float(w[j] is not None and w[j][0] == world.chain_of[f][j]) for w, _, f, _, _ in rs),
+                 "value": statistics.fmean(float(w[j] is not None and w[j][1] == vals[j]) for w, _, f, vals, _ in rs)}
+                for j in range(L)]
+            out[f"accuracy_{split}"] = statistics.fmean(float(c) for *_, c in rs)
+    cats = pt["category"].value_counts()
+    out["categories"] = {c: int(n) for c, n in cats.iter_rows()}
+    out["accuracy"] = float(pt.unique("rollout_id")["correct"].mean())
+    return out
 
 
 def _quantiles(xs: list[float]) -> dict:
@@ -575,6 +881,8 @@ def delta_stats(sd: Path, tok, world: World, fam_of: dict, band: tuple[float, fl
 
 
 def print_calibration(c: dict, log: Log) -> None:
+    if c.get("steps", 1) > 1:
+        return _print_step_calibration(c, log)
     log("calibration (held-out problems):")
     for split, e in c["base_eval"].items():
         log(f"  base plain accuracy {split:>7}: greedy {e['greedy']:.2f}  avg@{e['n']} {e['avg']:.2f}"
@@ -596,6 +904,35 @@ def print_calibration(c: dict, log: Log) -> None:
                     f"{q['p90']:.2f}  in band {d[g]['in_band']:.2f}  ({cats})")
 
 
+def _print_step_calibration(c: dict, log: Log) -> None:
+    L = c["steps"]
+    log(f"calibration of a {L}-step world (held-out problems; the answer is right when every step's value is):")
+    for split, e in c["base_eval"].items():
+        log(f"  base plain accuracy {split:>7}: greedy {e['greedy']:.2f}  avg@{e['n']} {e['avg']:.2f}"
+            f"  (chance per step {c['chance']:.2f}, whole chain {c['chance_chain']:.3f})")
+    for split, d in c["rule_probs"].items():
+        for j, x in enumerate(d["steps"]):
+            log(f"  {split:>6} step {j + 1}: p(right rule | plain, right steps before) {x['p_right_rule_plain']:.2f} "
+                f"(min {x['p_right_rule_plain_min']:.2f}); follows right guidance {x['follows_right_guidance']:.2f}, "
+                f"wrong {x['follows_wrong_guidance']:.2f}; other-family TV {x['tv_other_family_guidance_vs_plain']:.2f}; "
+                f"OPSD prompt {x['opsd_consistent_rule']:.2f}; law TV "
+                + ", ".join(f"{k} {v:.2f}" for k, v in x["tv_model_vs_world_law"].items()))
+    b = c["gate_band"]
+    log(f"  gate band |Delta| in [{b['lo']:.2f}, {b['hi']:.2f}] (peak {b['peak']:.2f}); |Delta| at each step's rule token:")
+    for key, d in c["delta"].items():
+        sa = d.get("step_accuracy_unseen", [])
+        log(f"    {key} (probe rollouts right: unseen {d.get('accuracy_unseen', 0):.3f}, seen {d.get('accuracy_seen', 0):.3f}; "
+            "unseen step rule / value right: " + ", ".join(f"step {j + 1} {x['rule']:.2f} / {x['value']:.2f}"
+                                                          for j, x in enumerate(sa)) + ")")
+        for j, gr in enumerate(d["steps"]):
+            for g in STEP_GROUPS:
+                if g in gr:
+                    q = gr[g]["abs_quantiles"]
+                    cats = ", ".join(f"{k} {n}" for k, n in sorted(gr[g]["categories"].items()))
+                    log(f"      step {j + 1} {g:<28} n={gr[g]['n']:<4} mean {gr[g]['mean']:+.2f}  |D| p10/p50/p90 "
+                        f"{q['p10']:.2f}/{q['p50']:.2f}/{q['p90']:.2f}  in band {gr[g]['in_band']:.2f}  ({cats})")
+
+
 # --------------------------------------------------------------------------------------------------
 # evaluation through stages.eval
 
@@ -605,7 +942,7 @@ def _eval_cfg(cfg: WorldRunConfig, P: Paths, model: str, greedy: bool, n: int, b
 
     return EvalConfig(model=model, problems=[str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                       protocol="quick", n=1 if greedy else n, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0,
-                      max_new_tokens=16, thinking=False, backend="hf", batch_size=96, seed=11, device="cpu",
+                      max_new_tokens=max_new_tokens(cfg), thinking=False, backend="hf", batch_size=96, seed=11, device="cpu",
                       guidance_bank=bank)
 
 
@@ -641,10 +978,11 @@ class RunSpec:
     lr: float = 0.0  # 0: the experiment's lr
     group_size: int = 0  # GRPO; 0: the experiment's group_size
     opsd_temperature: float | None = None  # OPSD KL (scoring) temperature; None: the rollout temperature
+    part: str = "full"  # multi-step worlds: the steps the bank's skills name (sgsd-like objectives)
 
     @property
     def name(self) -> str:
-        tag = f"_{bank_key(self.p, self.level)[5:]}" if self.objective in SGSD_LIKE else ""
+        tag = f"_{bank_key(self.p, self.level, self.part)[5:]}" if self.objective in SGSD_LIKE else ""
         tag += f"_lr{self.lr:g}" if self.lr else ""
         tag += f"_G{self.group_size}" if self.group_size else ""
         tag += f"_T{self.opsd_temperature:g}" if self.opsd_temperature is not None else ""
@@ -668,10 +1006,11 @@ def base_configs(cfg: WorldRunConfig) -> list[tuple[str, WorldRunConfig]]:
     return out
 
 
-def tuned_spec(tuning: dict, objective: str, p: float | None, level: str | None, seed: int) -> RunSpec:
+def tuned_spec(tuning: dict, objective: str, p: float | None, level: str | None, seed: int,
+               part: str = "full") -> RunSpec:
     t = tuning[objective]
     return RunSpec(objective, p, level, seed, lr=t["lr"], group_size=t.get("group_size", 0),
-                   opsd_temperature=t.get("opsd_temperature"))
+                   opsd_temperature=t.get("opsd_temperature"), part=part)
 
 
 def run_specs(cfg: WorldRunConfig, tuning: dict) -> list[RunSpec]:
@@ -679,7 +1018,8 @@ def run_specs(cfg: WorldRunConfig, tuning: dict) -> list[RunSpec]:
     for o in cfg.objectives:
         for s in cfg.seeds:
             if o in SGSD_LIKE:
-                specs += [tuned_spec(tuning, o, p, lv, s) for p in cfg.p_values for lv in cfg.levels]
+                specs += [tuned_spec(tuning, o, p, lv, s, part) for p in cfg.p_values for lv in cfg.levels
+                          for part in cfg.parts]
             else:
                 specs.append(tuned_spec(tuning, o, None, None, s))
     return specs
@@ -693,6 +1033,7 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
     G = spec.group_size or cfg.group_size
     level = spec.level or cfg.calibrated_level
     p = spec.p if spec.p is not None else 0.0
+    part = spec.part if spec.objective in SGSD_LIKE else "full"
     train = {"lr": spec.lr or cfg.lr, "batch_size": R, "micro_batch_size": R, "max_grad_norm": cfg.max_grad_norm,
              "precision": "fp32"}
     if objective == "opsd":
@@ -705,17 +1046,17 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
             train["reversed_tokens"] = "stance"
     return {
         "loop": {"run_dir": str(run_dir), "objective": objective, "model": str(P.base),
-                 "problems": str(P.world / "train.jsonl"), "bank": str(P.bank(p, level)), "steps": cfg.steps,
+                 "problems": str(P.world / "train.jsonl"), "bank": str(P.bank(p, level, part)), "steps": cfg.steps,
                  "prompts_per_step": R // G if grpo else R, "seed": spec.seed, "device": "cpu",
                  "backend": "hf", "eval_every": cfg.eval_every, "keep_last": 1},
         "rollout": {"n": G if grpo else 1, "temperature": cfg.temperature, "top_p": 1.0, "top_k": 0,
-                    "max_new_tokens": 16, "batch_size": 64},
+                    "max_new_tokens": max_new_tokens(cfg), "batch_size": 64},
         "score_teachers": {"k": cfg.k_teachers, "retrieval": "lexical", "teacher_thinking": _thinking(cfg),
-                           "index": str(P.index / bank_key(p, level) / "index.parquet")},
+                           "index": str(P.index / bank_key(p, level, part) / "index.parquet")},
         "train": train,
         "eval": {"problems": [str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                  "protocol": "quick", "n": cfg.eval_n, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                 "max_new_tokens": 16, "thinking": False, "backend": "hf", "batch_size": 96, "seed": 11},
+                 "max_new_tokens": max_new_tokens(cfg), "thinking": False, "backend": "hf", "batch_size": 96, "seed": 11},
     }
 
 
@@ -908,11 +1249,17 @@ def _ms(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _level_label(r: dict) -> str | None:
+    """A run's bank sharpness, with its skill part when the skills name only some steps ("medium/first")."""
+    part = r.get("part", "full")
+    return r["level"] if r["level"] is None or part == "full" else f"{r['level']}/{part}"
+
+
 def summarize(cfg: WorldRunConfig, base: dict, base_skills: dict, rows: list[dict]) -> tuple[list[dict], str]:
     """Mean and spread over seeds per (objective, p, level), at equal rollouts and at equal wall time."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["objective"], r["p"], r["level"]), []).append(r)
+        groups.setdefault((r["objective"], r["p"], _level_label(r)), []).append(r)
     t_eq = min(r["train_wall_s"] for r in rows) if rows else 0.0
     table = []
     for (o, p, lv), rs in groups.items():
@@ -1044,7 +1391,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
-        label = r["objective"] + ("" if r["p"] is None else f" p={r['p']} {r['level']}")
+        label = r["objective"] + ("" if r["p"] is None else f" p={r['p']} {_level_label(r)}")
         groups.setdefault(label, []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for label, rs in sorted(groups.items()):
@@ -1101,9 +1448,10 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
         if cfg.base_skills:
             for p in cfg.p_values:
                 for lv in cfg.levels:
-                    key = bank_key(p, lv)[5:]
-                    b["base_skills"][key] = evaluate(bc, P, str(P.base), P.compare / "base_skills" / key,
-                                                     bank=str(P.bank(p, lv)), log=log, progress=progress)
+                    for part in cfg.parts:
+                        key = bank_key(p, lv, part)[5:]
+                        b["base_skills"][key] = evaluate(bc, P, str(P.base), P.compare / "base_skills" / key,
+                                                         bank=str(P.bank(p, lv, part)), log=log, progress=progress)
         for spec in run_specs(bc, tuning):
             jobs.append((bc, spec, b["base_curve"], True))
             owners.append(b["name"])

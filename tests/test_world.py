@@ -268,3 +268,175 @@ def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
         assert after > before + 0.06, (before, after)
     else:
         assert after < before + 0.01, (before, after)
+
+
+# --------------------------------------------------------------------------------------------------
+# multi-step worlds (world.steps = L >= 2): hand-valued generator checks
+
+
+def test_chain_by_hand():
+    from stages.engine.world import answer_text, apply_chain
+
+    # step 1: product 7 3 = 21; step 2: difference 21 4 = 17
+    assert apply_chain(["product", "difference"], (7, 3, 4)) == [21, 17]
+    # step 1: sum 2 5 = 7; step 2: remainder 7 4 = 3; step 3: maximum 3 6 = 6
+    assert apply_chain(["sum", "remainder", "maximum"], (2, 5, 4, 6)) == [7, 3, 6]
+    assert World.chain_completion(["product", "difference"], (7, 3, 4)) == \
+        "step 1: product 7 3 = 21; step 2: difference 21 4 = 17; \\boxed{(21, 17)}"
+    assert answer_text([21, 17]) == "(21, 17)" and answer_text([10]) == "10"
+    assert World.problem_text("zorb", 7, 3, 4) == "In a zorb problem, combine 7, 3 and 4."
+    assert World.problem_text("zorb", 7, 3) == "In a zorb problem, combine 7 and 3."  # the one-step text
+
+
+def test_two_step_answer_right_only_when_every_step_is():
+    """The grader-facing answer is the ordered tuple of the step values: a chain wrong at either step is graded
+    wrong, also when its final value is the right one."""
+    from stages.engine.verify import grade
+
+    w = World(WorldConfig(steps=2))
+    f = next(g for g in w.families if w.chain_of[g] == ["maximum", "product"])  # a family of world seed 0
+    row = w.problem_row(f, 3, 2, 4)
+    assert row["answer"] == "(3, 12)" and row["id"] == f"{f}-3-2-4"  # max(3, 2) = 3; 3 * 4 = 12
+
+    def ok(rules):
+        return grade(w.completion_of(rules, (3, 2, 4)), row["answer"]).correct
+
+    assert ok(["maximum", "product"])
+    assert not ok(["sum", "product"])          # step 1 wrong: (5, 20)
+    assert not ok(["maximum", "sum"])          # step 2 wrong: (3, 7)
+    assert not ok(["minimum", "maximum"])      # both wrong: (2, 4)
+    # a wrong step hidden in the final value: step 1 minimum gives 2, then sum 2 4 = 6 ... and a right final value
+    # from a wrong chain: difference 3 2 = 1, then product 1 4 = 4 != 12; remainder 3 2 = 1 -> (1, 4): wrong
+    assert not ok(["remainder", "product"])
+    # (12, 3): the right values in the wrong order is not the answer
+    assert not grade("\\boxed{(12, 3)}", row["answer"]).correct
+
+
+def test_final_value_alone_would_hide_a_wrong_step():
+    """Why the answer is the tuple: with maximum at step 2, a wrong step 1 often leaves the final value right."""
+    from stages.engine.world import apply_chain
+
+    assert apply_chain(["sum", "maximum"], (2, 3, 9))[-1] == apply_chain(["product", "maximum"], (2, 3, 9))[-1] == 9
+    assert apply_chain(["sum", "maximum"], (2, 3, 9)) != apply_chain(["product", "maximum"], (2, 3, 9))
+
+
+def test_chain_pool_by_hand():
+    from stages.engine.world import chain_pool
+
+    pool = set(chain_pool(("sum", "difference", "product", "maximum", "minimum", "remainder"), 2))
+    assert (2, 3, 4) in pool          # the largest value of any chain: 2 * 3 * 4 = 24
+    assert (9, 8, 2) not in pool      # product, product: 144 > 99
+    assert (4, 4, 2) not in pool      # the first two operands differ, as in the one-step world
+    assert (3, 9, 3) in pool          # 27 * 3 = 81, 12 * 3 = 36
+    assert (4, 9, 3) not in pool      # 36 * 3 = 108
+    w = World(WorldConfig(steps=2))
+    for f in w.families:
+        train, held = w.split[f]
+        assert len(held) == 16 and not set(train) & set(held) and len(train) + len(held) == len(pool)
+
+
+def test_two_step_following_law_by_hand():
+    w = World(WorldConfig(steps=2))
+    u = w.unseen[0]
+    c = w.chain_of[u]
+    other = [r for r in w.rules if r not in c][0]
+    # plain: uniform over R = 6 at each step
+    assert w.plain_step(u, 0)[c[0]] == pytest.approx(1 / 6) and w.plain_step(u, 1)[c[1]] == pytest.approx(1 / 6)
+    # full skill naming {right, other} at both steps, usually (q = 0.7): 0.7 / 2 + 0.3 / 6 = 0.4 at each step
+    full = {"family": u, "steps": [1, 2], "rules": [[c[0], other], [c[1], other]], "hedge": "usually"}
+    assert w.guided_step(u, 0, full, None)[c[0]] == pytest.approx(0.4)
+    assert w.guided_step(u, 1, full, None)[c[1]] == pytest.approx(0.4)
+    # a first-step-only skill leaves step 2 at the plain law
+    first = {"family": u, "steps": [1], "rules": [[c[0]]], "hedge": "always"}
+    assert w.guided_step(u, 0, first, None)[c[0]] == pytest.approx(1.0)
+    assert w.guided_step(u, 1, first, None) == w.plain_step(u, 1)
+    # a mistake at step 2 acts at step 2 only: always avoid `other` -> 1/5 on each remaining rule
+    mi = {"family": u, "step": 2, "rule": other, "hedge": "always"}
+    assert w.guided_step(u, 1, None, mi)[c[1]] == pytest.approx(1 / 5) and w.guided_step(u, 1, None, mi)[other] == 0
+    assert w.guided_step(u, 0, None, mi) == w.plain_step(u, 0)
+    # another family's guidance is ignored
+    g = next(x for x in w.families if x != u)
+    assert w.guided_step(u, 1, {**full, "family": g}, None) == w.plain_step(u, 1)
+    # seen family: the base knows every step
+    s = w.seen[0]
+    assert [max(w.plain_step(s, j), key=w.plain_step(s, j).get) for j in range(2)] == w.chain_of[s]
+    # L = 1 is the one-step law: the step form of a one-step item gives guided_distribution's numbers
+    w1 = World(WorldConfig())
+    u1 = w1.unseen[0]
+    sk = {"family": u1, "rules": [w1.rule_of[u1], other], "hedge": "usually"}
+    mi1 = {"family": u1, "rule": other, "hedge": "usually"}
+    assert w1.guided_step(u1, 0, sk, mi1) == pytest.approx(w1.guided_distribution(u1, sk, mi1))
+
+
+def test_two_step_banks_by_hand():
+    w = World(WorldConfig(steps=2))
+    n = len(w.families) * w.cfg.items_per_family
+    for part, named in (("full", [1, 2]), ("first", [1]), ("last", [2])):
+        for p in (0.0, 0.5):
+            b = w.bank(p, "medium", part=part)
+            assert b["metadata"]["part"] == part
+            bad = [s for s in b["general_skills"] if s["misleading"]]
+            assert len(bad) == round(p * n) == len([m for m in b["common_mistakes"] if m["misleading"]])
+            for s in b["general_skills"]:
+                f, x = s["world"]["family"], s["world"]
+                assert x["steps"] == named and all(len(rs) == 2 for rs in x["rules"])
+                missing = [st for st, rs in zip(x["steps"], x["rules"]) if w.chain_of[f][st - 1] not in rs]
+                # a misleading skill omits the right rule at exactly one step it names; the others name it
+                assert missing == ([s["misleading_step"]] if s["misleading"] else [])
+                assert all(f"at step {st} by {' or '.join(rs)}" in s["principle"] for st, rs in zip(x["steps"], x["rules"]))
+            for m in b["common_mistakes"]:
+                f, x = m["world"]["family"], m["world"]
+                assert x["step"] in named and (x["rule"] == w.chain_of[f][x["step"] - 1]) == m["misleading"]
+                assert f"at step {x['step']}" in m["how_to_avoid"]
+    with pytest.raises(InputError, match="multi-step"):
+        World(WorldConfig()).bank(0.0, "medium", part="first")
+
+
+def test_two_step_corpus_follows_the_law():
+    """Seen plain rows write the family's whole procedure; unseen plain rows hit it with ~(1/6)^2 at random;
+    OPSD rows' completions reach the answer they were given; every value is the chain's."""
+    import re
+
+    from stages.engine.world import apply_chain
+
+    w = World(WorldConfig(steps=2, corpus_size=4000))
+    rows = w.corpus()
+    pat = re.compile(r"step 1: (\w+) (\d+) (\d+) = (\d+); step 2: (\w+) (\d+) (\d+) = (\d+); \\boxed\{\((\d+), (\d+)\)\}$")
+    un = []
+    for r in rows:
+        m = pat.fullmatch(r["completion"])
+        assert m, r["completion"]
+        r1, a, b, v1, r2, x, c, v2, t1, t2 = m.groups()
+        assert apply_chain([r1, r2], (int(a), int(b), int(c))) == [int(v1), int(v2)] == [int(t1), int(t2)] and x == v1
+        if r["kind"] == "plain" and r["family"] in w.seen:
+            assert [r1, r2] == w.chain_of[r["family"]]
+        if r["kind"] == "plain" and r["family"] in w.unseen:
+            un.append([r1, r2] == w.chain_of[r["family"]])
+        if r["kind"] == "opsd":
+            assert f"\\boxed{{({v1}, {v2})}}" in r["prompt"]
+    assert abs(sum(un) / len(un) - 1 / 36) < 0.03
+
+
+def test_one_step_world_files_unchanged():
+    """world.steps = 1 writes what the world wrote before multi-step worlds (no `steps` key anywhere)."""
+    from stages.engine.world import world_dict
+
+    w = World(WorldConfig())
+    assert "steps" not in world_dict(w.cfg) and "steps" in world_dict(WorldConfig(steps=2))
+    b = w.bank(0.0, "medium")
+    assert "steps" not in b["metadata"]["world"] and "part" not in b["metadata"]
+    assert w.problem_row(w.families[0], 7, 3)["id"] == f"{w.families[0]}-7-3"
+    assert w.completion_of([w.rule_of[w.families[0]]], (7, 3)).startswith("rule: ")
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["world.steps=4"], "world.steps (L) must be in [1, 3]"),
+    (['experiment.parts=["first"]'], "one-step world"),
+    (["world.steps=2", 'experiment.parts=["middle"]'], "unknown skill part"),
+])
+def test_bad_step_settings(sets, needle):
+    from stages.world import config_from_sections
+    from stages.engine.config import parse_sets
+
+    with pytest.raises(InputError, match=needle.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[").replace("]", "\\]")):
+        config_from_sections(parse_sets(sets, "experiment"))
