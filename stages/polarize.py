@@ -18,8 +18,8 @@ import torch
 from stages.engine.grading import grade_rollouts
 from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, check_finite, read_table, stage_table_path, write_parquet
-from stages.engine.objectives.sgsd import (CATEGORIES, CLIP, category, clipped_fraction, delta, maskable_token_ids,
-                                          polarity, stance, support_score, token_mask)
+from stages.engine.objectives.sgsd import (CATEGORIES, category, clipped_fraction, delta, maskable_token_ids,
+                                          method_field, method_of, polarity, stance, support_score, token_mask)
 from stages.engine.models import ModelSpec, load_tokenizer
 
 POLARIZE_SCHEMA = {
@@ -44,8 +44,8 @@ class PolarizeConfig(Checked):
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
     verify_timeout_s: float = opt(5.0, "Hard timeout per verifier call, seconds (a timeout scores 0 and is counted).", group="Verifier", gt=0, flag="verify-timeout")
     workers: int | None = opt(None, "Verifier worker processes (default: CPU count).", group="Verifier", ge=1)
-    clip: float = opt(CLIP, "Clip of Delta in the support score.", group="Polarity", gt=0)
-    stance_threshold: float = opt(0.05, "|a_k| above which a teacher takes a stance.", group="Polarity", ge=0)
+    clip: float = method_field("clip", group="Polarity")
+    stance_threshold: float = method_field("stance_threshold", group="Polarity")
 
 
 def polarize_tables(
@@ -58,6 +58,7 @@ def polarize_tables(
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per (rollout, teacher) table, per rollout table).  ``scores_path`` names the score table in errors."""
     grades = grade_rollouts(rollouts, timeout_s=cfg.verify_timeout_s, workers=cfg.workers)
+    method = method_of(cfg)
     special, newline = maskable_token_ids(tokenizer)
     masks = {r: token_mask(ids, special, newline)
              for r, ids in zip(rollouts["rollout_id"].to_list(), rollouts["completion_ids"].to_list())}
@@ -74,8 +75,8 @@ def polarize_tables(
             raise InputError(scores_path, f"rollout '{rid}' teacher {r['teacher_rank']}: {len(m)} completion tokens "
                                           f"but {len(s)} student / {len(t)} teacher log-probs")
         d = delta(t, s)
-        a = float(support_score(d, m, cfg.clip))
-        sig = int(stance(a, cfg.stance_threshold))
+        a = float(support_score(d, m, method.clip))
+        sig = int(stance(a, method.stance_threshold))
         o = 1 if correct[rid] else -1
         n_mask = int(m.sum())
         rows["rollout_id"].append(rid)
@@ -89,7 +90,7 @@ def polarize_tables(
         rows["category"].append(category(o, sig))
         rows["token_mask"].append(masks[rid])
         rows["n_mask"].append(n_mask)
-        rows["clipped_frac"].append(float(clipped_fraction(d, m, cfg.clip)))
+        rows["clipped_frac"].append(float(clipped_fraction(d, m, method.clip)))
     per_teacher = pl.DataFrame(rows, schema=POLARIZE_SCHEMA)
     counts = (
         per_teacher.group_by("rollout_id")

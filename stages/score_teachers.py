@@ -23,6 +23,7 @@ from stages.engine.skills.versions import bank_version_of
 from stages.engine.skills.bank import load_bank
 from stages.engine.skills.retrieval import make_retriever, retrieve_many
 from stages.engine.models import load_model
+from stages.engine.objectives.sgsd import method_field, method_of
 from stages.build_index import require_pairs
 from stages.engine.models import check_token_ids
 
@@ -57,8 +58,8 @@ class ScoreTeachersConfig(Checked):
     encoder: str | None = opt(None, "Sentence encoder for embedding retrieval without an index (default Qwen/Qwen3-Embedding-0.6B, the paper's).", group="Teachers")
     query_prompt: bool = opt(False, "Encode retrieval queries with the encoder's 'query' prompt (default: the raw problem, as the reference does).", group="Teachers")  # reference skill_memory.py:179-184 encodes the raw text
     teacher_thinking: str = opt("on", "Chat-template thinking flag of the teacher prompts: on (the reference: enable_thinking=True while the student is non-thinking), off, or rollout (the rollout's own flag).", group="Teachers", choices=("on", "off", "rollout"))  # reference sgsd_trainer.py:195-200
-    k: int = opt(8, "Skills and mistakes retrieved per rollout (the top k of each); teacher j pairs the j-th skill with the j-th mistake, so a rollout gets K = min(k, bank skills, bank mistakes) teachers.", group="Teachers", ge=1)
-    weight_temperature: float = opt(1.0, "Softmax temperature of the teacher weights.", group="Teachers", gt=0)
+    k: int = method_field("k", group="Teachers")
+    weight_temperature: float = method_field("weight_temperature", group="Teachers")
     scoring_temperature: float = opt(1.0, "Temperature of the scored log-probs (recorded in every row).", group="Scoring", gt=0)
     token_budget: int = opt(16384, "Tokens per packed micro-batch of the scoring core.", group="Scoring", ge=1)
     logit_chunk: int = opt(2048, "Positions per fp32 log-softmax chunk.", group="Scoring", ge=1)
@@ -88,7 +89,8 @@ def score_table(
     rollouts scored; ``on_retrieved(n)``: distinct problems whose teachers were retrieved."""
     thinking = teacher_thinking_flags(cfg.teacher_thinking, rollouts)
     problems = rollouts["problem"].to_list()
-    pools = retrieve_many(retriever, problems, k=cfg.k, temperature=cfg.weight_temperature, on_done=on_retrieved)
+    method = method_of(cfg)
+    pools = retrieve_many(retriever, problems, k=method.k, temperature=method.weight_temperature, on_done=on_retrieved)
     rows: dict[str, list] = {k: [] for k in SCORE_SCHEMA}
     bank_version = retriever.bank.version
     recs = rollouts.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts()
@@ -158,8 +160,6 @@ def run(
     bank = load_bank(cfg.bank)
 
     require_pairs(bank, cfg.bank)
-    if cfg.k < 1:
-        raise InputError(None, f"k must be at least 1 (got {cfg.k}): k = 0 would give no teachers")
     inputs = {"rollouts": src, "bank": cfg.bank, "index": cfg.index}
     stage = StageRun(run_dir, "score_teachers", cfg, inputs=inputs, force=force, seed=cfg.seed,
                      output_name=shard_output_name("score_teachers", cfg.shard))

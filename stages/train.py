@@ -48,7 +48,7 @@ from stages.engine.objectives import base as objectives
 from stages.engine.objectives.base import Objective
 from stages.engine.objectives.grpo import AGGREGATIONS, IS_MODES
 from stages.engine.objectives.opsd import chunked_clipped_forward_kl, completion_hidden
-from stages.engine.objectives.sgsd import REVERSED_TOKENS
+from stages.engine.objectives.sgsd import REVERSED_TOKENS, method_field
 from stages.engine.scoring import Segment, score_segments, split_lm, varlen_attention
 from stages.engine.training import SCHEDULES, Sampler
 
@@ -91,8 +91,8 @@ class TrainConfig(Checked):
     ema_decay: float = opt(0.99, "EMA teacher decay per optimizer step.", group="Teacher", ge=0, lt=1)
     teacher_model: str = opt("", "Weights of the fixed teacher / GRPO reference under full fine-tuning (default: the initial weights).", group="Teacher")
     # sgsd
-    tau: float = opt(1.0, "SGSD gate temperature tau.", group="SGSD", gt=0)
-    polarity: str = opt("verifier", "verifier (rho = outcome x stance, the method) or imitate (ABLATION: rho forced to +1 for every teacher, i.e. imitate every skill-conditioned teacher whatever the verifier says).", group="SGSD", choices=("verifier", "imitate"))
+    tau: float = method_field("tau", group="SGSD")
+    polarity: str = method_field("polarity", group="SGSD")
     reversed_tokens: str = opt("all", "Tokens of a reversed teacher's term (rho = -1): all (the method as the reference specifies it) or stance (VARIANT: only tokens whose Delta has the teacher's stance sign, so the pushed-apart term never lowers a correct rollout's token or raises a wrong one's; docs/SKILL_WORLD.md).", group="SGSD", choices=REVERSED_TOKENS)
     scoring_temperature: float | None = opt(None, "Temperature of the training log-probs (default: the score-teachers table's for sgsd, the rollout's sampling temperature for grpo and opsd, as the reference divides the logits by it).", group="SGSD", gt=0)
     # opsd

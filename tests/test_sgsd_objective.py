@@ -156,3 +156,54 @@ def test_token_mask_excludes_special_think_and_newlines(tiny):
     want = [False] + [False] * len(nl) + [True] * len(word) + [False] * len(nl2) + [True] * len(space_word) + [False, False]
     assert m == want
     assert tok.pad_token_id in special
+
+
+def test_method_parameters_are_declared_once_and_reach_each_stage():
+    """k / weight temperature (score-teachers), clip / stance threshold (polarize), tau / polarity (train) are
+    SGSDMethod's fields: same defaults and ranges on every stage, and method_of() reads them back."""
+    import dataclasses
+
+    from stages.engine.config import field_opt
+    from stages.engine.io import InputError
+    from stages.engine.objectives.sgsd import SGSDMethod, method_of
+    from stages.polarize import PolarizeConfig
+    from stages.score_teachers import ScoreTeachersConfig
+    from stages.train import TrainConfig
+
+    assert dataclasses.astuple(SGSDMethod()) == (8, 1.0, 3.0, 0.05, 1.0, "verifier")
+    declared = {f.name: f for f in dataclasses.fields(SGSDMethod)}
+    for cls, names in ((ScoreTeachersConfig, ("k", "weight_temperature")), (PolarizeConfig, ("clip", "stance_threshold")),
+                       (TrainConfig, ("tau", "polarity"))):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for n in names:
+            a, b = field_opt(fields[n]), field_opt(declared[n])
+            assert fields[n].default == declared[n].default
+            assert (a["help"], a["ge"], a["gt"], a["choices"]) == (b["help"], b["ge"], b["gt"], b["choices"])
+    pc = PolarizeConfig(clip=2.0, stance_threshold=0.2)
+    assert method_of(pc) == SGSDMethod(clip=2.0, stance_threshold=0.2)
+    assert method_of(TrainConfig(model="m", tau=0.5, polarity="imitate")) == SGSDMethod(tau=0.5, polarity="imitate")
+    with pytest.raises(InputError, match="stance-threshold must be >= 0"):
+        SGSDMethod(stance_threshold=-0.1)
+    with pytest.raises(InputError, match="--k must be >= 1"):
+        ScoreTeachersConfig(model="m", k=0)
+
+
+def test_trainer_takes_the_stance_polarize_wrote(tmp_path):
+    """The reversed-token gate uses the stance polarize gave each teacher (its own threshold), not a second
+    threshold in the trainer; a table without the column falls back to the support at the default threshold."""
+    import polars as pl
+
+    from stages.engine.objectives.sgsd import SGSD
+    from stages.train import TrainConfig
+
+    pl.DataFrame({"rollout_id": ["r"], "problem_id": ["p"], "prompt_ids": [[1]], "completion_ids": [[2, 3]]}
+                 ).write_parquet(tmp_path / "rollout.parquet")
+    pl.DataFrame({"rollout_id": ["r", "r"], "teacher_rank": [0, 1], "teacher_prompt_ids": [[4], [5]],
+                  "teacher_logprobs": [[-1.0, -1.0], [-2.0, -2.0]]}).write_parquet(tmp_path / "score_teachers.parquet")
+    pol = pl.DataFrame({"rollout_id": ["r", "r"], "teacher_rank": [0, 1], "weight": [0.5, 0.5], "polarity": [0, 1],
+                        "token_mask": [[True, True]] * 2, "support": [0.1, -0.3], "stance": [0, -1]})
+    pol.write_parquet(tmp_path / "polarize.parquet")
+    obj = SGSD(TrainConfig(model="m").resolved())
+    assert [t.stance for t in obj.load(tmp_path, None).items[0].teachers] == [0, -1]  # polarize's (threshold 0.2)
+    pol.drop("stance").write_parquet(tmp_path / "polarize.parquet")
+    assert [t.stance for t in obj.load(tmp_path, None).items[0].teachers] == [1, -1]  # |0.1| > 0.05

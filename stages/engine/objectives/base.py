@@ -42,6 +42,7 @@ class TeacherTarget:
     rho: int
     category: str = "neutral"
     support: float = 0.0
+    stance: int = 0
 
 
 @dataclass

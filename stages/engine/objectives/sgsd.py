@@ -16,14 +16,17 @@ Per rollout y, teacher k, completion token t:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import polars as pl
 import torch
 import torch.nn.functional as F
 
+from stages.engine.config import Checked, field_opt, opt
 from stages.engine.io import InputError, check_finite, read_table, stage_table_path
 from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, register,
                                            unique_temperature)
@@ -33,6 +36,31 @@ CLIP = 3.0
 STANCE_THRESHOLD = 0.05
 TAU = 1.0
 LOG2 = math.log(2.0)
+POLARITIES = ("verifier", "imitate")
+
+
+@dataclass(frozen=True)
+class SGSDMethod(Checked):
+    """The method's parameters, declared once (docs/DESIGN.md 1.2-1.4).  Each stage exposes the ones it uses as its
+    own options (:func:`method_field`: same default, help and range) and passes :func:`method_of` its config."""
+    k: int = opt(8, "Skills and mistakes retrieved per rollout (the top k of each); teacher j pairs the j-th skill with the j-th mistake, so a rollout gets K = min(k, bank skills, bank mistakes) teachers.", ge=1)
+    weight_temperature: float = opt(1.0, "Softmax temperature of the teacher weights.", gt=0)
+    clip: float = opt(CLIP, "Clip of Delta in the support score.", gt=0)
+    stance_threshold: float = opt(STANCE_THRESHOLD, "|a_k| above which a teacher takes a stance.", ge=0)
+    tau: float = opt(TAU, "SGSD gate temperature tau.", gt=0)
+    polarity: str = opt("verifier", "verifier (rho = outcome x stance, the method) or imitate (ABLATION: rho forced to +1 for every teacher, i.e. imitate every skill-conditioned teacher whatever the verifier says).", choices=POLARITIES)
+
+
+def method_field(name: str, *, group: str) -> Any:
+    """A stage config's field for the method parameter ``name``: SGSDMethod's default, help and range."""
+    f = {f.name: f for f in dataclasses.fields(SGSDMethod)}[name]
+    o = field_opt(f)
+    return opt(f.default, o["help"], group=group, choices=o["choices"], ge=o["ge"], gt=o["gt"], le=o["le"], lt=o["lt"])
+
+
+def method_of(cfg: Any) -> SGSDMethod:
+    """The method parameters a stage config carries (the others at their defaults)."""
+    return SGSDMethod(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(SGSDMethod) if hasattr(cfg, f.name)})
 
 THINK_TAGS = ("<think>", "</think>")
 # polarity cells (docs/DESIGN.md 1.4): (outcome, stance) -> category
@@ -174,6 +202,10 @@ class SGSD(Objective):
     name = "sgsd"
     order = 0
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.method = method_of(cfg)
+
     @classmethod
     def input_paths(cls, run_dir: Path) -> dict[str, Path]:
         return {"rollout": stage_table_path(run_dir, "rollout"),
@@ -191,7 +223,7 @@ class SGSD(Objective):
         check_finite(pt, ["weight", "support"], paths["polarize"], "rollout_id")
         if cfg.teacher_mode == "fixed":  # the stored log-probs are the teacher itself
             check_finite(st, ["teacher_logprobs"], paths["score_teachers"], "rollout_id")
-        extra = [c for c in ("category", "support", "correct") if c in pt.columns]
+        extra = [c for c in ("category", "support", "stance", "correct") if c in pt.columns]
         joined = pt.select("rollout_id", "teacher_rank", "weight", "polarity", "token_mask", *extra).join(
             st.select("rollout_id", "teacher_rank", "teacher_prompt_ids", "teacher_logprobs"),
             on=["rollout_id", "teacher_rank"], how="left")
@@ -214,9 +246,11 @@ class SGSD(Objective):
                                   [bool(x) for x in r["token_mask"]], correct=r.get("correct"))
             it = items[rid]
             check_len(paths["score_teachers"], rid, "teacher_logprobs", len(r["teacher_logprobs"]), len(it.completion_ids))
+            support = float(r.get("support") or 0.0)
+            sigma = r.get("stance")  # the stance polarize gave the teacher (older tables: from its support)
             it.teachers.append(TeacherTarget(tuple(r["teacher_prompt_ids"]), r["teacher_logprobs"], float(r["weight"]),
-                                             int(r["polarity"]), r.get("category") or "neutral",
-                                             float(r.get("support") or 0.0)))
+                                             int(r["polarity"]), r.get("category") or "neutral", support,
+                                             int(sigma) if sigma is not None else stance(support, self.method.stance_threshold)))
         bank = sorted(set(st["bank_version"].drop_nulls().to_list())) if "bank_version" in st.columns else []
         temp = unique_temperature(st, "scoring_temperature", paths["score_teachers"], cfg.scoring_temperature, 1.0)
         info = {"bank_version": ",".join(bank) if bank else None, "rollouts": len(items),
@@ -228,7 +262,7 @@ class SGSD(Objective):
 
     def _rho(self, t: TeacherTarget) -> int:
         """The teacher's polarity: the verifier's (polarize table), or +1 under the imitate ablation."""
-        return 1 if self.cfg.polarity == "imitate" else t.rho
+        return 1 if self.method.polarity == "imitate" else t.rho
 
     def loss(self, fw, items, weights, norm):
         cfg, T = self.cfg, fw.data.temperature
@@ -257,8 +291,8 @@ class SGSD(Objective):
             mask = torch.tensor(it.mask, device=s.device)
             wk = torch.tensor([t.weight for t in it.teachers], device=s.device)
             rho = torch.tensor([self._rho(t) for t in it.teachers], device=s.device)
-            sigma = torch.tensor([stance(t.support) for t in it.teachers], device=s.device)
-            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=cfg.tau, sigma=sigma,
+            sigma = torch.tensor([t.stance for t in it.teachers], device=s.device)
+            loss = loss + w * rollout_loss(s, teachers, mask, wk, rho, tau=self.method.tau, sigma=sigma,
                                            reversed_tokens=cfg.reversed_tokens)
             if w > 0:
                 live = rho != 0
