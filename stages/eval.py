@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,7 +99,14 @@ SUMMARY_SCHEMA = {
     "model": pl.String,
     "protocol": pl.String,
     "source": pl.String,
+    # across sampling seeds (--seeds): how many, and the spread of the seeds' avg@n (std: null for one seed)
+    "seeds": pl.Int64,
+    "seed_std": pl.Float64,
+    "seed_min": pl.Float64,
+    "seed_max": pl.Float64,
 }
+
+MAX_SEEDS = 100
 
 
 class InjectedCrash(RuntimeError):
@@ -106,7 +114,7 @@ class InjectedCrash(RuntimeError):
 
 @dataclass
 class EvalConfig(Checked):
-    model: str = opt(help="HF model folder, hub id, .gguf file, or LoRA adapter folder from `sgsd train` (loaded on its base model).", group="Model")
+    model: str | None = opt(None, "HF model folder, hub id, .gguf file, or LoRA adapter folder from `sgsd train` (loaded on its base model). Required unless --checkpoints.", group="Model")
     benches: list[str] = opt(help="Benchmark from the registry (data/benchmarks.toml): aime24, aime25, hmmt25, math500, train, or all; repeatable.", group="Benchmarks", flag="bench", factory=list)
     problems: list[str] = opt(help="JSONL/Parquet file with id, problem, answer columns (repeatable); named after the file.", group="Benchmarks", factory=list)
     protocol: str = opt("paper", "Preset: paper (thinking, T=1.0, top_p 0.95, n=12, 38,912 tokens) or quick (n=2, 512 tokens, no thinking) for smoke runs. The options below override it.", group="Protocol", choices=("paper", "quick"))
@@ -131,6 +139,17 @@ class EvalConfig(Checked):
     # base+skills at inference (the paper's "+skills" rows): the retrieved bank guidance in the eval prompt
     guidance_bank: str | None = opt(None, "Skill bank whose top-ranked (skill, mistake) pair for each problem goes into the eval prompt as the teacher prompt's guidance block (base+skills at inference). Default: the plain student prompt.", group="Protocol")
     guidance_retrieval: str = opt("lexical", "Retrieval of --guidance-bank: lexical, embedding, hybrid or random.", group="Protocol", choices=("embedding", "lexical", "hybrid", "random"))
+    # several sampling seeds: each a full eval; the summary gives their mean and spread (see summarize_seeds)
+    seeds: str | None = opt(None, "Sampling seeds, each a full eval: a count N (--seed, --seed+1, ..., N seeds) or a list such as 0,1,2 (a single listed seed: 5,). The summary gives the mean over seeds of every metric and the spread of avg@n across seeds (sample std, min, max) beside avg@n ± se. Default: --seed alone.", group="Protocol", metavar="N|S1,S2,...")
+    # checkpoint choice on a validation set (run_checkpoints): the test benchmarks never decide it
+    checkpoints: str | None = opt(None, "Run directory of `sgsd train` (checkpoint/, checkpoints/step_N/) or `sgsd loop` (step_N/checkpoint/): evaluate every saved checkpoint on --val, pick one by --select, then evaluate only that one on --bench/--problems (the test sets).", group="Checkpoint choice", metavar="RUN")
+    val: list[str] = opt(help="With --checkpoints: validation set the checkpoint is chosen on, a benchmark name (math500 ...) or a JSONL/Parquet problems file (e.g. a held-out split of the training pool); repeatable (the rule then uses their macro mean). Must not be one of the test sets.", group="Checkpoint choice", factory=list)
+    val_limit: int | None = opt(None, "With --checkpoints: use only the first N problems of each --val set (--limit applies to the test sets).", group="Checkpoint choice", ge=1)
+    select: str = opt("best-avg", "With --checkpoints: rule that picks the checkpoint from the validation curve. best-avg: highest validation avg@n (mean over --seeds; macro mean over --val sets), ties (within 1e-12) to the earlier step; last: the last saved step (the validation curve is still reported).", group="Checkpoint choice", choices=("best-avg", "last"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        seed_values(self.seed, self.seeds)  # range-checks --seeds wherever the config is built
 
     def resolved(self) -> "EvalConfig":
         """The config with the protocol preset filled in for every unset sampling option, validated."""
@@ -139,6 +158,13 @@ class EvalConfig(Checked):
         preset = PROTOCOLS[self.protocol]
         cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
         checks = [
+            (bool(cfg.model) or bool(cfg.checkpoints), "--model is required (or --checkpoints RUN)"),
+            (not (cfg.model and cfg.checkpoints), "--model and --checkpoints exclude each other (--checkpoints "
+                                                  "evaluates the run's own checkpoints)"),
+            (bool(cfg.checkpoints) or not (cfg.val or cfg.val_limit is not None),
+             "--val and --val-limit are taken with --checkpoints RUN only"),
+            (not cfg.checkpoints or bool(cfg.val), "--checkpoints needs --val NAME_OR_FILE: the validation set the "
+                                                   "checkpoint is chosen on (the --bench test sets never are)"),
             (cfg.n >= 1, f"--n must be at least 1, got {cfg.n}"),
             (cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}"),
             (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
@@ -269,7 +295,8 @@ def mean_row(summary: pl.DataFrame) -> dict[str, Any]:
 
 def summarize(tables: dict[str, pl.DataFrame], model: str, protocol: str,
               sources: dict[str, str] | None = None) -> pl.DataFrame:
-    """Summary table: one row per benchmark, then a ``mean`` row when there are several."""
+    """Summary table: one row per benchmark, then a ``mean`` row when there are several (one seed: seeds = 1,
+    seed_min = seed_max = avg@n, seed_std null)."""
     rows = []
     for name, df in tables.items():
         rows.append({"bench": name, **bench_metrics(df), "model": model, "protocol": protocol,
@@ -277,7 +304,90 @@ def summarize(tables: dict[str, pl.DataFrame], model: str, protocol: str,
     summary = pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
     if summary.height > 1:
         summary = pl.concat([summary, pl.DataFrame([mean_row(summary)], schema=SUMMARY_SCHEMA)])
-    return summary
+    return summary.with_columns(seeds=pl.lit(1, pl.Int64), seed_std=pl.lit(None, pl.Float64),
+                                seed_min=pl.col("avg_at_n"), seed_max=pl.col("avg_at_n"))
+
+
+def seed_values(seed: int, seeds: str | int | None) -> list[int]:
+    """The sampling seeds of ``--seeds``: None -> [seed]; a count N -> seed, seed+1, ..., seed+N-1; a comma
+    list ``0,3,7`` (or ``5,`` for one) -> those seeds.  Out of range -> InputError (1 to MAX_SEEDS distinct
+    seeds, each in [0, 2^31))."""
+    if seeds is None:
+        return [seed]
+    text = str(seeds).strip()
+    bad = f"--seeds must be a count N or a comma list of seeds such as 0,1,2 (got {str(seeds)!r})"
+    if "," not in text:
+        try:
+            n = int(text)
+        except ValueError:
+            raise InputError(None, bad) from None
+        if not 1 <= n <= MAX_SEEDS:
+            raise InputError(None, f"--seeds: the count must be between 1 and {MAX_SEEDS} (got {n})")
+        out = list(range(seed, seed + n))
+    else:
+        try:
+            out = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise InputError(None, bad) from None
+        if not out:
+            raise InputError(None, bad)
+        if len(out) > MAX_SEEDS:
+            raise InputError(None, f"--seeds: at most {MAX_SEEDS} seeds (got {len(out)})")
+        if len(set(out)) != len(out):
+            raise InputError(None, f"--seeds lists a seed twice ({text})")
+    if any(not 0 <= v < 2 ** 31 for v in out):
+        raise InputError(None, f"--seeds: every seed must be in [0, 2^31) (got {text}, from --seed {seed})")
+    return out
+
+
+def seed_spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Spread of one metric across sampling seeds: sample std (ddof 1; None for one seed), min and max."""
+    if not values:
+        raise ValueError("no seeds")
+    vals = [float(v) for v in values]
+    if any(not math.isfinite(v) for v in vals):
+        raise ValueError(f"non-finite value among {vals}")
+    m = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+    return {"seed_std": std, "seed_min": min(vals), "seed_max": max(vals)}
+
+
+def summarize_seeds(per_seed: dict[int, dict[str, pl.DataFrame]], model: str, protocol: str,
+                    sources: dict[str, str] | None = None) -> pl.DataFrame:
+    """Summary over several sampling seeds (each seed a full set of rows per benchmark; benchmarks missing from
+    one seed are left out).
+
+    Every metric is the mean over seeds of that seed's value (avg@n: the same as pooling the seeds' samples).
+    ``avg_at_n_se`` is the standard error across problems of the per-problem accuracy pooled over all seeds'
+    samples (the mean row: sqrt(sum se^2) / B, as for one seed); ``seed_std`` / ``seed_min`` / ``seed_max`` are
+    the spread of the seeds' avg@n (the mean row: of each seed's macro mean)."""
+    seeds = list(per_seed)
+    if not seeds:
+        raise ValueError("no seeds")
+    names = [b for b in per_seed[seeds[0]] if all(b in per_seed[s] for s in seeds)]
+    if not names:
+        raise ValueError("no benchmark was evaluated with every seed")
+    if len(seeds) == 1:
+        return summarize({b: per_seed[seeds[0]][b] for b in names}, model, protocol, sources)
+    each = {s: summarize({b: per_seed[s][b] for b in names}, model, protocol, sources) for s in seeds}
+    rows = []
+    for i, bench in enumerate(each[seeds[0]]["bench"].to_list()):
+        per = [each[s].row(i, named=True) for s in seeds]
+        row: dict[str, Any] = {"bench": bench, "n": per[0]["n"], "problems": per[0]["problems"],
+                               "samples": sum(r["samples"] for r in per), "model": model, "protocol": protocol,
+                               "source": per[0]["source"]}
+        for m in METRIC_COLUMNS:
+            row[m] = sum(r[m] for r in per) / len(per)
+        if bench != "mean":
+            row["avg_at_n_se"] = bench_metrics(pl.concat([per_seed[s][bench] for s in seeds]))["avg_at_n_se"]
+        rows.append({**row, "seeds": len(seeds), **seed_spread([r["avg_at_n"] for r in per])})
+    out = pl.DataFrame(rows, schema=SUMMARY_SCHEMA)
+    if out.height > 1:  # the mean row's se from the pooled per-benchmark se
+        ses = out.filter(pl.col("bench") != "mean")["avg_at_n_se"]
+        out = out.with_columns(avg_at_n_se=pl.when(pl.col("bench") == "mean")
+                               .then(pl.lit(math.sqrt(float((ses ** 2).sum())) / ses.len()))
+                               .otherwise(pl.col("avg_at_n_se")))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -357,6 +467,19 @@ class _Generator:
                 self.backend = self.backend or make_backend(self.kind, model=self.model, tokenizer=self.tok,
                                                             spec=self.spec)
         return self.backend, self.tok
+
+    def close(self) -> None:
+        """Free the model and engine this generator built (several checkpoints are evaluated in one process)."""
+        import gc
+
+        import torch
+
+        if self.backend is not None and hasattr(self.backend, "close"):
+            self.backend.close()
+        self.backend = self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _bank_id(bank: str | None, retrieval: str) -> str | None:
@@ -518,14 +641,20 @@ def run(
     progress: ProgressFactory | None = None,
     loaded=None,
     backend: GenerationBackend | None = None,
+    join_earlier: bool = True,
 ) -> Path:
     """Stage entry point.  Returns the path of ``<run_dir>/eval/summary.parquet``.
 
     ``progress(description, total)`` returns an advance callback (the CLI passes rich bars); ``loaded`` =
     (model, tokenizer, spec) reuses a resident model and ``backend`` a built generation backend (the loop).
+    ``join_earlier=False`` keeps earlier benchmarks of the run directory out of the summary.  A model this call
+    loaded itself is released before it returns.  ``--checkpoints`` is :func:`run_checkpoints`.
     """
 
     cfg = cfg.resolved()
+    if cfg.checkpoints:
+        raise InputError(None, "--checkpoints is run by `sgsd eval --checkpoints RUN` (stages.eval.run_checkpoints), "
+                               "not as a plain eval")
     if loaded is not None:
         spec = loaded[2]
     else:
@@ -560,38 +689,60 @@ def run(
     fingerprint = model_fingerprint(spec)
     model_name = spec.adapter or (f"{spec.path}/{spec.gguf_file}" if spec.gguf_file else spec.path)
     eval_dir = Path(run_dir) / "eval"
+    seeds = seed_values(cfg.seed, cfg.seeds)
+    multi = len(seeds) > 1
+    owns = loaded is None and backend is None
     gen = _Generator(cfg, spec, kind, loaded=loaded, backend=backend)
     counter = _Counter()
 
-    # check every benchmark's manifest and partial results before generating anything
+    # check every (seed, benchmark)'s manifest and partial results before generating anything; several seeds:
+    # each seed's tables under eval/seed_<s>/, the summary over seeds in eval/summary.parquet
     plans = []
-    for ps in sets:
-        key = bench_key(cfg, ps, spec, fingerprint, kind, chunk)
-        stage = StageRun(eval_dir, "eval", config=key, inputs={"problems": ps.path}, force=force, seed=cfg.seed,
-                         output_name=ps.name)
-        plans.append((ps, key, stage, None if stage.done else prepare_parts(ps, key, eval_dir, force)))
+    for s in seeds:
+        scfg = replace(cfg, seed=s, seeds=None)
+        d = eval_dir / f"seed_{s}" if multi else eval_dir
+        for ps in sets:
+            key = bench_key(scfg, ps, spec, fingerprint, kind, chunk)
+            stage = StageRun(d, "eval", config=key, inputs={"problems": ps.path}, force=force, seed=s,
+                             output_name=ps.name)
+            plans.append((s, scfg, d, ps, key, stage, None if stage.done else prepare_parts(ps, key, d, force)))
 
-    tables: dict[str, pl.DataFrame] = {}
+    per_seed: dict[int, dict[str, pl.DataFrame]] = {s: {} for s in seeds}
     sources: dict[str, str] = {}
-    for ps, key, stage, parts_dir in plans:
-        if parts_dir is None:
-            rows = pl.read_parquet(stage.output)
-        else:
-            rows = evaluate_bench(gen, cfg, ps, key, parts_dir, progress, counter)
-            stage.finish(rows, extra={"metrics": bench_metrics(rows), "backend": kind, "model_name": model_name})
-            shutil.rmtree(parts_dir, ignore_errors=True)
-        tables[ps.name] = rows
-        sources[ps.name] = ps.source
+    try:
+        for s, scfg, d, ps, key, stage, parts_dir in plans:
+            if parts_dir is None:
+                rows = pl.read_parquet(stage.output)
+            else:
+                rows = evaluate_bench(gen, scfg, ps, key, parts_dir, progress, counter)
+                stage.finish(rows, extra={"metrics": bench_metrics(rows), "backend": kind, "model_name": model_name})
+                shutil.rmtree(parts_dir, ignore_errors=True)
+            per_seed[s][ps.name] = rows
+            sources[ps.name] = ps.source
+    finally:
+        if owns:
+            gen.close()
 
     # earlier benchmarks of this run directory evaluated with the same model and settings join the summary
-    for name, (rows, src) in _compatible_earlier(eval_dir, cfg, fingerprint, kind, chunk, exclude=set(tables)).items():
-        tables[name], sources[name] = rows, src
-    summary = summarize(tables, model_name, cfg.protocol, sources)
-    inputs = {name: eval_dir / f"{name}.parquet" for name in tables}
-    sum_stage = StageRun(eval_dir, "eval-summary", config={"benches": list(tables), "model": model_name,
-                                                            "protocol": cfg.protocol},
-                         inputs=inputs, force=True, seed=cfg.seed, output_name="summary")
-    sum_stage.finish(summary, extra={"settings": {k: key[k] for k in _SETTINGS_KEYS}})
+    if join_earlier:
+        for s in seeds:
+            scfg = replace(cfg, seed=s, seeds=None)
+            d = eval_dir / f"seed_{s}" if multi else eval_dir
+            for name, (rows, src) in _compatible_earlier(d, scfg, fingerprint, kind, chunk,
+                                                         exclude=set(per_seed[s])).items():
+                per_seed[s][name], sources[name] = rows, src
+    summary = summarize_seeds(per_seed, model_name, cfg.protocol, sources)
+    names = [b for b in summary["bench"].to_list() if b != "mean"]
+    inputs = {f"{name}@{s}" if multi else name: (eval_dir / f"seed_{s}" if multi else eval_dir) / f"{name}.parquet"
+              for s in seeds for name in names}
+    sum_cfg = {"benches": names, "model": model_name, "protocol": cfg.protocol}
+    if multi:
+        sum_cfg["seeds"] = seeds
+    sum_stage = StageRun(eval_dir, "eval-summary", config=sum_cfg, inputs=inputs, force=True, seed=cfg.seed,
+                         output_name="summary")
+    settings = {k: key[k] for k in _SETTINGS_KEYS}
+    settings["seeds"] = seeds
+    sum_stage.finish(summary, extra={"settings": settings})
     return sum_stage.output
 
 
@@ -625,6 +776,232 @@ def _compatible_earlier(eval_dir: Path, cfg: EvalConfig, fingerprint: str, kind:
             continue
         out[name] = (pl.read_parquet(table), conf.get("problems_source", ""))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoint choice on a validation set (`sgsd eval --checkpoints RUN`)
+#
+# Every saved checkpoint of a training run is evaluated on the validation set(s) (--val), one is picked by a
+# named rule from that curve alone, and only the picked one is evaluated on the test sets (--bench/--problems).
+# Outputs under <run_dir>/select/: val/step_<N>/eval/ and test/step_<N>/eval/ (plain eval runs: manifests,
+# resume), validation.parquet (the curve: one row per (step, val set [+ mean])), choice.parquet (one row: rule,
+# step, value), test.parquet (the chosen step's test summary); <run_dir>/eval/summary.parquet is that test
+# summary too (so `sgsd eval --compare` and `sgsd report` read it like any eval).
+
+SELECT_RULES = ("best-avg", "last")
+TIE_TOL = 1e-12  # validation values this close count as a tie (the earlier step wins)
+SELECT_DIR = "select"
+_LOOP_STEP_RE = re.compile(r"^step_(\d+)$")
+
+CHOICE_SCHEMA = {
+    "rule": pl.String, "step": pl.Int64, "loop_step": pl.Int64, "checkpoint": pl.String, "val_bench": pl.String,
+    "val_metric": pl.String, "val_value": pl.Float64, "val_se": pl.Float64, "val_seed_std": pl.Float64,
+    "candidates": pl.Int64, "first_step": pl.Int64, "last_step": pl.Int64, "val_sets": pl.String,
+    "test_sets": pl.String, "val_test_overlap": pl.Int64, "seeds": pl.String, "run": pl.String,
+}
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """One checkpoint of a training run: its policy step (optimizer steps since training began), folder and,
+    for a loop run, the loop step whose folder holds it."""
+    step: int
+    path: Path
+    loop_step: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"step_{self.step:06d}"
+
+
+def _policy_step(path: Path) -> int:
+    """The policy step of a checkpoint folder, after checking every file against its checksums."""
+    from stages.engine import checkpoint as ckpt
+
+    ckpt.validate(path)
+    meta_path = path / ckpt.META
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(meta_path, "checkpoint metadata is not readable JSON") from None
+    step = meta.get("policy_step") if isinstance(meta, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise InputError(meta_path, f"checkpoint metadata has no valid policy_step (got {step!r})")
+    return step
+
+
+def list_checkpoints(run: str | Path) -> list[SavedCheckpoint]:
+    """Every saved checkpoint of a training run, by policy step: ``sgsd train``'s checkpoint/ and
+    checkpoints/step_N/, ``sgsd loop``'s step_N/checkpoint/ (and step_N/checkpoints/step_M/).  Each is validated
+    (checksums); none found, an invalid one or a policy step saved twice -> InputError."""
+    from stages.engine import checkpoint as ckpt
+
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(run, "training run directory not found (--checkpoints RUN)")
+    if ckpt.is_checkpoint(run):
+        raise InputError(run, "this is a checkpoint folder, not a run directory: pass the run directory holding it "
+                              "to --checkpoints, or evaluate it alone with --model")
+    found: list[tuple[int | None, Path]] = [(None, p) for p in ckpt.candidates(run)]
+    loop_steps = sorted((int(m.group(1)), d) for d in run.iterdir()
+                        if d.is_dir() and (m := _LOOP_STEP_RE.match(d.name)))
+    for n, d in loop_steps:
+        found += [(n, p) for p in ckpt.candidates(d)]
+    if not found:
+        raise InputError(run, "no checkpoints in this run directory (looked for checkpoint/ and checkpoints/step_N/ "
+                              "of `sgsd train`, step_N/checkpoint/ of `sgsd loop`; the loop keeps only --keep-last "
+                              "step checkpoints, 0 keeps all)")
+    out: dict[int, SavedCheckpoint] = {}
+    for loop_step, p in found:
+        step = _policy_step(p)
+        if step in out:
+            raise InputError(p, f"policy step {step} is saved twice in this run (also {out[step].path})")
+        out[step] = SavedCheckpoint(step, p, loop_step)
+    return [out[k] for k in sorted(out)]
+
+
+def choose_step(curve: Sequence[tuple[int, float]], rule: str) -> int:
+    """The step a rule picks from a validation curve [(step, value)].
+
+    ``best-avg``: the highest value; values within TIE_TOL of it tie and the earliest of them wins.  ``last``:
+    the highest step.  Non-finite values and repeated steps are refused (ValueError)."""
+    if not curve:
+        raise ValueError("empty validation curve")
+    steps = [int(st) for st, _ in curve]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"a step appears twice in the curve {steps}")
+    if rule == "last":
+        return max(steps)
+    if rule != "best-avg":
+        raise ValueError(f"unknown selection rule {rule!r} (use {', '.join(SELECT_RULES)})")
+    for st, v in curve:
+        if v is None or not math.isfinite(float(v)):
+            raise ValueError(f"step {st}: validation value {v} is not a finite number")
+    best = max(float(v) for _, v in curve)
+    return min(int(st) for st, v in curve if float(v) >= best - TIE_TOL)
+
+
+def _load_sets(names: list[str], files: list[str], data_dir: str | None, limit: int | None) -> list[benchmarks.Problems]:
+    sets = [benchmarks.load_benchmark(b, data_dir=data_dir) for b in (benchmarks.expand_bench_names(names) if names else [])]
+    sets += [benchmarks.load(Path(f)) for f in files]
+    for ps in sets:
+        if limit is not None:
+            ps.df = ps.df.head(limit)
+    return sets
+
+
+def _split_val(val: list[str]) -> tuple[list[str], list[str]]:
+    """--val entries -> (registry names, problem files): a bare known name is a benchmark, anything else a file."""
+    names, files = [], []
+    for v in val:
+        if benchmarks.is_bare_name(v):
+            try:
+                names.append(benchmarks.get_benchmark(v).name)
+                continue
+            except InputError:
+                if not Path(v).is_file():
+                    raise
+        files.append(v)
+    return names, files
+
+
+def _norm_problem(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def run_checkpoints(cfg: EvalConfig, run_dir: str | Path, *, force: bool = False,
+                    progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """``sgsd eval --checkpoints RUN``: validation curve, choice by ``cfg.select``, test eval of the chosen step.
+
+    Returns the paths of the tables {validation, choice, test (absent without test sets), summary}.  Each
+    per-checkpoint eval is a plain :func:`run` (manifests, part files): a rerun evaluates only what is missing,
+    checkpoints saved since the last run included."""
+    from stages.engine.io import lock_run_dir
+
+    say = log or (lambda m: None)
+    cfg = cfg.resolved()
+    if not cfg.checkpoints:
+        raise InputError(None, "run_checkpoints needs --checkpoints RUN")
+    out = Path(run_dir)
+    sel = out / SELECT_DIR
+    # everything that can be refused is refused before any model is loaded or file written
+    cks = list_checkpoints(cfg.checkpoints)
+    val_names, val_files = _split_val(cfg.val)
+    val_sets = _load_sets(val_names, val_files, cfg.data_dir, cfg.val_limit)
+    test_sets = _load_sets(cfg.benches, cfg.problems, cfg.data_dir, cfg.limit)
+    for group, label in ((val_sets, "--val"), (test_sets, "test")):
+        seen: dict[str, str] = {}
+        for ps in group:
+            if ps.name in seen or ps.name == "summary":
+                raise InputError(ps.source, f"{label} set name '{ps.name}' is used twice or reserved; rename the file")
+            seen[ps.name] = ps.source
+    test_texts = {_norm_problem(t): ps.name for ps in test_sets for t in ps.df["problem"].to_list()}
+    overlap = 0
+    for v in val_sets:
+        for t in test_sets:
+            if v.content_hash() == t.content_hash() or v.name == t.name:
+                raise InputError(v.source, f"validation set '{v.name}' is also a test set ('{t.name}'): choosing the "
+                                           "checkpoint on it would peek at the test set; pass another --val")
+        shared = [p for p in v.df["problem"].to_list() if _norm_problem(p) in test_texts]
+        if shared:
+            overlap += len(shared)
+            say(f"warning: {len(shared)} of the {v.df.height} problems of validation set '{v.name}' are also in the "
+                f"test sets (e.g. one of '{test_texts[_norm_problem(shared[0])]}'); their test scores are not "
+                "independent of the choice")
+    seeds = seed_values(cfg.seed, cfg.seeds)
+    release = lock_run_dir(out)
+    try:
+        base = replace(cfg, checkpoints=None, val=[], val_limit=None, model=None, gguf_file=None)
+        val_cfg = replace(base, benches=val_names, problems=val_files, limit=cfg.val_limit)
+        val_key = "mean" if len(val_sets) > 1 else val_sets[0].name
+        rows, curve, inputs = [], [], {}
+        for ck in cks:
+            path = run(replace(val_cfg, model=str(ck.path)), sel / "val" / ck.label, force=force, progress=progress,
+                       join_earlier=False)
+            summ = pl.read_parquet(path)
+            inputs[ck.label] = path
+            rows.append(summ.select(pl.lit(ck.step, pl.Int64).alias("step"),
+                                    pl.lit(ck.loop_step, pl.Int64).alias("loop_step"),
+                                    pl.lit(str(ck.path)).alias("checkpoint"), pl.all()))
+            r = summ.filter(pl.col("bench") == val_key).row(0, named=True)
+            curve.append((ck.step, r["avg_at_n"]))
+            say(f"step {ck.step}: validation {val_key} avg@n {100 * r['avg_at_n']:.1f}%"
+                + (f" (seed std {100 * r['seed_std']:.1f})" if r.get("seed_std") is not None else ""))
+        validation = pl.concat(rows, how="vertical_relaxed")
+        common = {"run": str(Path(cfg.checkpoints).resolve()), "val": [ps.source for ps in val_sets],
+                  "val_limit": cfg.val_limit, "seeds": seeds, "protocol": cfg.protocol}
+        val_stage = StageRun(sel, "eval-validation", config=common, inputs=inputs, force=True, seed=cfg.seed,
+                             output_name="validation")
+        val_stage.finish(validation)
+
+        chosen_step = choose_step(curve, cfg.select)
+        chosen = next(c for c in cks if c.step == chosen_step)
+        cr = validation.filter((pl.col("step") == chosen_step) & (pl.col("bench") == val_key)).row(0, named=True)
+        choice = pl.DataFrame([{
+            "rule": cfg.select, "step": chosen.step, "loop_step": chosen.loop_step, "checkpoint": str(chosen.path),
+            "val_bench": val_key, "val_metric": "avg_at_n", "val_value": cr["avg_at_n"], "val_se": cr["avg_at_n_se"],
+            "val_seed_std": cr["seed_std"], "candidates": len(cks), "first_step": cks[0].step, "last_step": cks[-1].step,
+            "val_sets": ",".join(ps.name for ps in val_sets), "test_sets": ",".join(ps.name for ps in test_sets),
+            "val_test_overlap": overlap, "seeds": ",".join(map(str, seeds)), "run": common["run"],
+        }], schema=CHOICE_SCHEMA)
+        StageRun(sel, "eval-choice", config={**common, "rule": cfg.select}, inputs={"validation": val_stage.output},
+                 force=True, seed=cfg.seed, output_name="choice").finish(choice)
+        say(f"chosen: step {chosen.step} ({cfg.select}) of {len(cks)} checkpoints: {chosen.path}")
+        paths = {"validation": val_stage.output, "choice": sel / "choice.parquet"}
+        if test_sets:
+            test_cfg = replace(base, limit=cfg.limit, model=str(chosen.path))
+            path = run(test_cfg, sel / "test" / chosen.label, force=force, progress=progress, join_earlier=False)
+            summ = pl.read_parquet(path)
+            test = summ.select(pl.lit(cfg.select).alias("rule"), pl.lit(chosen.step, pl.Int64).alias("step"),
+                               pl.lit(str(chosen.path)).alias("checkpoint"), pl.all())
+            StageRun(sel, "eval-test", config={**common, "rule": cfg.select, "step": chosen.step},
+                     inputs={"summary": path}, force=True, seed=cfg.seed, output_name="test").finish(test)
+            StageRun(out / "eval", "eval-summary", config={"chosen_step": chosen.step, "rule": cfg.select, **common},
+                     inputs={"summary": path}, force=True, seed=cfg.seed, output_name="summary").finish(summ)
+            paths.update(test=sel / "test.parquet", summary=out / "eval" / "summary.parquet")
+        return paths
+    finally:
+        release()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -254,6 +254,62 @@ def plot_evals(runs: Sequence[dict], path: Path) -> Path | None:
     return atomic_write_bytes(path, _png(fig))
 
 
+def plot_checkpoint_choice(run: dict, path: Path) -> Path | None:
+    """``sgsd eval --checkpoints``: the validation curve (avg@n ± se per saved step; with several seeds the band of
+    the seeds' min..max) with the chosen step marked, and the test sets' avg@n ± se at that step.  None when the
+    run directory has no ``select/validation.parquet`` and ``select/choice.parquet``."""
+    sel = Path(run["path"]) / "select"
+    if not ((sel / "validation.parquet").exists() and (sel / "choice.parquet").exists()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    val = read_table(sel / "validation.parquet", required={"step": int, "bench": str, "avg_at_n": float})
+    choice = read_table(sel / "choice.parquet", required={"rule": str, "step": int, "val_bench": str}).row(0, named=True)
+    test = (read_table(sel / "test.parquet", required={"bench": str, "avg_at_n": float})
+            if (sel / "test.parquet").exists() else None)
+    v = val.filter(pl.col("bench") == choice["val_bench"]).sort("step")
+    pct = lambda xs: [100 * x if x is not None and not math.isnan(x) else float("nan") for x in xs]  # noqa: E731
+    se = pct(v["avg_at_n_se"].to_list()) if "avg_at_n_se" in v.columns else [0.0] * v.height
+    fig, ax = plt.subplots(figsize=(7.2, 3.8), dpi=110)
+    xs = v["step"].to_list()
+    ax.errorbar(xs, pct(v["avg_at_n"].to_list()), yerr=[0.0 if math.isnan(e) else e for e in se], marker="o",
+                markersize=3, capsize=3, color="C0", label=f"validation {choice['val_bench']} (all saved steps)")
+    if "seeds" in v.columns and (v["seeds"].max() or 1) > 1:
+        ax.fill_between(xs, pct(v["seed_min"].to_list()), pct(v["seed_max"].to_list()), color="C0", alpha=0.15,
+                        label=f"validation: min..max over {v['seeds'].max()} seeds")
+    ax.axvline(choice["step"], color="0.4", linestyle="--", linewidth=1,
+               label=f"chosen: step {choice['step']} ({choice['rule']})")
+    if test is not None:
+        for i, r in enumerate(test.iter_rows(named=True)):
+            e = r.get("avg_at_n_se")
+            ax.errorbar([choice["step"]], [100 * r["avg_at_n"]], yerr=[0.0 if e is None or math.isnan(e) else 100 * e],
+                        marker="s" if r["bench"] != "mean" else "D", markersize=5, capsize=3, linestyle="none",
+                        color=f"C{(i + 1) % 10}", label=f"test {r['bench']} (chosen step only)")
+    ax.set_title("checkpoint choice: validation curve, test at the chosen step", fontsize=11)
+    ax.set_xlabel("policy step (optimizer steps)", fontsize=9)
+    ax.set_ylabel("avg@n (% correct) ± se", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return atomic_write_bytes(path, _png(fig))
+
+
+def checkpoint_choice_figs(runs: Sequence[dict], out: Path) -> list[tuple[str, Path]]:
+    """The checkpoint-choice figure of every run that has one (``checkpoint_choice.png``, a suffix per run)."""
+    figs = []
+    for i, r in enumerate(runs):
+        p = plot_checkpoint_choice(r, out / ("checkpoint_choice.png" if len(runs) == 1 else f"checkpoint_choice_{i}.png"))
+        if p:
+            figs.append((f"checkpoint choice of {_label(r, runs)}: validation avg@n per saved step, test at the chosen step", p))
+    return figs
+
+
 def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """PNGs + ``report.html`` (the PNGs embedded as data: URIs, so the page is one self-contained file)."""
     runs = [load_run(r) for r in run_dirs]
@@ -263,6 +319,7 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     p = plot_evals(runs, out / "eval_avg_at_n.png")
     if p:
         figs.append(("eval avg@n ± standard error per benchmark", p))
+    figs += checkpoint_choice_figs(runs, out)
     for stem, title, cols, ylabel in PANELS:
         p = plot_panel(runs, title, cols, out / f"{stem}.png", split=stem in SPLIT, ylabel=ylabel)
         if p:

@@ -4,6 +4,7 @@ format / truncation rates, the macro mean row and the compare table."""
 from __future__ import annotations
 
 import itertools
+import re
 import math
 
 import polars as pl
@@ -12,13 +13,17 @@ import pytest
 from stages.eval import (
     SUMMARY_SCHEMA,
     bench_metrics,
+    choose_step,
     compare_table,
     majority_vote,
     mean_row,
     pass_at_k,
+    seed_spread,
+    seed_values,
     summarize,
+    summarize_seeds,
 )
-from stages.engine.io import write_parquet
+from stages.engine.io import InputError, write_parquet
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:
@@ -167,3 +172,82 @@ def test_compare_table_with_paper_rows(tmp_path):
     cols2, rows2 = compare_table([tmp_path / "A"], metric="avg_at_n", with_paper=False)
     assert cols2 == ["aime24", "aime25", "hmmt25", "math500", "mean"]
     assert rows2[0][2][-1] == pytest.approx(0.525)  # without the paper: mean over every column
+
+
+# --------------------------------------------------------------------------------------------------
+# several sampling seeds, checkpoint choice
+
+
+def test_seed_spread_and_summary_over_seeds_hand_computed():
+    # seed 0: p1 2/2, p2 0/2 -> 0.5;  seed 1: p1 1/2, p2 0/2 -> 0.25;  seed 2: p1 2/2, p2 1/2 -> 0.75
+    per = {
+        0: {"p1": [("5", True, "stop", 4)] * 2, "p2": [("1", False, "stop", 4)] * 2},
+        1: {"p1": [("5", True, "stop", 4), ("6", False, "stop", 4)], "p2": [("1", False, "stop", 4)] * 2},
+        2: {"p1": [("5", True, "stop", 4)] * 2, "p2": [("2", True, "stop", 4), ("1", False, "length", 8)]},
+    }
+    tables = {s: {"b": rows_for(p)} for s, p in per.items()}
+    sp = seed_spread([0.5, 0.25, 0.75])
+    assert sp["seed_std"] == pytest.approx(0.25)  # sqrt((0 + 0.0625 + 0.0625) / 2)
+    assert (sp["seed_min"], sp["seed_max"]) == (0.25, 0.75)
+    assert seed_spread([0.4])["seed_std"] is None
+    with pytest.raises(ValueError):
+        seed_spread([0.1, float("nan")])
+    s = summarize_seeds(tables, model="m", protocol="quick")
+    assert s.schema == pl.Schema(SUMMARY_SCHEMA)
+    r = s.row(0, named=True)
+    assert r["seeds"] == 3 and r["n"] == 2 and r["problems"] == 2 and r["samples"] == 12
+    assert r["avg_at_n"] == pytest.approx(0.5)
+    assert r["seed_std"] == pytest.approx(0.25) and (r["seed_min"], r["seed_max"]) == (0.25, 0.75)
+    # se across problems of the accuracy pooled over the 6 samples of each problem: p1 5/6, p2 1/6
+    assert r["avg_at_n_se"] == pytest.approx(1 / 3)  # std(5/6, 1/6) = (2/3)/sqrt(2); / sqrt(2 problems)
+    assert r["pass_at_n"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # mean over seeds of pass@2
+    assert r["truncation_rate"] == pytest.approx((0 + 0 + 0.25) / 3)
+    one = summarize({"b": tables[0]["b"]}, model="m", protocol="quick").row(0, named=True)
+    assert one["seeds"] == 1 and one["seed_std"] is None and one["seed_min"] == one["seed_max"] == 0.5
+
+
+def test_summary_over_seeds_mean_row():
+    # two benchmarks, two seeds: a = 1.0 then 0.5, b = 0.0 then 0.5 -> seed macro means 0.5 and 0.5
+    tables = {
+        0: {"a": rows_for({"x": [("1", True, "stop", 1)] * 2}), "b": rows_for({"y": [("1", False, "stop", 1)] * 2})},
+        1: {"a": rows_for({"x": [("1", True, "stop", 1), ("2", False, "stop", 1)]}),
+            "b": rows_for({"y": [("1", True, "stop", 1), ("2", False, "stop", 1)]})},
+    }
+    s = summarize_seeds(tables, model="m", protocol="quick")
+    assert s["bench"].to_list() == ["a", "b", "mean"]
+    a, b, mean = s.rows(named=True)
+    assert a["seed_std"] == pytest.approx(math.sqrt(0.125)) and b["seed_std"] == pytest.approx(math.sqrt(0.125))
+    assert mean["avg_at_n"] == pytest.approx(0.5) and mean["seed_std"] == pytest.approx(0.0)
+    assert (mean["seed_min"], mean["seed_max"]) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("spec, seed, want", [
+    (None, 7, [7]), ("3", 0, [0, 1, 2]), ("2", 5, [5, 6]), ("0,1,2", 9, [0, 1, 2]), ("4,", 0, [4]),
+    (" 10 , 3 ", 0, [10, 3]), (3, 1, [1, 2, 3]),
+])
+def test_seed_values(spec, seed, want):
+    assert seed_values(seed, spec) == want
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("0", "between 1 and 100"), ("101", "between 1 and 100"), ("a,b", "count N or a comma list"),
+    ("x", "count N or a comma list"), ("1,1", "twice"), (",", "count N or a comma list"), ("-1,2", "[0, 2^31)"),
+])
+def test_seed_values_refused(spec, msg):
+    with pytest.raises(InputError, match=re.escape(msg)):
+        seed_values(0, spec)
+
+
+def test_choose_step_rules():
+    curve = [(10, 0.30), (20, 0.45), (30, 0.40), (40, 0.45)]
+    assert choose_step(curve, "best-avg") == 20  # 20 and 40 tie: the earlier step
+    assert choose_step(curve, "last") == 40
+    assert choose_step(list(reversed(curve)), "best-avg") == 20  # order of the list does not matter
+    assert choose_step([(5, 0.1), (6, 0.1 + 1e-13), (7, 0.0)], "best-avg") == 5  # within the tie tolerance
+    assert choose_step([(5, 0.1), (6, 0.1 + 1e-9)], "best-avg") == 6
+    with pytest.raises(ValueError, match="not a finite"):
+        choose_step([(1, 0.2), (2, float("nan"))], "best-avg")
+    with pytest.raises(ValueError, match="twice"):
+        choose_step([(1, 0.2), (1, 0.3)], "best-avg")
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        choose_step(curve, "best-test")

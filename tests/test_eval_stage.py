@@ -222,9 +222,28 @@ def test_resume_with_nontrivial_metrics(tiny, tmp_path, monkeypatch):
     assert sa.equals(sb) and 0.1 < sa["avg_at_n"][0] < 0.9
 
 
-def test_chunk_seeds_do_not_depend_on_order():
-    assert ev.chunk_seed(0, "aime25", ["a", "b"]) == ev.chunk_seed(0, "aime25", ["a", "b"])
-    assert len({ev.chunk_seed(s, b, ids) for s in (0, 1) for b in ("x", "y") for ids in (["a"], ["b"])}) == 8
+def test_chunk_seeds_do_not_depend_on_order(tiny, tmp_path):
+    """A chunk samples the same whatever ran before it: the chunk {p3, p4} is the second chunk of a 4-problem
+    file and the first of a 2-problem file of the same name; its seed and completions must not change."""
+    model, tok, spec = tiny
+    golds = list(demo_golds().items())
+    lines = [json.dumps({"id": f"p{i}", "problem": p, "answer": a}) + "\n" for i, (p, a) in enumerate(golds[:4], 1)]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "probs.jsonl").write_text("".join(lines))
+    (tmp_path / "b" / "probs.jsonl").write_text("".join(lines[2:]))
+    for d in ("a", "b"):
+        cfg = ev.EvalConfig(model=spec.path, problems=[str(tmp_path / d / "probs.jsonl")], protocol="quick", n=3,
+                            chunk_problems=2, seed=4)
+        ev.run(cfg, tmp_path / d, loaded=tiny, backend=ScriptedBackend(tok, demo_golds()))
+    full = pl.read_parquet(tmp_path / "a" / "eval" / "probs.parquet")
+    alone = pl.read_parquet(tmp_path / "b" / "eval" / "probs.parquet")
+    late = full.filter(pl.col("problem_id").is_in(["p3", "p4"]))
+    assert late["chunk"].unique().to_list() == [1] and alone["chunk"].unique().to_list() == [0]
+    assert late.drop("chunk").equals(alone.drop("chunk"))  # same seed, same completions, grades and tokens
+    first = full.filter(pl.col("problem_id").is_in(["p1", "p2"]))
+    assert first["seed"][0] != late["seed"][0]  # other problems, another seed
+    assert first["completion"].to_list() != late["completion"].to_list()
 
 
 def test_summary_keeps_earlier_benchmarks_of_the_same_model(tiny, tmp_path):
