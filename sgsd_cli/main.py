@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "sgsd_cli.eval_cmd",
     "sgsd_cli.loop_cmd",
     "sgsd_cli.sft_cmd",
+    "sgsd_cli.export_cmd",
     "sgsd_cli.skills_cmd",
     "sgsd_cli.utils_cmd",
     "sgsd_cli.inspect_cmd",
