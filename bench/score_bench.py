@@ -44,12 +44,12 @@ if str(REPO) not in sys.path:
 from stages.engine.scoring import Segment, score_naive, score_segments  # noqa: E402  (no polars on this path)
 
 SHAPES = {
-    # tiny tokenizer's vocabulary (stages.models.make_tiny_model: 512), hidden 256: big enough to time on CPU
+    # tiny tokenizer's vocabulary (stages.engine.models.make_tiny_model: 512), hidden 256: big enough to time on CPU
     "small": dict(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=32),
     "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128),
-    # the test model's shape (stages.models.make_tiny_model)
+    # the test model's shape (stages.engine.models.make_tiny_model)
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
 }

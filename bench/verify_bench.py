@@ -1,4 +1,4 @@
-"""Benchmark the answer verifier (stages/verify.py) against naive in-process math-verify.
+"""Benchmark the answer verifier (stages/engine/verify.py) against naive in-process math-verify.
 
 Builds N mixed, realistic completions from the real data files (../shared/data relative to the repo:
 math500.jsonl, train.jsonl, aime24.jsonl rows that carry a `solution`):
@@ -10,7 +10,7 @@ math500.jsonl, train.jsonl, aime24.jsonl rows that carry a `solution`):
 - no answer: the solution cut before its final box (a truncated generation).
 
 Then it grades them (a) naively: math_verify parse(gold) + parse(completion) + verify per pair in-process, on a
-subset; (b) with stages.verify.Verifier(workers=W).grade_many (hard timeout on). The last line printed is one JSON
+subset; (b) with stages.engine.verify.Verifier(workers=W).grade_many (hard timeout on). The last line printed is one JSON
 object with both figures and the ratio.
 
     python bench/verify_bench.py [--n 2000] [--workers 2] [--naive-n 300] [--timeout 5] [--hang 0]

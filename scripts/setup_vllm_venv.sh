@@ -105,7 +105,7 @@ step "the repo (editable) and its remaining deps"
 
 step "checking imports"
 versions=$(check) && [ -n "$versions" ] || {
-    (cd "$REPO" && VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VENV/bin/python" -c 'import vllm, stages.generation') >>"$LOG" 2>&1
+    (cd "$REPO" && VLLM_CPU_NUM_OF_RESERVED_CPU=0 "$VENV/bin/python" -c 'import vllm, stages.engine.generation.factory') >>"$LOG" 2>&1
     fail "the new venv does not import vllm + stages"
 }
 step "done"

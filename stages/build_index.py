@@ -15,7 +15,7 @@ import polars as pl
 
 from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun
-from stages.engine.skills.bank import load_bank
+from stages.engine.skills.bank import load_bank, require_pairs
 from stages.engine.skills.encoders import DEFAULT_ENCODER, load_encoder
 from stages.engine.skills.bank import KINDS, SkillBank, item_text
 from dataclasses import dataclass
@@ -44,13 +44,6 @@ class BuildIndexConfig(Checked):
     batch_size: int = opt(32, "Encode batch: bank items embedded together.", group="Index", ge=1, flag="encode-batch", old=("--batch-size",))
     device: str = opt("cpu", "Encoder device: cpu, cuda, auto.", group="Index")
     encoder_backend: str = opt("auto", "auto (sentence-transformers for a hub id or a folder with its config, refused if the package is missing; transformers mean pooling for a plain folder), sentence-transformers, hf (mean pooling, explicitly).", group="Index", choices=("auto", "sentence-transformers", "hf"))
-
-
-def require_pairs(bank: SkillBank, path) -> None:
-    """A bank that cannot form one teacher (K = min(#skills, #mistakes) = 0) is refused, naming the file."""
-    if not bank.skills or not bank.mistakes:
-        raise InputError(path, f"skill bank has {len(bank.skills)} general skills and {len(bank.mistakes)} common "
-                               "mistakes: it needs at least one of each to form a teacher (K = min of the two)")
 
 
 def index_table(bank: SkillBank, cfg: BuildIndexConfig, on_done: Callable[[int], None] | None = None) -> pl.DataFrame:

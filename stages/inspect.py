@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from stages.engine.io import InputError, atomic_write_text, check_finite, read_manifest, read_table, stage_table_path
+from stages.engine.io import InputError, atomic_write_text, check_finite, read_manifest, read_table
+from stages.engine.tables import POLARIZE, POLARIZE_ROLLOUTS, ROLLOUT, SCORE_TEACHERS
 from stages.engine.objectives.sgsd import CATEGORIES, CLIP
 
 CATEGORY_STYLE = {"helpful": "green", "warning": "cyan", "misleading": "red", "over_suppressive": "magenta",
@@ -41,20 +42,14 @@ class StepTables:
     model: str | None = None
 
 
-def table_path(d: Path, name: str) -> Path | None:
-    """``d/<name>.parquet`` or its sharded part directory, None when neither exists."""
-    d = Path(d)
-    return d / f"{name}.parquet" if (d / f"{name}.parquet").exists() else (d / name if (d / name).is_dir() else None)
-
-
 def resolve_step_dir(path: str | Path) -> Path:
     """A step directory, or a run directory (its last ``step_*`` holding a polarize table)."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such directory")
-    if table_path(p, "rollout"):
+    if ROLLOUT.find(p):
         return p
-    steps = sorted(d for d in p.glob("step_*") if d.is_dir() and table_path(d, "polarize"))
+    steps = sorted(d for d in p.glob("step_*") if d.is_dir() and POLARIZE.find(d))
     if steps:
         return steps[-1]
     raise InputError(p, "not a step directory (no rollout table) and holds no step_* with a polarize table")
@@ -65,7 +60,7 @@ def _bank_labels(step_dir: Path) -> dict[tuple[str, str], str]:
     from stages.engine.skills.bank import KINDS, item_label, load_bank
 
     cands: list[Path] = []
-    man = step_dir / "score_teachers.manifest.json"
+    man = SCORE_TEACHERS.manifest(step_dir)
     if man.exists():
         try:
             m = read_manifest(man)
@@ -91,20 +86,20 @@ def _bank_labels(step_dir: Path) -> dict[tuple[str, str], str]:
 
 def load_step(step_dir: str | Path) -> StepTables:
     sd = resolve_step_dir(step_dir)
-    ro = read_table(stage_table_path(sd, "rollout"),
+    ro = read_table(ROLLOUT.path(sd),
                     required={"rollout_id": str, "problem": str, "answer": str, "completion": str, "completion_ids": list})
-    sc_path = table_path(sd, "score_teachers")
+    sc_path = SCORE_TEACHERS.find(sd)
     if sc_path is None:
-        raise InputError(sd / "score_teachers.parquet", "no teacher scores in this step (sgsd objective only; run `sgsd score-teachers`)")
+        raise InputError(SCORE_TEACHERS.file(sd), "no teacher scores in this step (sgsd objective only; run `sgsd score-teachers`)")
     sc = read_table(sc_path, required={"rollout_id": str, "teacher_rank": int, "skill_id": str, "mistake_id": str,
                                        "weight": float, "student_logprobs": list, "teacher_logprobs": list})
     check_finite(sc, ["weight", "student_logprobs", "teacher_logprobs"], sc_path, key="rollout_id")
-    po_path = stage_table_path(sd, "polarize")
+    po_path = POLARIZE.path(sd)
     po = read_table(po_path, required={"rollout_id": str, "teacher_rank": int, "support": float, "stance": int,
                                        "polarity": int, "category": str, "correct": bool, "outcome": int,
                                        "token_mask": list})
     check_finite(po, ["support"], po_path, key="rollout_id")
-    gp = table_path(sd, "polarize_rollouts")
+    gp = POLARIZE_ROLLOUTS.find(sd)
     grades = read_table(gp, required={"rollout_id": str, "correct": bool}) if gp else None
     model = ro["model"][0] if "model" in ro.columns and ro.height else None
     return StepTables(sd, ro, sc, po, grades, _bank_labels(sd), model)
@@ -236,7 +231,7 @@ def rollout_view(t: StepTables, rollout_id: str, tokenizer=None) -> dict[str, An
     for row in tt.iter_rows(named=True):
         s, tl = row["student_logprobs"], row["teacher_logprobs"]
         if len(s) != T or len(tl) != T:
-            raise InputError(stage_table_path(t.step_dir, "score_teachers"),
+            raise InputError(SCORE_TEACHERS.path(t.step_dir),
                              f"rollout '{rollout_id}' teacher {row['teacher_rank']}: {len(tl)} teacher / {len(s)} "
                              f"student log-probs for {T} completion tokens")
         d = delta(torch.tensor(tl, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)).tolist()

@@ -45,7 +45,9 @@ from stages.engine.config import build
 from stages.engine.distributed import Dist, init_distributed
 from stages.engine.generation.factory import make_backend
 from stages.engine.metrics_log import MetricSinks
-from stages.engine.io import InputError, atomic_write_json, read_manifest, read_table, stage_table_path, write_parquet
+from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
+from stages.engine.step_metrics import step_metrics
+from stages.engine.tables import METRICS, PROBLEMS, TRAIN
 from stages.polarize import PolarizeConfig
 from stages.rollout import RolloutConfig
 from stages.score_teachers import ScoreTeachersConfig
@@ -53,14 +55,12 @@ from stages.train import TrainConfig
 from stages.eval import EvalConfig
 from stages.update_skills import UpdateSkillsConfig
 from stages.engine.models import ModelSpec
-from stages.engine.objectives.sgsd import CATEGORIES
 from stages.engine.io import run_dir_lock
 from stages import polarize, rollout, score_teachers
 from stages.engine.benchmarks import load_problems
 from stages.train import Trainer
 from stages.engine.skills.versions import init_bank_versions
-from stages.engine.skills.bank import load_bank
-from stages.build_index import require_pairs
+from stages.engine.skills.bank import load_bank, require_pairs
 from stages import eval as eval_stage
 from stages.engine.skills.versions import latest_bank_version
 from stages import update_skills
@@ -162,7 +162,7 @@ def _complete(manifest: Path) -> bool:
 def completed_steps(run_dir: Path, steps: int) -> int:
     """Largest k such that steps 1..k all finished training (their train manifest is complete)."""
     k = 0
-    while k < steps and _complete(step_dir(run_dir, k + 1) / "train.manifest.json"):
+    while k < steps and _complete(TRAIN.manifest(step_dir(run_dir, k + 1))):
         k += 1
     return k
 
@@ -239,72 +239,6 @@ def _spec_for(policy: str, gguf_file: str | None):
 
     spec = ModelSpec.parse(policy, gguf_file)
     return spec
-
-
-def _wall(manifest: Path) -> float | None:
-    """Wall time of a stage: its manifest's, or for a sharded stage (``<stage>/part-*.manifest.json``, one per
-    rank) the slowest part's, which is what the ranks waited for."""
-    parts = sorted(manifest.with_suffix("").with_suffix("").glob("part-*.manifest.json"))
-    walls = []
-    for m in ([manifest] if manifest.exists() else []) + parts:
-        try:
-            walls.append(float(read_manifest(m).get("wall_time_s")))
-        except (OSError, json.JSONDecodeError, TypeError, ValueError):
-            pass
-    return max(walls) if walls else None
-
-
-def step_metrics(sd: Path, n: int, objective: str) -> dict:
-    """One row of metrics.parquet from a finished step's tables and manifests."""
-    row: dict[str, Any] = {"step": n, "objective": objective}
-    tr = pl.read_parquet(sd / "train.parquet")
-    row.update({"policy_step": int(tr["policy_step"][-1]), "optimizer_steps": tr.height,
-                "loss": float(tr["loss"].mean()), "grad_norm": float(tr["grad_norm"].mean()),
-                "lr": float(tr["lr"][-1]), "train_tokens": int(tr["tokens"].sum()),
-                "tokens_per_s": float(tr["tokens"].sum() / max(1e-9, tr["wall_s"].sum()))})
-    for k in agreement.COLUMNS:  # measured before the first update on the table: the pure engine/trainer gap
-        if k in tr.columns:
-            v = tr[k][0]
-            row[k] = (int(v) if k == "agree_tokens" else float(v)) if v is not None else (0 if k == "agree_tokens" else float("nan"))
-    if (sd / "engine_probe.json").exists():
-        pr = json.loads((sd / "engine_probe.json").read_text())
-        row.update({"probe_gap_mean": float(pr["gap_mean"]), "probe_gap_max": float(pr["gap_max"])})
-    ro = read_table(stage_table_path(sd, "rollout"))
-    lens = ro["completion_ids"].list.len()
-    row.update({"rollouts": ro.height, "prompts": int(ro["problem_id"].n_unique()), "completion_len_mean": float(lens.mean()), "completion_len_max": int(lens.max()),
-                "truncated_frac": float((ro["finish_reason"] == "length").mean())})
-    if (sd / "polarize_rollouts.parquet").exists():
-        row["reward"] = float(pl.read_parquet(sd / "polarize_rollouts.parquet")["correct"].cast(pl.Float64).mean())
-    if objective == "sgsd" and (sd / "polarize.parquet").exists():
-
-        pt = pl.read_parquet(sd / "polarize.parquet")
-        for c in CATEGORIES:
-            row[f"frac_{c}"] = float((pt["category"] == c).mean())
-        row["support_mean"] = float(pt["support"].mean())
-        row["support_abs_mean"] = float(pt["support"].abs().mean())
-        row["clipped_frac"] = float(pt["clipped_frac"].mean())
-    man = sd / "train.manifest.json"
-    if man.exists():
-        row["bank_version"] = read_manifest(man).get("bank_version")
-    stage_files = {"rollout": "rollout", "score_teachers": "score_teachers", "polarize": "polarize",
-                   "grade": "polarize_rollouts", "train": "train"}
-    for name, f in stage_files.items():
-        w = _wall(sd / f"{f}.manifest.json")
-        if w is not None:
-            row[f"wall_{name}_s"] = w
-    walls = [w for m in sorted((sd / "eval").glob("*.manifest.json")) if (w := _wall(m)) is not None]
-    if walls:  # every benchmark's generation and grading plus the summary, not the summary alone
-        row["wall_eval_s"] = sum(walls)
-    if (sd / "eval" / "summary.parquet").exists():
-        summ = pl.read_parquet(sd / "eval" / "summary.parquet")
-        if "avg_at_n" in summ.columns and "bench" in summ.columns:
-            for b, v in zip(summ["bench"].to_list(), summ["avg_at_n"].to_list()):
-                row[f"eval_{b}_avg_at_n"] = v
-    if (sd / "skills_update.json").exists():
-        u = json.loads((sd / "skills_update.json").read_text())
-        row["skills_decision"] = u.get("decision")
-        row["wall_skills_s"] = u.get("wall_s")
-    return row
 
 
 def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
@@ -413,7 +347,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
     pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
 
     done = completed_steps(run_dir, lc.steps)
-    metrics_path = run_dir / "metrics.parquet"
+    metrics_path = METRICS.file(run_dir)
     if d.main:
         prune_steps(run_dir, done, lc.keep_last)
     if done == lc.steps:
@@ -430,7 +364,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
         """Optimizer steps behind the policy that samples step n (fixed, whatever checkpoint a restart used)."""
         if n == 1:
             return int(json.loads((Path(lc.model) / ckpt.META).read_text())["policy_step"]) if ckpt.is_checkpoint(lc.model) else 0
-        return int(read_manifest(step_dir(run_dir, n - 1) / "train.manifest.json")["policy_step"])
+        return int(read_manifest(TRAIN.manifest(step_dir(run_dir, n - 1)))["policy_step"])
 
     # where the trainer starts: the interrupted step's own newest valid checkpoint, else the previous step's
     start = ckpt.find_resume(step_dir(run_dir, done + 1), "latest-valid", warn=say)
@@ -472,7 +406,7 @@ def _run(sections: dict, *, source: str = "config", force: bool = False,
             infer = trainer.inference_model
             loaded = (infer, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
             t_step = time.time()
-            probs = sd / "problems.parquet"
+            probs = PROBLEMS.file(sd)
             if d.main and not probs.exists():
                 write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
             d.barrier()
@@ -553,7 +487,7 @@ def _probe_engine(engine, trainer, lc: "LoopConfig", sd: Path, n: int, d: Dist, 
     all ranks take the same decision."""
     if not lc.probe_tokens:
         return
-    texts = pl.read_parquet(sd / "problems.parquet")["problem"].head(agreement.PROBE_PROMPTS).to_list()
+    texts = pl.read_parquet(PROBLEMS.file(sd))["problem"].head(agreement.PROBE_PROMPTS).to_list()
     prompts = [ids[:256] for ids in (trainer.tok(str(t), add_special_tokens=False)["input_ids"] for t in texts) if ids]
     if not prompts:
         return

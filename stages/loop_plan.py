@@ -45,7 +45,7 @@ def check(sections: dict, source: str = "config", force: bool = False) -> tuple[
                  + (f"; skill update every {lc.skill_update_every} steps" if lc.skill_update_every else ""))
 
     if lc.objective == "sgsd":
-        from stages.build_index import require_pairs
+        from stages.engine.skills.bank import require_pairs
         from stages.engine.skills.bank import load_bank
 
         bank = load_bank(S.score.bank)

@@ -24,6 +24,7 @@ import polars as pl
 
 from stages.engine.config import Checked, opt
 from stages.engine.io import InputError, StageRun, atomic_write_text, read_table
+from stages.engine.tables import ROLLOUT
 from stages.engine.skills.bank import bank_json_text, bank_to_table, load_bank
 from stages.engine.skills.writer import Writer, WriterConfig, make_writer
 from stages.engine.grading import grades_for
@@ -114,7 +115,7 @@ def run(cfg: MineSkillsConfig, run_dir: str | Path, *, rollouts: str | Path | No
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.params.check()
     if rollouts is None:
-        if loaded is None and not (run_dir / "rollout.parquet").exists():
+        if loaded is None and not ROLLOUT.file(run_dir).exists():
 
             loaded = load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype) if cfg.model else None
         rollouts = sample_attempts(cfg, run_dir, force=force, progress=progress, loaded=loaded)

@@ -17,25 +17,12 @@ import torch
 
 from stages.engine.grading import grade_rollouts
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, check_finite, read_table, stage_table_path, write_parquet
+from stages.engine.io import InputError, StageRun, check_finite, read_table, write_parquet
 from stages.engine.objectives.sgsd import (CATEGORIES, category, clipped_fraction, delta, maskable_token_ids,
                                           method_field, method_of, polarity, stance, support_score, token_mask)
 from stages.engine.models import ModelSpec, load_tokenizer
+from stages.engine.tables import POLARIZE, POLARIZE_ROLLOUTS, POLARIZE_SCHEMA, ROLLOUT, SCORE_TEACHERS
 
-POLARIZE_SCHEMA = {
-    "rollout_id": pl.String,
-    "teacher_rank": pl.Int64,
-    "weight": pl.Float64,
-    "correct": pl.Boolean,
-    "outcome": pl.Int64,
-    "support": pl.Float64,
-    "stance": pl.Int64,
-    "polarity": pl.Int64,
-    "category": pl.String,
-    "token_mask": pl.List(pl.Boolean),
-    "n_mask": pl.Int64,
-    "clipped_frac": pl.Float64,
-}
 
 
 @dataclass
@@ -116,14 +103,14 @@ def run(
     tokenizer=None,
 ) -> Path:
 
-    r_src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
-    s_src = Path(scores) if scores else stage_table_path(run_dir, "score_teachers")
+    r_src = Path(rollouts) if rollouts else ROLLOUT.path(run_dir)
+    s_src = Path(scores) if scores else SCORE_TEACHERS.path(run_dir)
     rt = read_table(r_src, {"rollout_id": str, "completion": str, "answer": str, "completion_ids": list, "model": str})
     st = read_table(s_src, {"rollout_id": str, "teacher_rank": int, "weight": float,
                             "student_logprobs": list, "teacher_logprobs": list})
     # NaN / inf log-probs would make every support NaN and every teacher "neutral": refuse them here
     check_finite(st, ["weight", "student_logprobs", "teacher_logprobs"], s_src, "rollout_id")
-    stage = StageRun(run_dir, "polarize", cfg, inputs={"rollouts": r_src, "scores": s_src}, force=force)
+    stage = StageRun(run_dir, POLARIZE.name, cfg, inputs={"rollouts": r_src, "scores": s_src}, force=force)
     if stage.done:
         return stage.output
     if tokenizer is None:
@@ -132,22 +119,22 @@ def run(
         tokenizer = load_tokenizer(spec)
     advance = progress("polarize", rt.height) if progress else None
     per_teacher, per_rollout = polarize_tables(rt, st, tokenizer, cfg, on_done=advance, scores_path=s_src)
-    write_parquet(per_rollout, Path(run_dir) / "polarize_rollouts.parquet")
+    write_parquet(per_rollout, POLARIZE_ROLLOUTS.file(run_dir))
     summary = {
         "accuracy": float(per_rollout["correct"].mean()) if per_rollout.height else 0.0,
         "categories": {c: int((per_teacher["category"] == c).sum()) for c in CATEGORIES},
         "grade_status": {k: int(v) for k, v in per_rollout["status"].value_counts().iter_rows()},
     }
-    stage.finish(per_teacher, extra={"summary": summary, "rollout_table": "polarize_rollouts.parquet"})
+    stage.finish(per_teacher, extra={"summary": summary, "rollout_table": POLARIZE_ROLLOUTS.file(run_dir).name})
     return stage.output
 
 
 def grade(cfg: PolarizeConfig, run_dir: str | Path, *, rollouts: str | Path | None = None, force: bool = False,
           progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
     """Grade-only polarize (objectives without teachers): ``polarize_rollouts.parquet`` and no teacher table."""
-    src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
+    src = Path(rollouts) if rollouts else ROLLOUT.path(run_dir)
     stage = StageRun(run_dir, "grade", {"verify_timeout_s": cfg.verify_timeout_s}, inputs={"rollouts": src},
-                     output_name="polarize_rollouts", force=force)
+                     output_name=POLARIZE_ROLLOUTS.name, force=force)
     if stage.done:
         return stage.output
     rt = read_table(src, {"rollout_id": str, "completion": str, "answer": str})

@@ -24,14 +24,11 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from stages.engine.tables import METRICS, POLARIZE, SCORE_TEACHERS, TRAIN
 from stages.engine.io import InputError, atomic_write_bytes, atomic_write_text, read_manifest, read_table
 from stages.engine.objectives.sgsd import CATEGORIES
 
 STAGE_WALLS = ("rollout", "score_teachers", "polarize", "grade", "train", "eval", "skills")
-
-
-def _table_path(d: Path, name: str) -> Path | None:
-    return d / f"{name}.parquet" if (d / f"{name}.parquet").exists() else (d / name if (d / name).is_dir() else None)
 
 
 def _step_no(p: Path) -> int | None:
@@ -46,15 +43,15 @@ def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 def steps_metrics(run_dir: Path) -> pl.DataFrame | None:
     """The loop's per-step metrics rebuilt from a stage-by-stage run's ``step_N/`` folders (each with its train
     table): what ``sgsd loop`` would have written to metrics.parquet.  None when no step has trained."""
-    from stages.loop import step_metrics  # lazy: the loop module loads torch
+    from stages.engine.step_metrics import step_metrics  # lazy: loads torch
 
     rows = []
     for n, d in step_dirs(run_dir):
-        if not (d / "train.parquet").exists():
+        if not TRAIN.file(d).exists():
             continue
-        objective = "sgsd" if (d / "polarize.parquet").exists() else "grpo"
+        objective = "sgsd" if POLARIZE.file(d).exists() else "grpo"
         try:
-            objective = read_manifest(d / "train.manifest.json")["config"]["objective"]
+            objective = read_manifest(TRAIN.manifest(d))["config"]["objective"]
         except (OSError, KeyError, TypeError, ValueError):
             pass
         try:
@@ -70,11 +67,11 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     if not p.is_dir():
         raise InputError(p, "not a run directory")
-    if (p / "metrics.parquet").exists():
-        m = read_table(p / "metrics.parquet", required={"step": int})
+    if METRICS.file(p).exists():
+        m = read_table(METRICS.file(p), required={"step": int})
         kind = "loop"
-    elif _table_path(p, "train"):
-        m = read_table(_table_path(p, "train"), required={"policy_step": int, "loss": float})
+    elif TRAIN.find(p):
+        m = read_table(TRAIN.find(p), required={"policy_step": int, "loss": float})
         # a standalone train run: x = optimizer step; rename to the loop's metric names where they match
         m = m.with_columns(pl.col("policy_step").alias("step")).rename(
             {k: v for k, v in {"accuracy": "reward", "mean_support": "support_mean", "completion_len": "completion_len_mean",
@@ -508,7 +505,7 @@ def _run_bank_labels(run_dir: Path, steps: Sequence[Path]) -> dict[tuple[str, st
     cands: list[Path] = sorted((run_dir / "bank").glob("v*.json"), reverse=True) if (run_dir / "bank").is_dir() else []
     seen = set()
     for sd in steps:
-        man = sd / "score_teachers.manifest.json"
+        man = SCORE_TEACHERS.manifest(sd)
         if man.exists():
             try:
                 b = (read_manifest(man).get("inputs") or {}).get("bank")
@@ -539,7 +536,7 @@ def skill_stats(run_dir: str | Path) -> pl.DataFrame:
     steps = [d for _, d in step_dirs(p)] or [p]
     frames = []
     for sd in steps:
-        sc, po = _table_path(sd, "score_teachers"), _table_path(sd, "polarize")
+        sc, po = SCORE_TEACHERS.find(sd), POLARIZE.find(sd)
         if sc is None or po is None:
             continue
         s = read_table(sc, required={"rollout_id": str, "teacher_rank": int, "skill_id": str, "mistake_id": str},

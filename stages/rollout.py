@@ -20,27 +20,8 @@ from stages.engine.io import InputError, StageRun, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from stages.engine import benchmarks
 from stages.engine.models import load_model
+from stages.engine.tables import ROLLOUT, ROLLOUT_SCHEMA
 
-ROLLOUT_SCHEMA = {
-    "rollout_id": pl.String,
-    "problem_id": pl.String,
-    "sample_index": pl.Int64,
-    "problem": pl.String,
-    "answer": pl.String,
-    "prompt": pl.String,
-    "prompt_ids": pl.List(pl.Int64),
-    "completion": pl.String,
-    "completion_ids": pl.List(pl.Int64),
-    "sample_logprobs": pl.List(pl.Float64),
-    "finish_reason": pl.String,
-    "model": pl.String,
-    "policy_step": pl.Int64,
-    "temperature": pl.Float64,
-    "top_p": pl.Float64,
-    "top_k": pl.Int64,
-    "thinking": pl.Boolean,
-    "backend": pl.String,
-}
 
 
 @dataclass
@@ -142,8 +123,8 @@ def run(
     key = {"config": cfg, "problems_source": src.source}
     if src.path is None:  # from the hub: no file to hash, so hash the table itself
         key["problems_hash"] = hashlib.sha256(src.df.write_csv().encode()).hexdigest()
-    stage = StageRun(run_dir, "rollout", key, inputs={"problems": src.path}, force=force, seed=cfg.seed,
-                     output_name=shard_output_name("rollout", cfg.shard))
+    stage = StageRun(run_dir, ROLLOUT.name, key, inputs={"problems": src.path}, force=force, seed=cfg.seed,
+                     output_name=shard_output_name(ROLLOUT.name, cfg.shard))
     if stage.done:
         return stage.output
     model, tok, spec = loaded or load_model(cfg.model, cfg.gguf_file, device=cfg.device, dtype=cfg.dtype)

@@ -15,37 +15,19 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import (InputError, StageRun, check_finite, read_table, shard_output_name, shard_rows,
-                              stage_table_path)
+from stages.engine.io import InputError, StageRun, check_finite, read_table, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, strip_wrappers, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
-from stages.engine.skills.bank import load_bank
+from stages.engine.skills.bank import load_bank, require_pairs
 from stages.engine.skills.retrieval import make_retriever, retrieve_many
 from stages.engine.models import load_model
 from stages.engine.objectives.sgsd import method_field, method_of
-from stages.build_index import require_pairs
+from stages.engine.tables import ROLLOUT, SCORE_SCHEMA, SCORE_TEACHERS
 from stages.engine.models import check_token_ids
 
 ROLLOUT_COLUMNS = {"rollout_id": str, "problem_id": str, "problem": str, "prompt_ids": list, "completion_ids": list}
 
-SCORE_SCHEMA = {
-    "rollout_id": pl.String,
-    "problem_id": pl.String,
-    "teacher_rank": pl.Int64,
-    "skill_id": pl.String,
-    "mistake_id": pl.String,
-    "skill_score": pl.Float64,
-    "mistake_score": pl.Float64,
-    "weight": pl.Float64,
-    "teacher_prompt": pl.String,
-    "teacher_prompt_ids": pl.List(pl.Int64),
-    "student_logprobs": pl.List(pl.Float64),
-    "teacher_logprobs": pl.List(pl.Float64),
-    "scoring_temperature": pl.Float64,
-    "retrieval_mode": pl.String,
-    "bank_version": pl.String,
-}
 
 
 @dataclass
@@ -147,7 +129,7 @@ def run(
     loaded=None,
 ) -> Path:
 
-    src = Path(rollouts) if rollouts else stage_table_path(run_dir, "rollout")
+    src = Path(rollouts) if rollouts else ROLLOUT.path(run_dir)
     table = read_table(src, ROLLOUT_COLUMNS)
     check_finite(table, ["sample_logprobs"], src, "rollout_id", nulls_ok=True)  # what train reads later
     table = shard_rows(table, cfg.shard)
@@ -161,8 +143,8 @@ def run(
 
     require_pairs(bank, cfg.bank)
     inputs = {"rollouts": src, "bank": cfg.bank, "index": cfg.index}
-    stage = StageRun(run_dir, "score_teachers", cfg, inputs=inputs, force=force, seed=cfg.seed,
-                     output_name=shard_output_name("score_teachers", cfg.shard))
+    stage = StageRun(run_dir, SCORE_TEACHERS.name, cfg, inputs=inputs, force=force, seed=cfg.seed,
+                     output_name=shard_output_name(SCORE_TEACHERS.name, cfg.shard))
     if stage.done:
         return stage.output
     retriever = make_retriever(bank, mode=cfg.retrieval, index_path=cfg.index, encoder=cfg.encoder, seed=cfg.seed,

@@ -30,7 +30,8 @@ from typing import Callable, Sequence
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, atomic_write_text, read_table, run_dir_lock, stage_table_path
+from stages.engine.io import InputError, atomic_write_text, read_table, run_dir_lock
+from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT
 from stages.engine.grading import grades_for
 from stages.engine.skills.mining import ROLLOUT_REQUIRED, MiningParams, build_memories, candidate_counts, candidate_items, extract_candidates, merge_kind
 from stages.engine.skills.bank import KINDS, SkillBank, load_bank
@@ -104,7 +105,7 @@ def window_rollouts(run_dir: str | Path, last_steps: int | None) -> list[Path]:
     out = []
     for _, d in steps:
         try:
-            out.append(stage_table_path(d, "rollout"))
+            out.append(ROLLOUT.path(d))
         except InputError:
             continue
     if not out:
@@ -118,7 +119,7 @@ def window_memories(paths: Sequence[Path], params: MiningParams, on_table: Calla
     parts = []
     for p in paths:
         t = read_table(p, ROLLOUT_REQUIRED)
-        sibling = p.parent / "polarize_rollouts.parquet"  # step_N/rollout.parquet or step_N/rollout/
+        sibling = POLARIZE_ROLLOUTS.file(p.parent)  # beside step_N/rollout.parquet or step_N/rollout/
         grades = grades_for(t, timeout_s=params.verify_timeout_s, grades_path=sibling if sibling.exists() else None)
         parts.append(build_memories(t, params, grades=grades))
         if on_table:

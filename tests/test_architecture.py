@@ -3,7 +3,10 @@
 - no import cycle among the project's modules;
 - nothing in stages/engine/ imports a stage module (stages/<stage>.py) or the CLI;
 - the top of stages/ holds command modules only (each is wired by the CLI);
-- the SGSD formulas are defined once (no second definition of a formula's name elsewhere).
+- the SGSD formulas are defined once (no second definition of a formula's name elsewhere);
+- no stage imports another stage (only the chains in ``CHAINS`` compose stages);
+- a run table's file name is spelled once, in stages/engine/tables.py;
+- every stages/... path and stages.* module named in docs/, the READMEs, comments and docstrings exists.
 """
 
 from __future__ import annotations
@@ -137,3 +140,94 @@ def test_every_torch_load_goes_through_the_weights_only_loader():
                 calls.append((mod, node.lineno, [(k.arg, getattr(k.value, "value", None)) for k in node.keywords]))
     assert [c[0] for c in calls] == ["stages.engine.checkpoint"], calls
     assert ("weights_only", True) in calls[0][2]
+
+
+# the stages that compose other stages, and which ones they may import (None: any)
+CHAINS = {
+    "stages.loop": None,                       # the in-process chain
+    "stages.loop_plan": {"stages.loop"},       # the loop's dry-run plan
+    "stages.world": None,                      # the skill-world experiment harness (to move out of the pipeline commands)
+    "stages.mine_skills": {"stages.rollout"},  # samples its attempts with the rollout stage
+    "stages.report": {"stages.eval"},          # eval's comparison tables
+}
+
+
+def test_no_stage_imports_another_stage():
+    """A stage reaches shared code through the engine; only the chains above compose stages."""
+    graph = _graph()
+    top = {m for m in graph if m.count(".") == 1 and m.startswith("stages.") and m != "stages.engine"}
+    bad = sorted((m, d) for m in top for d in graph[m] if d in top
+                 and not (m in CHAINS and (CHAINS[m] is None or d in CHAINS[m])))
+    assert bad == []
+
+
+def test_table_files_are_named_once():
+    """Producers and consumers name a run table through stages/engine/tables.py, never by its file name."""
+    from stages.engine.tables import TABLES
+
+    names = {n for n in TABLES}
+    literals = {f"{n}.parquet" for n in names} | {f"{n}.manifest.json" for n in names}
+    allowed = {"stages.engine.tables", "stages.engine.checkpoint", "stages.world"}  # world: the harness, to move
+    found = []
+    for mod, path in _modules().items():
+        if mod in allowed:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "stage_table_path":
+                found += [(mod, node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant)]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in literals:
+                found.append((mod, node.lineno, node.value))
+    assert found == []
+
+
+def _named_paths(text: str) -> set[str]:
+    """stages/... and sgsd_cli/... paths and dotted stages.* module names mentioned in ``text``."""
+    import re
+
+    paths = {m.rstrip(".") for m in re.findall(r"(?<![\w./-])((?:stages|sgsd_cli)/[A-Za-z0-9_/.-]*[A-Za-z0-9_])", text)}
+    mods = {m for m in re.findall(r"(?<![\w.])(stages(?:\.[a-z_][a-z0-9_]*)+)", text) if "__" not in m}
+    return paths | mods
+
+
+def _exists(name: str) -> bool:
+    if "/" in name:
+        p = REPO / name
+        return p.exists() or any(p.parent.glob(p.name + "*"))  # a prefix: stages/engine/generation/ ...
+    parts = name.split(".")
+    for k in range(len(parts), 1, -1):  # the longest module prefix; the rest is an attribute
+        base = REPO.joinpath(*parts[:k])
+        if base.with_suffix(".py").exists() or (base / "__init__.py").exists() or base.is_dir():
+            return True
+    return False
+
+
+def test_every_path_named_in_docs_and_comments_exists():
+    """Module paths in docs/, the READMEs and the code's comments and docstrings point at files that exist."""
+    import io
+    import tokenize
+
+    # files other sessions own at the time of writing that still name stages.verify (now stages.engine.verify)
+    pending = {"stages/eval.py", "tests/test_eval_stage.py"}
+    pending.add("tests/test_architecture.py")  # its own planted stale names
+    texts: dict[str, str] = {}
+    for p in [*REPO.glob("docs/*.md"), REPO / "README.md", REPO / "SCHEMAS.md", REPO / "bench" / "README.md",
+              *REPO.glob("scripts/*.sh")]:
+        if p.exists():
+            texts[str(p.relative_to(REPO))] = p.read_text(encoding="utf-8")
+    for pkg in ("stages", "sgsd_cli", "tests", "bench"):
+        for p in (REPO / pkg).rglob("*.py"):
+            rel = str(p.relative_to(REPO))
+            if rel in pending:
+                continue
+            toks = tokenize.generate_tokens(io.StringIO(p.read_text(encoding="utf-8")).readline)
+            texts[rel] = "\n".join(t.string for t in toks if t.type in (tokenize.COMMENT, tokenize.STRING))
+    missing = sorted((f, n) for f, t in texts.items() for n in _named_paths(t) if not _exists(n))
+    assert missing == []
+
+
+def test_path_check_finds_a_stale_name():
+    assert _named_paths("see stages/vllm_backend.py and :func:`stages.scoring.score_segments`") == {
+        "stages/vllm_backend.py", "stages.scoring.score_segments"}
+    assert not _exists("stages/vllm_backend.py") and not _exists("stages.scoring.score_segments")
+    assert _exists("stages/engine/scoring.py") and _exists("stages.engine.scoring.score_segments")

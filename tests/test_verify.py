@@ -1,4 +1,4 @@
-"""Tests for stages/verify.py: extraction, normalisation, math-verify grading, hard timeout, pool behaviour."""
+"""Tests for stages/engine/verify.py: extraction, normalisation, math-verify grading, hard timeout, pool behaviour."""
 
 from __future__ import annotations
 

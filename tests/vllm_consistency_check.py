@@ -2,7 +2,7 @@
 
     .venv-vllm/bin/python tests/vllm_consistency_check.py MODEL_DIR --work SCRATCH_DIR [--out summary.json]
 
-Loads MODEL_DIR in :class:`stages.vllm_backend.VLLMBackend` (fp32) and in transformers (fp32), samples
+Loads MODEL_DIR in :class:`stages.engine.generation.vllm.VLLMBackend` (fp32) and in transformers (fp32), samples
 with vLLM, rescores the sampled tokens with :func:`stages.engine.scoring.score_segments` and reports, as one
 JSON object on the last stdout line (and in ``--out``):
 

@@ -35,6 +35,7 @@ from stages.engine.io import InputError, as_write_error, atomic_write_json, comm
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"
 META = "sgsd_checkpoint.json"
+METRICS = "metrics.parquet"  # the metrics rows of the run so far
 FORMAT = "sgsd-checkpoint/1"
 FINAL = "checkpoint"          # <run_dir>/checkpoint: the state after the last optimizer step of the run
 INTERMEDIATE = "checkpoints"  # <run_dir>/checkpoints/step_000123: --save-every snapshots

@@ -291,7 +291,7 @@ class varlen_attention:
 
 def score_segments_varlen(model, segments, *, temperature: float = 1.0, token_budget: int = 16384,
                           logit_chunk: int = 2048, grad: bool = False, on_batch=None):
-    """:func:`stages.scoring.score_segments` (same signature and results) with :class:`varlen_attention`.
+    """:func:`stages.engine.scoring.score_segments` (same signature and results) with :class:`varlen_attention`.
 
     For ``grad=True`` the backward pass must also run under ``varlen_attention(model)`` (see there);
     this function refuses ``grad=True`` otherwise."""

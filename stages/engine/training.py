@@ -98,11 +98,11 @@ def write_checkpoint_files(tmp: Path, *, optimizer_state: dict, scheduler_state:
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler_state, tmp / "scheduler.pt")
     if rows:
-        write_parquet(pl.DataFrame(rows), tmp / "metrics.parquet")
+        write_parquet(pl.DataFrame(rows), tmp / ckpt.METRICS)
     atomic_write_json(tmp / ckpt.STATE, state)
     atomic_write_json(tmp / ckpt.META, meta)
 
 
 def saved_rows(start: Path) -> list[dict]:
     """The metrics rows a checkpoint carries (none when it has no metrics file)."""
-    return pl.read_parquet(start / "metrics.parquet").to_dicts() if (start / "metrics.parquet").exists() else []
+    return pl.read_parquet(start / ckpt.METRICS).to_dicts() if (start / ckpt.METRICS).exists() else []

@@ -579,7 +579,7 @@ def _mp_context():
         ctx = multiprocessing.get_context(want)
         if want == "forkserver":
             try:
-                ctx.set_forkserver_preload(["math_verify", "stages.verify"])
+                ctx.set_forkserver_preload(["math_verify", "stages.engine.verify"])
             except Exception:  # pragma: no cover
                 pass
         return ctx

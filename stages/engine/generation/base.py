@@ -3,7 +3,7 @@
 A backend takes tokenized prompts and a :class:`SamplingConfig` and returns one :class:`Completion` per
 (prompt, sample) with the completion token ids, the *sampling log-prob* of each token and the finish
 reason.  The sampling log-prob is ``log_softmax(logits / temperature)`` at the sampled token, before
-top-k / top-p truncation (vLLM: ``processed_logits`` plus the normaliser in stages/vllm_backend.py;
+top-k / top-p truncation (vLLM: ``processed_logits`` plus the normaliser in stages/engine/generation/vllm.py;
 transformers: :func:`sample_tokens`); at temperature 1 it is the model's own log-prob, which the scoring core
 reproduces.
 

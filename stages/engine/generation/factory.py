@@ -21,7 +21,7 @@ BACKENDS = ("auto", "vllm", "hf-fast", "hf")
 def resolve_backend(kind: str, spec=None, *, cuda: bool) -> str:
     """The concrete backend of ``kind``; auto: vLLM when importable and the model is not a GGUF file, else the
     slot-refilling static-cache engine (``hf-fast``) on CUDA, else the plain transformers loop (``hf``)."""
-    from stages.engine.io import InputError  # lazy: stages.io imports polars, which the GPU bench machine lacks
+    from stages.engine.io import InputError  # lazy: stages.engine.io imports polars, which the GPU bench machine lacks
 
     if kind not in BACKENDS:
         raise InputError(None, f"unknown backend '{kind}' (use {', '.join(BACKENDS)})")

@@ -1,6 +1,6 @@
 """Fast transformers generation: slot-based continuous batching over a static per-slot KV cache.
 
-:class:`FastHFBackend` has the :class:`~stages.generation.GenerationBackend` contract of ``HFBackend``
+:class:`FastHFBackend` has the :class:`~stages.engine.generation.base.GenerationBackend` contract of ``HFBackend``
 (one :class:`Completion` per (prompt, sample), the stored log-prob is ``log_softmax(logits / T)`` at the
 sampled token before top-k/top-p truncation, greedy reports the T=1 log-prob) and is built for rollouts:
 

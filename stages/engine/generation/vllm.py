@@ -1,4 +1,4 @@
-"""vLLM generation backend (``make_backend("vllm")``): same contract as :class:`stages.generation.HFBackend`.
+"""vLLM generation backend (``make_backend("vllm")``): same contract as :class:`stages.engine.generation.hf.HFBackend`.
 
 The sampling log-prob of a token is ``log_softmax(logits / T)`` at the sampled token *before* top-k/top-p
 truncation (the number the transformers backend records).  vLLM (checked on 0.32) offers four
@@ -128,7 +128,7 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 class VLLMBackend(GenerationBackend):
-    """Generation with ``vllm.LLM`` over the model folder of a :class:`stages.models.ModelSpec`.
+    """Generation with ``vllm.LLM`` over the model folder of a :class:`stages.engine.models.ModelSpec`.
 
     Options (``make_backend("vllm", spec=..., tokenizer=..., **options)``): ``dtype`` (auto, fp32, bf16,
     fp16), ``gpu_memory_utilization`` (default 0.85, or 0.3 colocated under torchrun), ``tensor_parallel_size``, ``max_model_len``, ``enforce_eager``,

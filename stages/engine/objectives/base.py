@@ -29,8 +29,9 @@ from typing import Any, ClassVar, Protocol
 import polars as pl
 import torch
 
-from stages.engine.io import InputError, stage_table_path
+from stages.engine.io import InputError
 from stages.engine.scoring import Segment
+from stages.engine.tables import ROLLOUT
 
 
 @dataclass
@@ -101,7 +102,7 @@ class Objective:
 
     @classmethod
     def input_paths(cls, run_dir: Path) -> dict[str, Path]:
-        return {"rollout": stage_table_path(run_dir, "rollout")}
+        return {"rollout": ROLLOUT.path(run_dir)}
 
     def load(self, run_dir: Path, tok) -> Data:
         raise NotImplementedError

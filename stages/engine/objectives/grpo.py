@@ -28,8 +28,9 @@ import polars as pl
 import torch
 
 from stages.engine.grading import grade_rollouts
-from stages.engine.io import InputError, check_finite, read_table, stage_table_path, write_parquet
+from stages.engine.io import InputError, check_finite, read_table, write_parquet
 from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
+from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT, TRAIN_OLD_LOGPROBS
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
 IS_MODES = ("none", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")
@@ -143,9 +144,9 @@ class GRPO(Objective):
 
     @classmethod
     def input_paths(cls, run_dir: Path) -> dict[str, Path]:
-        paths = {"rollout": stage_table_path(run_dir, "rollout")}
-        if (run_dir / "polarize_rollouts.parquet").exists():
-            paths["grades"] = run_dir / "polarize_rollouts.parquet"
+        paths = {"rollout": ROLLOUT.path(run_dir)}
+        if POLARIZE_ROLLOUTS.file(run_dir).exists():
+            paths["grades"] = POLARIZE_ROLLOUTS.file(run_dir)
         return paths
 
     @property
@@ -170,7 +171,7 @@ class GRPO(Objective):
             missing = [r for r in rt["rollout_id"].to_list() if r not in rewards]
             if missing:
                 raise InputError(paths["grades"], f"{len(missing)} rollouts have no grade (first: '{missing[0]}')")
-            source = "polarize_rollouts"
+            source = POLARIZE_ROLLOUTS.name
         elif "reward" in rt.columns:
             check_finite(rt, ["reward"], paths["rollout"], "rollout_id")
             rewards = dict(zip(rt["rollout_id"].to_list(), [float(x) for x in rt["reward"].to_list()]))
@@ -214,7 +215,7 @@ class GRPO(Objective):
         missing = [i for i, it in enumerate(items) if it.old_logprobs is None]
         if not missing:
             return
-        cache = run_dir / "train_old_logprobs.parquet"
+        cache = TRAIN_OLD_LOGPROBS.file(run_dir)
         if cache.exists():
             got = dict(zip(*pl.read_parquet(cache).select("rollout_id", "old_logprobs").to_dict(as_series=False).values()))
             if all(items[i].rid in got for i in missing):

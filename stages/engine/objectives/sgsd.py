@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from stages.engine.config import Checked, field_opt, opt
-from stages.engine.io import InputError, check_finite, read_table, stage_table_path
+from stages.engine.io import InputError, check_finite, read_table
 from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, register,
                                            unique_temperature)
 from stages.engine.scoring import Segment
+from stages.engine.tables import POLARIZE, ROLLOUT, SCORE_TEACHERS
 
 CLIP = 3.0
 STANCE_THRESHOLD = 0.05
@@ -208,9 +209,8 @@ class SGSD(Objective):
 
     @classmethod
     def input_paths(cls, run_dir: Path) -> dict[str, Path]:
-        return {"rollout": stage_table_path(run_dir, "rollout"),
-                "score_teachers": stage_table_path(run_dir, "score_teachers"),
-                "polarize": stage_table_path(run_dir, "polarize")}
+        return {"rollout": ROLLOUT.path(run_dir), "score_teachers": SCORE_TEACHERS.path(run_dir),
+                "polarize": POLARIZE.path(run_dir)}
 
     def load(self, run_dir: Path, tok) -> Data:
         cfg = self.cfg

@@ -82,7 +82,7 @@ def load_bank(path: str | os.PathLike) -> SkillBank:
     if not path.exists():
         raise InputError(path, "skill bank not found")
     if path.is_dir():
-        versions = _versions_in(path) or _versions_in(path / "bank")
+        versions = versions_in(path) or versions_in(path / "bank")
         if not versions:
             raise InputError(path, "folder holds no bank versions (vNNNN.json)")
         path = versions[-1].path
@@ -212,7 +212,7 @@ def write_bank(bank: SkillBank, path: str | os.PathLike) -> Path:
     return atomic_write_text(path, bank_json_text(bank))
 
 
-def _write_new_file(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes) -> None:
     """Atomic write that refuses to replace an existing file."""
     try:
         atomic_write_bytes(path, data, exclusive=True)
@@ -222,7 +222,7 @@ def _write_new_file(path: Path, data: bytes) -> None:
 
 # versions folder layout (written by stages.engine.skills.versions)
 
-_VERSION_RX = re.compile(r"^v(\d{4,})$")
+VERSION_RX = re.compile(r"^v(\d{4,})$")
 
 
 @dataclass(frozen=True)
@@ -241,12 +241,19 @@ class BankVersion:
         return load_bank(self.path)
 
 
-def _versions_in(folder: Path) -> list[BankVersion]:
+def versions_in(folder: Path) -> list[BankVersion]:
     if not folder.is_dir():
         return []
     out = []
     for p in folder.glob("v*.json"):
-        m = _VERSION_RX.match(p.stem)
+        m = VERSION_RX.match(p.stem)
         if m:
             out.append(BankVersion(p.stem, int(m.group(1)), p))
     return sorted(out, key=lambda v: v.number)
+
+
+def require_pairs(bank: SkillBank, path) -> None:
+    """A bank that cannot form one teacher (K = min(#skills, #mistakes) = 0) is refused, naming the file."""
+    if not bank.skills or not bank.mistakes:
+        raise InputError(path, f"skill bank has {len(bank.skills)} general skills and {len(bank.mistakes)} common "
+                               "mistakes: it needs at least one of each to form a teacher (K = min of the two)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from stages.engine.io import InputError
-from stages.engine.skills.bank import BankVersion, SkillBank, _VERSION_RX, _versions_in, _write_new_file, bank_json_text, bank_to_table, load_bank
+from stages.engine.skills.bank import BankVersion, SkillBank, VERSION_RX, versions_in, write_new_file, bank_json_text, bank_to_table, load_bank
 
 
 def bank_dir(run_dir: str | os.PathLike) -> Path:
@@ -23,7 +23,7 @@ def version_label(n: int) -> str:
 
 def bank_versions(run_dir: str | os.PathLike) -> list[BankVersion]:
     """Every bank version of a run, oldest first."""
-    return _versions_in(bank_dir(run_dir))
+    return versions_in(bank_dir(run_dir))
 
 
 def latest_bank_version(run_dir: str | os.PathLike) -> BankVersion | None:
@@ -63,8 +63,8 @@ def save_bank_version(run_dir: str | os.PathLike, bank: SkillBank, *, info: dict
 
     buf = io.BytesIO()
     pq.write_table(bank_to_table(snap), buf, compression="zstd")
-    _write_new_file(ppath, buf.getvalue())
-    _write_new_file(jpath, bank_json_text(snap).encode("utf-8"))
+    write_new_file(ppath, buf.getvalue())
+    write_new_file(jpath, bank_json_text(snap).encode("utf-8"))
     return BankVersion(label, n, jpath)
 
 
@@ -85,5 +85,5 @@ def bank_version_of(path: str | os.PathLike) -> str:
     path = Path(path)
     bank = load_bank(path)
     src = Path(bank.path) if bank.path else path
-    m = _VERSION_RX.match(src.stem)
+    m = VERSION_RX.match(src.stem)
     return f"{src.stem}:{bank.version}" if m else bank.version

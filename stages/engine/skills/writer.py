@@ -3,7 +3,7 @@
 Two backends behind one interface, ``Writer.complete(prompts) -> list[str]`` (one raw reply per prompt,
 ``""`` for an empty reply):
 
-* :class:`LocalWriter`: the same generation engine as rollouts (``stages.generation.make_backend``: vLLM
+* :class:`LocalWriter`: the same generation engine as rollouts (``stages.engine.generation.factory.make_backend``: vLLM
   or transformers), greedy, on chat-formatted prompts with thinking off (reference: the policy model).
 * :class:`HTTPWriter`: any OpenAI-compatible ``/chat/completions`` endpoint (``--writer-url``), the API
   key read from an environment variable, a request timeout, retries with exponential backoff on
