@@ -47,14 +47,15 @@ from stages.engine.generation.factory import make_backend
 from stages.engine.metrics_log import MetricSinks
 from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
 from stages.engine.step_metrics import step_metrics
-from stages.engine.tables import METRICS, PROBLEMS, TRAIN
+from stages.engine.tables import METRICS, PROBLEMS, SKILLS_UPDATE, TRAIN
 from stages.polarize import PolarizeConfig
 from stages.rollout import RolloutConfig
 from stages.score_teachers import ScoreTeachersConfig
 from stages.train import TrainConfig
 from stages.eval import EvalConfig
 from stages.update_skills import UpdateSkillsConfig
-from stages.engine.models import ModelSpec
+from stages.engine.models import ModelSpec, Resident
+from stages.engine.seeds import derive_seed
 from stages.engine.io import run_dir_lock
 from stages import polarize, rollout, score_teachers
 from stages.engine.benchmarks import load_problems
@@ -203,42 +204,34 @@ class Sections:
 
 
 def build_sections(sections: dict, source: str = "config") -> Sections:
-
-    lc = build(LoopConfig, sections.get("loop", {}), "loop", source)
-    lc.check()
-    common = {"model": lc.model, "gguf_file": lc.gguf_file, "seed": lc.seed, "device": lc.device}
-    ro = build(RolloutConfig, sections.get("rollout", {}), "rollout", source, problems="", backend=lc.backend,
-               data_dir=lc.data_dir, **common)
-    sc_over = {"bank": lc.bank} if "bank" not in sections.get("score_teachers", {}) else {}
-    sc = build(ScoreTeachersConfig, sections.get("score_teachers", {}), "score_teachers", source, **sc_over, **common)
-    if lc.objective == "sgsd" and not sc.bank:
+    loop_cfg = build(LoopConfig, sections.get("loop", {}), "loop", source)
+    loop_cfg.check()
+    common = {"model": loop_cfg.model, "gguf_file": loop_cfg.gguf_file, "seed": loop_cfg.seed, "device": loop_cfg.device}
+    rollout_cfg = build(RolloutConfig, sections.get("rollout", {}), "rollout", source, problems="",
+                        backend=loop_cfg.backend, data_dir=loop_cfg.data_dir, **common)
+    bank_over = {"bank": loop_cfg.bank} if "bank" not in sections.get("score_teachers", {}) else {}
+    score_cfg = build(ScoreTeachersConfig, sections.get("score_teachers", {}), "score_teachers", source, **bank_over,
+                      **common)
+    if loop_cfg.objective == "sgsd" and not score_cfg.bank:
         raise InputError(source, "loop.bank is required for sgsd: a skill bank JSON (the paper's: ../shared/data/"
                                  "skill_banks/sgsd_qwen3_1.7b.json; smoke runs: data/demo/skill_bank.json)")
-    po = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
-    tr = build(TrainConfig, sections.get("train", {}), "train", source, objective=lc.objective, **common)
-    per_step = tr.steps or (tr.num_iterations if lc.objective == "grpo" else 1)
-    if not tr.schedule_steps and tr.lr_schedule in ("cosine", "linear"):  # the horizon is the whole loop
-        tr = replace(tr, schedule_steps=lc.steps * per_step)
-    ev = None
-    if lc.eval_every:
-
-        ev = build(EvalConfig, sections.get("eval", {}), "eval", source, data_dir=lc.data_dir, **common)
-        if not ev.benches and not ev.problems:
+    polarize_cfg = build(PolarizeConfig, sections.get("polarize", {}), "polarize", source)
+    train_cfg = build(TrainConfig, sections.get("train", {}), "train", source, objective=loop_cfg.objective, **common)
+    per_step = train_cfg.steps or (train_cfg.num_iterations if loop_cfg.objective == "grpo" else 1)
+    if not train_cfg.schedule_steps and train_cfg.lr_schedule in ("cosine", "linear"):  # the horizon is the whole loop
+        train_cfg = replace(train_cfg, schedule_steps=loop_cfg.steps * per_step)
+    eval_cfg = None
+    if loop_cfg.eval_every:
+        eval_cfg = build(EvalConfig, sections.get("eval", {}), "eval", source, data_dir=loop_cfg.data_dir, **common)
+        if not eval_cfg.benches and not eval_cfg.problems:
             raise InputError(source, "loop.eval_every is set but the eval table names no benches or problems")
-        ev = ev.resolved()  # protocol values filled in and checked before the first step, not after it
-    up = None
-    if lc.skill_update_every:
-
-        up = build(UpdateSkillsConfig, sections.get("update_skills", {}), "update_skills", source,
-                   last_steps=lc.skill_update_every, **common)
-        up.check()
-    return Sections(lc, ro, sc, po, tr.resolved(), ev, up, sections)
-
-
-def _spec_for(policy: str, gguf_file: str | None):
-
-    spec = ModelSpec.parse(policy, gguf_file)
-    return spec
+        eval_cfg = eval_cfg.resolved()  # protocol values filled in and checked before the first step, not after it
+    update_cfg = None
+    if loop_cfg.skill_update_every:
+        update_cfg = build(UpdateSkillsConfig, sections.get("update_skills", {}), "update_skills", source,
+                           last_steps=loop_cfg.skill_update_every, **common)
+        update_cfg.check()
+    return Sections(loop_cfg, rollout_cfg, score_cfg, polarize_cfg, train_cfg.resolved(), eval_cfg, update_cfg, sections)
 
 
 def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
@@ -299,19 +292,17 @@ def run(sections: dict, *, source: str = "config", force: bool = False,
 
     The run directory is locked for the whole run (a second loop or a stage in it is refused, naming the
     holder); taking the lock clears the temp files a killed run left.  Under ``torchrun`` every rank runs
-    this: rank 0 holds the lock, logs and draws the progress bars (see :func:`_run`)."""
-
-    S = build_sections(sections, source)
-    lc = S.loop
-    if lc.objective == "sgsd":  # an unusable bank is refused before the run directory is touched
-        require_pairs(load_bank(S.score.bank), S.score.bank)
-    dist = init_distributed(lc.device)
+    this: rank 0 holds the lock, logs and draws the progress bars (see :class:`LoopRun`)."""
+    cfgs = build_sections(sections, source)
+    if cfgs.loop.objective == "sgsd":  # an unusable bank is refused before the run directory is touched
+        require_pairs(load_bank(cfgs.score.bank), cfgs.score.bank)
+    dist = init_distributed(cfgs.loop.device)
     if not dist.main:
         progress, log = None, None
     try:
-        with run_dir_lock(lc.run_dir, "sgsd loop"):
+        with run_dir_lock(cfgs.loop.run_dir, "sgsd loop"):
             dist.barrier()  # no rank writes before rank 0 holds the lock and has cleared stale temp files
-            return _run(sections, source=source, force=force, progress=progress, log=log, dist=dist)
+            return LoopRun(cfgs, dist=dist, progress=progress, log=log).run(force=force)
     finally:
         if dist.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -325,208 +316,277 @@ def _shard(dist: Dist, tp: int = 1) -> tuple[int, int]:
     return (dist.rank // tp, dist.world // tp)
 
 
-def _run(sections: dict, *, source: str = "config", force: bool = False,
-         progress: Callable[[str, int], Callable[[int], None]] | None = None,
-         log: Callable[[str], None] | None = None, dist: Dist | None = None) -> Path:
-    """The loop body.  With N ranks (``dist``) every rank generates and scores its contiguous block of the
-    step's prompts (``rollout/part-i-of-n``, ``score_teachers/part-i-of-n``; sampling is seeded per problem,
-    so the parts in order are the table one process writes), rank 0 polarizes (cheap, CPU), all ranks train
-    on the global batch (DDP or FSDP2, :class:`stages.train.Trainer`) and rank 0 writes the train manifest,
-    checkpoint, metrics, eval and skill updates.  A barrier ends every stage."""
+@dataclass
+class Step:
+    """One loop step: its number, folder and the policy that samples it (a model path or the previous checkpoint)."""
+    number: int
+    folder: Path
+    policy: str
+    gguf_file: str | None  # the initial policy's, on step 1 only
 
-    d = dist or Dist()
-    say = log or (lambda s: None)
-    S = build_sections(sections, source)
-    lc = S.loop
-    run_dir = Path(lc.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = S.resolved()
-    if d.main:  # refused now if started with another config; claimed (loop_config.json) when the first stage starts
-        _check_run_dir(run_dir, resolved, force, write=False, defaults=S.defaults())
-    d.barrier()
-    pool = load_problems(lc.problems, data_dir=lc.data_dir).sort("id")
 
-    done = completed_steps(run_dir, lc.steps)
-    metrics_path = METRICS.file(run_dir)
-    if d.main:
-        prune_steps(run_dir, done, lc.keep_last)
-    if done == lc.steps:
-        if d.main:
-            write_parquet(collect_metrics(run_dir, done, lc.objective), metrics_path)
-        say(f"loop: all {lc.steps} steps are complete")
-        d.barrier()
+class LoopRun:
+    """The loop body, one method per stage.  What stays resident across steps: the trainer (policy, optimizer,
+    schedule, distributed wrapping) and one generation engine refreshed with the trainer's weights.
+
+    With N ranks (``dist``) every rank generates and scores its contiguous block of the step's prompts
+    (``rollout/part-i-of-n``, ``score_teachers/part-i-of-n``; sampling is seeded per problem, so the parts in order
+    are the table one process writes), rank 0 polarizes (cheap, CPU), all ranks train on the global batch (DDP or
+    FSDP2, :class:`stages.train.Trainer`) and rank 0 writes the train manifest, checkpoint, metrics, eval and skill
+    updates.  A barrier ends every stage."""
+
+    def __init__(self, cfgs: Sections, *, dist: Dist | None = None,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfgs, self.cfg = cfgs, cfgs.loop
+        self.dist = dist or Dist()
+        self.progress = progress
+        self.say = log or (lambda s: None)
+        self.run_dir = Path(self.cfg.run_dir)
+        self.trainer: Trainer | None = None
+        self.engine = None  # the resident generation engine (vllm / hf-fast / hf), refreshed with update_weights
+        self.bank_history: Path | None = None
+
+    # ---- the run
+
+    def run(self, force: bool = False) -> Path:
+        cfg, dist, say = self.cfg, self.dist, self.say
+        run_dir = self.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.cfgs.resolved()
+        if dist.main:  # refused now if started with another config; claimed (loop_config.json) when the first stage starts
+            _check_run_dir(run_dir, resolved, force, write=False, defaults=self.cfgs.defaults())
+        dist.barrier()
+        self.pool = load_problems(cfg.problems, data_dir=cfg.data_dir).sort("id")
+
+        done = completed_steps(run_dir, cfg.steps)
+        metrics_path = METRICS.file(run_dir)
+        if dist.main:
+            prune_steps(run_dir, done, cfg.keep_last)
+        if done == cfg.steps:
+            if dist.main:
+                write_parquet(collect_metrics(run_dir, done, cfg.objective), metrics_path)
+            say(f"loop: all {cfg.steps} steps are complete")
+            dist.barrier()
+            return metrics_path
+
+        start = self._start_checkpoint(done)
+        if done or start:
+            say(f"loop: {done} step(s) complete; continuing at step {done + 1}" + (f" from {start}" if start else ""))
+        tp = cfg.vllm_tensor_parallel if cfg.backend in ("vllm", "auto") else 1
+        self.shard = _shard(dist, tp)
+        if cfg.prompts_per_step < dist.world:
+            raise InputError(None, f"loop.prompts_per_step ({cfg.prompts_per_step}) is below the number of ranks "
+                                   f"({dist.world}): every rank needs at least one prompt per step")
+        if dist.world > 1:
+            say(f"loop: {dist.world} ranks; each generates and scores 1/{dist.world} of every step's prompts")
+        self.trainer = Trainer(replace(self.cfgs.train, model=self.policy_name(done + 1)), start=start, log=say,
+                               dist=dist, inference_copy=True)
+        self.trainer.policy.eval()
+        if dist.main:  # everything the first stage needs has loaded: the run directory is this config's from here on
+            _check_run_dir(run_dir, resolved, force, defaults=self.cfgs.defaults())
+        if cfg.skill_update_every and cfg.objective == "sgsd":
+            if dist.main:
+                init_bank_versions(run_dir, load_bank(self.cfgs.score.bank))
+            dist.barrier()
+            self.bank_history = run_dir
+        self.sinks = MetricSinks(cfg.tensorboard, cfg.wandb_project, run_dir, resolved, say) if dist.main else None
+        try:
+            for n in range(done + 1, cfg.steps + 1):
+                self.step(n)
+        finally:
+            if self.sinks is not None:
+                self.sinks.close()
+            if self.engine is not None:
+                self.engine.close()
         return metrics_path
 
-    def policy_name(n: int) -> str:
-        return lc.model if n == 1 else str(step_dir(run_dir, n - 1) / ckpt.FINAL)
+    def policy_name(self, n: int) -> str:
+        """The policy that samples step n: the initial model, then the previous step's final checkpoint."""
+        return self.cfg.model if n == 1 else str(step_dir(self.run_dir, n - 1) / ckpt.FINAL)
 
-    def policy_step_at(n: int) -> int:
+    def policy_step_at(self, n: int) -> int:
         """Optimizer steps behind the policy that samples step n (fixed, whatever checkpoint a restart used)."""
         if n == 1:
-            return int(json.loads((Path(lc.model) / ckpt.META).read_text())["policy_step"]) if ckpt.is_checkpoint(lc.model) else 0
-        return int(read_manifest(TRAIN.manifest(step_dir(run_dir, n - 1)))["policy_step"])
+            model = self.cfg.model
+            return int(json.loads((Path(model) / ckpt.META).read_text())["policy_step"]) if ckpt.is_checkpoint(model) else 0
+        return int(read_manifest(TRAIN.manifest(step_dir(self.run_dir, n - 1)))["policy_step"])
 
-    # where the trainer starts: the interrupted step's own newest valid checkpoint, else the previous step's
-    start = ckpt.find_resume(step_dir(run_dir, done + 1), "latest-valid", warn=say)
-    if start is None and done > 0:
-        start = step_dir(run_dir, done) / ckpt.FINAL
-        ckpt.validate(start)
-    if start is None and ckpt.is_checkpoint(lc.model):  # continue another run's policy with its optimizer state
-        ckpt.validate(lc.model)
-        start = Path(lc.model)
-    if done or start:
-        say(f"loop: {done} step(s) complete; continuing at step {done + 1}" + (f" from {start}" if start else ""))
-    tp = lc.vllm_tensor_parallel if lc.backend in ("vllm", "auto") else 1
-    shard = _shard(d, tp)
-    if lc.prompts_per_step < d.world:
-        raise InputError(None, f"loop.prompts_per_step ({lc.prompts_per_step}) is below the number of ranks ({d.world}): "
-                               "every rank needs at least one prompt per step")
-    if d.world > 1:
-        say(f"loop: {d.world} ranks; each generates and scores 1/{d.world} of every step's prompts")
-    trainer = Trainer(replace(S.train, model=policy_name(done + 1)), start=start, log=say, dist=d, inference_copy=True)
-    trainer.policy.eval()
-    if d.main:  # everything the first stage needs has loaded: the run directory is this config's from here on
-        _check_run_dir(run_dir, resolved, force, defaults=S.defaults())
-    bank_hist = None
-    if lc.skill_update_every and lc.objective == "sgsd":
+    def _start_checkpoint(self, done: int) -> Path | None:
+        """Where the trainer starts: the interrupted step's own newest valid checkpoint, else the previous step's."""
+        start = ckpt.find_resume(step_dir(self.run_dir, done + 1), "latest-valid", warn=self.say)
+        if start is None and done > 0:
+            start = step_dir(self.run_dir, done) / ckpt.FINAL
+            ckpt.validate(start)
+        if start is None and ckpt.is_checkpoint(self.cfg.model):  # continue another run's policy with its optimizer state
+            ckpt.validate(self.cfg.model)
+            start = Path(self.cfg.model)
+        return start
 
-        if d.main:
-            init_bank_versions(run_dir, load_bank(S.score.bank))
-        d.barrier()
-        bank_hist = run_dir
-    loggers = MetricSinks(lc.tensorboard, lc.wandb_project, run_dir, resolved, say) if d.main else None
-    engine = None  # the resident generation engine (vllm / hf-fast / hf), refreshed with update_weights each step
-    try:
-        for n in range(done + 1, lc.steps + 1):
-            sd = step_dir(run_dir, n)
-            sd.mkdir(parents=True, exist_ok=True)
-            if hasattr(progress, "note"):  # the CLI's one live display: which step the bars belong to
-                progress.note(f"step {n}/{lc.steps}")
-            policy = policy_name(n)
-            infer = trainer.inference_model
-            loaded = (infer, trainer.tok, _spec_for(policy, lc.gguf_file if n == 1 else None))
-            t_step = time.time()
-            probs = PROBLEMS.file(sd)
-            if d.main and not probs.exists():
-                write_parquet(step_problems(pool, n, lc.prompts_per_step, lc.seed), probs)
-            d.barrier()
-            rcfg = replace(S.rollout, model=policy, gguf_file=lc.gguf_file if n == 1 else None, problems=str(probs),
-                           policy_step=policy_step_at(n), seed=lc.seed * 100_003 + n, data_dir=None, shard=shard)
-            trainer.sync_inference()  # FSDP: the shards' newest weights into the full inference copy (all ranks)
-            if engine is None:  # built once ("auto" resolved here), then refreshed in place
-                engine = make_backend(lc.backend, model=infer, tokenizer=trainer.tok, spec=loaded[2], **_engine_options(lc))
-            else:
-                engine.wake_up()
-                engine.update_weights(infer)
-            _probe_engine(engine, trainer, lc, sd, n, d, say, "engine_probe")
-            rollout.run(rcfg, sd, progress=progress, loaded=loaded, backend=engine)
-            if lc.vllm_sleep:
-                engine.sleep(lc.vllm_sleep)  # the KV cache (and at level 2 the weights) freed for scoring and training
-            d.barrier()
-            if lc.objective == "sgsd":
-                bank = S.score.bank
-                if bank_hist is not None:
+    def step(self, n: int) -> None:
+        folder = step_dir(self.run_dir, n)
+        folder.mkdir(parents=True, exist_ok=True)
+        if hasattr(self.progress, "note"):  # the CLI's one live display: which step the bars belong to
+            self.progress.note(f"step {n}/{self.cfg.steps}")
+        step = Step(n, folder, self.policy_name(n), self.cfg.gguf_file if n == 1 else None)
+        started = time.time()
+        self.sample(step)
+        if self.cfg.objective == "sgsd":
+            self.score(step)
+            self.polarize(step)
+        else:
+            self.grade(step)
+        self.dist.barrier()
+        self.train(step)
+        self.after_training(step, started)
 
-                    bank = str(latest_bank_version(run_dir).path)
-                scfg = replace(S.score, model=policy, gguf_file=rcfg.gguf_file, bank=bank, seed=lc.seed + n,
-                               shard=(d.rank, d.world))  # scoring is per rank even when a TP group shares rollouts
-                score_teachers.run(scfg, sd, progress=progress, loaded=loaded)
-                d.barrier()
-                if d.main:
-                    polarize.run(replace(S.polarize, model=policy), sd, progress=progress, tokenizer=trainer.tok)
-            elif d.main:
-                polarize.grade(S.polarize, sd)
-            d.barrier()
-            trainer.cfg = replace(trainer.cfg, model=policy)
-            trainer.fit(sd, progress=progress)
-            trainer.policy.eval()
-            new_policy = str(sd / ckpt.FINAL)
-            # eval and the skill update (writer, gate) generate with the one resident engine, holding the new weights
-            want_eval = S.eval is not None and n % lc.eval_every == 0
-            want_update = S.update is not None and bank_hist is not None and n % lc.skill_update_every == 0
-            if want_eval or want_update:
-                trainer.sync_inference()
-                if engine is not None:
-                    engine.wake_up()
-                    engine.update_weights(trainer.inference_model)
-                    _probe_engine(engine, trainer, lc, sd, n, d, say, "engine_probe_eval")
-            new_loaded = (trainer.inference_model, trainer.tok, _spec_for(new_policy, None))
-            if d.main:  # rank 0 evaluates and updates the bank; the other ranks wait at the barrier below
-                if want_eval:
+    # ---- the stages
 
-                    eval_stage.run(replace(S.eval, model=new_policy, gguf_file=None), sd, progress=progress,
-                                   loaded=new_loaded, backend=engine)
-                if want_update:
-                    _update_skills(S.update, run_dir, sd, new_policy, new_loaded, progress, backend=engine)
-                metrics = collect_metrics(run_dir, n, lc.objective)
-                history = metrics.to_dicts()
-                metrics = metrics.with_columns(pl.Series("alarms", alarm_column(history), dtype=pl.String))
-                write_parquet(metrics, metrics_path)
-                for a in new_alarms(history):
-                    if lc.alarm_stop:
-                        raise InputError(metrics_path, f"collapse alarm at step {n}: {a} (loop.alarm_stop)")
-                    say(f"warning: collapse alarm at step {n}: {a}")
-                loggers.write(metrics.row(-1, named=True), n)
-                say(f"step {n}/{lc.steps} done in {time.time() - t_step:.1f}s: loss {metrics['loss'][-1]:.5f}"
-                    + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
-                prune_steps(run_dir, n, lc.keep_last)
-            if lc.vllm_sleep and engine is not None:
-                engine.sleep(lc.vllm_sleep)
-            d.barrier()
-    finally:
-        if loggers is not None:
-            loggers.close()
-        if engine is not None:
-            engine.close()
-    return metrics_path
+    def resident(self, policy: str, gguf_file: str | None) -> Resident:
+        """The trainer's inference model as a stage's ``loaded`` argument."""
+        return Resident(self.trainer.inference_model, self.trainer.tok, ModelSpec.parse(policy, gguf_file))
+
+    def refresh_engine(self, step: Step, probe: str) -> None:
+        """The resident engine gets the trainer's newest weights (built on first use), then the probe checks it."""
+        self.trainer.sync_inference()  # FSDP: the shards' newest weights into the full inference copy (all ranks)
+        if self.engine is None:  # built once ("auto" resolved here), then refreshed in place
+            here = self.resident(step.policy, step.gguf_file)
+            self.engine = make_backend(self.cfg.backend, model=here.model, tokenizer=here.tokenizer, spec=here.spec,
+                                       **_engine_options(self.cfg))
+        else:
+            self.engine.wake_up()
+            self.engine.update_weights(self.trainer.inference_model)
+        _probe_engine(self.engine, self.trainer, self.cfg, step.folder, step.number, self.dist, self.say, probe)
+
+    def sample(self, step: Step) -> None:
+        cfg, dist = self.cfg, self.dist
+        problems = PROBLEMS.file(step.folder)
+        if dist.main and not problems.exists():
+            write_parquet(step_problems(self.pool, step.number, cfg.prompts_per_step, cfg.seed), problems)
+        dist.barrier()
+        rollout_cfg = replace(self.cfgs.rollout, model=step.policy, gguf_file=step.gguf_file, problems=str(problems),
+                              policy_step=self.policy_step_at(step.number),
+                              seed=derive_seed(cfg.seed, step.number, "rollout"), data_dir=None, shard=self.shard)
+        self.refresh_engine(step, "engine_probe")
+        rollout.run(rollout_cfg, step.folder, progress=self.progress, loaded=self.resident(step.policy, step.gguf_file),
+                    backend=self.engine)
+        if cfg.vllm_sleep:
+            self.engine.sleep(cfg.vllm_sleep)  # the KV cache (and at level 2 the weights) freed for scoring and training
+        dist.barrier()
+
+    def score(self, step: Step) -> None:
+        bank = self.cfgs.score.bank
+        if self.bank_history is not None:
+            bank = str(latest_bank_version(self.run_dir).path)
+        score_cfg = replace(self.cfgs.score, model=step.policy, gguf_file=step.gguf_file, bank=bank,
+                            seed=derive_seed(self.cfg.seed, step.number, "score_teachers"),
+                            shard=(self.dist.rank, self.dist.world))  # per rank even when a TP group shares rollouts
+        score_teachers.run(score_cfg, step.folder, progress=self.progress,
+                           loaded=self.resident(step.policy, step.gguf_file))
+        self.dist.barrier()
+
+    def polarize(self, step: Step) -> None:
+        if self.dist.main:
+            polarize.run(replace(self.cfgs.polarize, model=step.policy), step.folder, progress=self.progress,
+                         tokenizer=self.trainer.tok)
+
+    def grade(self, step: Step) -> None:
+        if self.dist.main:
+            polarize.grade(self.cfgs.polarize, step.folder)
+
+    def train(self, step: Step) -> None:
+        self.trainer.fit(step.folder, progress=self.progress, policy=step.policy)
+        self.trainer.policy.eval()
+
+    def after_training(self, step: Step, started: float) -> None:
+        """Eval and the skill update (writer, gate) generate with the one resident engine, holding the new weights;
+        then rank 0 writes the metrics row, checks the alarms and prunes old checkpoints."""
+        cfg, n = self.cfg, step.number
+        new_policy = str(step.folder / ckpt.FINAL)
+        want_eval = self.cfgs.eval is not None and n % cfg.eval_every == 0
+        want_update = self.cfgs.update is not None and self.bank_history is not None and n % cfg.skill_update_every == 0
+        if want_eval or want_update:
+            self.trainer.sync_inference()
+            if self.engine is not None:
+                self.engine.wake_up()
+                self.engine.update_weights(self.trainer.inference_model)
+                _probe_engine(self.engine, self.trainer, cfg, step.folder, n, self.dist, self.say, "engine_probe_eval")
+        new_resident = self.resident(new_policy, None)
+        if self.dist.main:  # rank 0 evaluates and updates the bank; the other ranks wait at the barrier below
+            if want_eval:
+                eval_stage.run(replace(self.cfgs.eval, model=new_policy, gguf_file=None), step.folder,
+                               progress=self.progress, loaded=new_resident, backend=self.engine)
+            if want_update:
+                _update_skills(self.cfgs.update, self.run_dir, step.folder, new_policy, new_resident, self.progress,
+                               backend=self.engine)
+            self.record(step, started)
+        if cfg.vllm_sleep and self.engine is not None:
+            self.engine.sleep(cfg.vllm_sleep)
+        self.dist.barrier()
+
+    def record(self, step: Step, started: float) -> None:
+        """metrics.parquet (every finished step's row, rebuilt from the tables), the alarms, the loggers, pruning."""
+        cfg, n = self.cfg, step.number
+        metrics_path = METRICS.file(self.run_dir)
+        metrics = collect_metrics(self.run_dir, n, cfg.objective)
+        history = metrics.to_dicts()
+        metrics = metrics.with_columns(pl.Series("alarms", alarm_column(history), dtype=pl.String))
+        write_parquet(metrics, metrics_path)
+        for a in new_alarms(history):
+            if cfg.alarm_stop:
+                raise InputError(metrics_path, f"collapse alarm at step {n}: {a} (loop.alarm_stop)")
+            self.say(f"warning: collapse alarm at step {n}: {a}")
+        self.sinks.write(metrics.row(-1, named=True), n)
+        self.say(f"step {n}/{cfg.steps} done in {time.time() - started:.1f}s: loss {metrics['loss'][-1]:.5f}"
+                 + (f", reward {metrics['reward'][-1]:.3f}" if "reward" in metrics.columns else ""))
+        prune_steps(self.run_dir, n, cfg.keep_last)
 
 
-def _probe_engine(engine, trainer, lc: "LoopConfig", sd: Path, n: int, d: Dist, say, name: str) -> None:
+def _probe_engine(engine, trainer, loop_cfg: "LoopConfig", folder: Path, n: int, dist: Dist, say, name: str) -> None:
     """After the resident engine got its weights: a short probe whose log-probs must match the trainer's
-    (stages/engine/agreement.py); the result goes to ``sd/<name>.json``.  Every rank probes its own engine and
+    (stages/engine/agreement.py); the result goes to ``folder/<name>.json``.  Every rank probes its own engine and
     all ranks take the same decision."""
-    if not lc.probe_tokens:
+    if not loop_cfg.probe_tokens:
         return
-    texts = pl.read_parquet(PROBLEMS.file(sd))["problem"].head(agreement.PROBE_PROMPTS).to_list()
+    texts = pl.read_parquet(PROBLEMS.file(folder))["problem"].head(agreement.PROBE_PROMPTS).to_list()
     prompts = [ids[:256] for ids in (trainer.tok(str(t), add_special_tokens=False)["input_ids"] for t in texts) if ids]
     if not prompts:
         return
     compute = torch.bfloat16 if trainer.precision in ("bf16-mixed", "bf16") else None
-    res = agreement.probe(engine, trainer.inference_model, prompts, tokens=lc.probe_tokens, tol=lc.probe_tol,
-                          compute_dtype=compute, seed=lc.seed + n)
-    worst = d.all_sum([0.0 if res.ok else 1.0])[0]
-    if d.main:
-        atomic_write_json(sd / f"{name}.json", res.to_json())
+    res = agreement.probe(engine, trainer.inference_model, prompts, tokens=loop_cfg.probe_tokens, tol=loop_cfg.probe_tol,
+                          compute_dtype=compute, seed=derive_seed(loop_cfg.seed, n, "probe"))
+    worst = dist.all_sum([0.0 if res.ok else 1.0])[0]
+    if dist.main:
+        atomic_write_json(folder / f"{name}.json", res.to_json())
     if worst > 0:
         msg = (f"engine/trainer mismatch at step {n}: after loading weights the {getattr(engine, 'name', '?')} engine's "
                f"log-probs differ from the trainer's by {res.gap_mean:.3g} nats per token (max {res.gap_max:.3g}, "
                f"tolerance {res.tol:.2g}): the engine is not serving the trainer's weights")
-        if lc.probe_action == "warn":
+        if loop_cfg.probe_action == "warn":
             say(f"warning: {msg}")
         else:
-            raise InputError(sd / f"{name}.json", msg + " (loop.probe_action = \"warn\" to go on)")
+            raise InputError(folder / f"{name}.json", msg + " (loop.probe_action = \"warn\" to go on)")
 
 
-def _engine_options(lc: "LoopConfig") -> dict:
+def _engine_options(loop_cfg: "LoopConfig") -> dict:
     """vLLM options of the loop's engine (ignored by the transformers backends)."""
-    if lc.backend not in ("vllm", "auto"):
+    if loop_cfg.backend not in ("vllm", "auto"):
         return {}
-    opts: dict[str, Any] = {"tensor_parallel_size": lc.vllm_tensor_parallel, "sleep_mode": bool(lc.vllm_sleep)}
-    if lc.vllm_gpu_memory_utilization is not None:
-        opts["gpu_memory_utilization"] = lc.vllm_gpu_memory_utilization
+    opts: dict[str, Any] = {"tensor_parallel_size": loop_cfg.vllm_tensor_parallel, "sleep_mode": bool(loop_cfg.vllm_sleep)}
+    if loop_cfg.vllm_gpu_memory_utilization is not None:
+        opts["gpu_memory_utilization"] = loop_cfg.vllm_gpu_memory_utilization
     return opts
 
 
-def _update_skills(ucfg, run_dir: Path, sd: Path, policy: str, loaded, progress, backend=None) -> None:
-
-    marker = sd / "skills_update.json"
+def _update_skills(update_cfg, run_dir: Path, folder: Path, policy: str, loaded, progress, backend=None) -> None:
+    marker = folder / SKILLS_UPDATE
     if marker.exists():
         return
-    t0 = time.time()
-    res = update_skills.run(replace(ucfg, model=policy, gguf_file=None), run_dir, progress=progress, loaded=loaded,
-                             backend=backend)
+    started = time.time()
+    res = update_skills.run(replace(update_cfg, model=policy, gguf_file=None), run_dir, progress=progress, loaded=loaded,
+                            backend=backend)
     atomic_write_json(marker, {"decision": res.decision, "reason": res.reason, "success_rate": res.success_rate,
-                               "version": res.version.label, "wall_s": round(time.time() - t0, 3)})
+                               "version": res.version.label, "wall_s": round(time.time() - started, 3)})
 
 
 def write_step_problems(pool: str, step: int, per_step: int, seed: int, out: str | Path,

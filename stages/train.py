@@ -549,7 +549,13 @@ class Trainer:
 
     # ---- training on one run directory
 
-    def fit(self, run_dir: str | Path, *, force: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+    def fit(self, run_dir: str | Path, *, force: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None,
+            policy: str | None = None) -> Path:
+        """Train on one run directory.  ``policy``: the name of the weights this trainer holds now (the loop: the
+        previous step's checkpoint), recorded as ``model`` in the stage key and the checkpoint's config."""
+        if policy is not None and policy != self.cfg.model:
+            self.cfg = replace(self.cfg, model=policy)
+            self.objective.cfg = self.cfg
         cfg, d = self.cfg, self.dist
         run_dir = Path(run_dir)
         self._run_dir = run_dir

@@ -374,3 +374,14 @@ def test_run_dir_written_before_a_field_existed_still_matches(tmp_path):
         _check_run_dir(tmp_path, {**new, "train": {"lr": 1e-3, "reversed_tokens": "stance"}}, False, False, defaults)
     with pytest.raises(InputError, match=r"differs in train\.lr"):
         _check_run_dir(tmp_path, {**new, "train": {"lr": 2e-3, "reversed_tokens": "all"}}, False, False, defaults)
+
+
+def test_derived_seeds_hand_values():
+    """The seeds a loop step derives (stages/engine/seeds.py): the formulas earlier runs used."""
+    from stages.engine.seeds import derive_seed
+
+    assert derive_seed(3, 5, "rollout") == 300_014  # 3 * 100003 + 5
+    assert derive_seed(3, 5, "score_teachers") == derive_seed(3, 5, "probe") == 8
+    assert derive_seed(3, 5, "optimizer", rank=2) == 3_249_062  # 3000009 + 39595 + 209458
+    with pytest.raises(ValueError, match="unknown seed use"):
+        derive_seed(3, 5, "eval")

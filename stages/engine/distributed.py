@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stages.engine.seeds import derive_seed
 
 
 @dataclass
@@ -76,7 +77,7 @@ def group_timeout():
 
 def seed_all(seed: int, step: int, rank: int) -> None:
     """Every random draw of an optimizer step (dropout, ...) is a function of (seed, policy step, rank)."""
-    s = (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63 - 1)
+    s = derive_seed(seed, step, "optimizer", rank)
     torch.manual_seed(s)
     np.random.seed(s % (2**32))
     random.seed(s)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -107,6 +107,14 @@ class ModelSpec:
 
     def to_json(self) -> dict:
         return {"path": self.path, "gguf_file": self.gguf_file, "adapter": self.adapter}
+
+
+class Resident(NamedTuple):
+    """A model already in memory, handed to a stage instead of a path (the loop's ``loaded=`` argument): the model,
+    its tokenizer and where it came from.  A tuple, so ``model, tok, spec = loaded`` works."""
+    model: Any
+    tokenizer: Any
+    spec: ModelSpec
 
 
 def check_hub_id(repo_id: str, timeout_s: float = 10.0) -> None:
