@@ -201,14 +201,14 @@ def unmount(ctx: Ctx) -> None:
 
 def concurrent(ctx: Ctx, first: list, second: list, wait_for: Path) -> tuple:
     """Start ``first``; once it holds the lock on ``wait_for`` (seen in /proc/locks), run ``second``; report the second."""
-    from stages.engine.io import _lock_holder
+    from stages.engine.locks import lock_holder
 
     p = subprocess.Popen([str(a) for a in first], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=REPO, env=ENV)
     try:
         t0 = time.time()
         while time.time() - t0 < 120 and p.poll() is None:
-            if wait_for.exists() and _lock_holder(wait_for).get("pid") == p.pid:
+            if wait_for.exists() and lock_holder(wait_for).get("pid") == p.pid:
                 break
             time.sleep(0.05)
         before = snapshot(ctx.run)

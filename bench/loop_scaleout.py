@@ -78,7 +78,7 @@ def _port() -> int:
 
 
 def run_loop(work: Path, name: str, ranks: int, threads: int, args, model: Path) -> dict:
-    from stages.engine.io import DATA_DIR
+    from stages.engine.paths import DATA_DIR
 
     cfg = work / f"{name}.toml"
     cfg.write_text(CONFIG.format(run_dir=work / name, model=model, problems=DATA_DIR / "demo" / "problems.jsonl",
@@ -116,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.prompts % args.ranks:
         sys.exit("--prompts must be a multiple of --ranks")
-    from stages.engine.io import read_table, stage_table_path
+    from stages.engine.tableio import read_table, stage_table_path
     from stages.engine.models import make_tiny_model
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sgsd-scaleout-"))

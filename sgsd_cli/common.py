@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stages.engine.io import InputError, visible  # noqa: E402
+from stages.engine.errors import InputError, visible  # noqa: E402
 
 
 class _Visible:

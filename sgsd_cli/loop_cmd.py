@@ -34,7 +34,7 @@ def loop_cmd(sections, source, dry_run: bool = False, print_config: PrintConfig 
         dry_run = True
     if dry_run:  # the run's own config resolution and input checks; stdout: the resolved config (JSON)
         from stages import loop_plan
-        from stages.engine.io import to_jsonable
+        from stages.engine.atomic import to_jsonable
 
         resolved, lines = loop_plan.check(sections, source, force=force)
         out.print_json(json.dumps(to_jsonable(resolved)))

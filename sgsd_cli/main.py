@@ -8,7 +8,7 @@ import typer
 
 from sgsd_cli import progress
 from sgsd_cli.common import app, out, report_error
-from stages.engine.io import SGSD_VERSION
+from stages.engine.paths import SGSD_VERSION
 
 # each module registers its command(s) on `app` when imported, in --help order
 COMMAND_MODULES = [
@@ -117,7 +117,7 @@ def _refuse_busy_run_dir(argv: list[str]) -> None:
     run_dir = _run_dir_arg(argv)
     if not run_dir or "--help" in argv or "--dry-run" in argv:
         return
-    from stages.engine.io import run_dir_in_use
+    from stages.engine.locks import run_dir_in_use
 
     err = run_dir_in_use(run_dir)
     if err is not None:

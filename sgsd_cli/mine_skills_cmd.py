@@ -12,7 +12,7 @@ from rich.table import Table
 
 from sgsd_cli.common import Force, RunDir, out, progress_bars
 from sgsd_cli.options import stage_command
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.mine_skills import MineSkillsConfig
 
 

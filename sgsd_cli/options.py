@@ -26,7 +26,8 @@ import typer
 
 from sgsd_cli.common import PIPELINE, app, cli_errors, out
 from stages.engine.config import build, deprecated, field_opt, flag_of, parse_sets, resolve
-from stages.engine.io import InputError, to_jsonable
+from stages.engine.atomic import to_jsonable
+from stages.engine.errors import InputError
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML recipe; its table for this stage gives defaults for every option below.", rich_help_panel="Config")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="KEY=VALUE", help="Override one option: key=value or section.key=value (TOML literal), repeatable; wins over --config and the options.", rich_help_panel="Config")]

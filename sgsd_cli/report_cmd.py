@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from sgsd_cli.common import UTILS, app, cli_errors, out
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 
 @app.command("report", rich_help_panel=UTILS)

@@ -15,7 +15,7 @@ from sgsd_cli.common import UTILS, Seed, app, cli_errors, out, progress_bars
 from sgsd_cli.mine_skills_cmd import WRITER_CONVERTERS, writer_on_stage_device
 from sgsd_cli.options import stage_command
 from stages.update_skills import UpdateSkillsConfig
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 skills_app = typer.Typer(help="Inspect skill banks: print one, diff two versions, retrieval statistics.",
                          no_args_is_help=True, rich_markup_mode="rich")
@@ -142,7 +142,7 @@ def stats_cmd(
     """Which items are retrieved how often over a problem set, or (--run) how their teachers fared over a run."""
     if run is not None:
         from stages import report
-        from stages.engine.io import write_parquet
+        from stages.engine.atomic import write_parquet
 
         df = report.skill_stats(run)
         if output:
@@ -156,7 +156,7 @@ def stats_cmd(
     import polars as pl
 
     from stages.engine.benchmarks import load_problems
-    from stages.engine.io import write_parquet
+    from stages.engine.atomic import write_parquet
     from stages.engine.skills.retrieval import make_retriever, retrieval_stats
 
     b = _resolve_bank(bank, run_dir)

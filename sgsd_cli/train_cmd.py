@@ -11,7 +11,7 @@ from sgsd_cli.common import RunDir, console, out, progress_bars
 from sgsd_cli.options import stage_command
 from stages import train
 from stages.engine.config import deprecated
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 DTYPE_ALIAS = {"auto": "auto", "fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
 Resume = Annotated[str, typer.Option("--resume", help="auto: continue from the newest checkpoint of --run-dir, refusing a corrupt one; latest-valid: fall back to the newest valid one; never; or a checkpoint folder.", rich_help_panel="Checkpoints")]

@@ -14,7 +14,8 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
 from stages.engine.skills.bank import load_bank, require_pairs
 from stages.engine.skills.encoders import DEFAULT_ENCODER, load_encoder
 from stages.engine.skills.bank import KINDS, SkillBank, item_text
@@ -42,7 +43,7 @@ class BuildIndexConfig(Checked):
     encoder: str = opt(DEFAULT_ENCODER, "Sentence encoder: any sentence-transformers model or HF encoder (folder or hub id).", group="Index")
     mode: str = opt("embedding", "embedding | lexical | hybrid (lexical needs no encoder).", group="Index", choices=("embedding", "lexical", "hybrid"), what="index mode")
     batch_size: int = opt(32, "Encode batch: bank items embedded together.", group="Index", ge=1, flag="encode-batch", old=("--batch-size",))
-    device: str = opt("cpu", "Encoder device: cpu, cuda, auto.", group="Index")
+    device: str = opt("cpu", "Encoder device: cpu, cuda, auto.", group="Index", key=False)
     encoder_backend: str = opt("auto", "auto (sentence-transformers for a hub id or a folder with its config, refused if the package is missing; transformers mean pooling for a plain folder), sentence-transformers, hf (mean pooling, explicitly).", group="Index", choices=("auto", "sentence-transformers", "hf"))
 
 

@@ -23,7 +23,10 @@ from typing import Any, Sequence
 
 import polars as pl
 
-from stages.engine.io import InputError, atomic_write_text, check_finite, read_manifest, read_table
+from stages.engine.atomic import atomic_write_text
+from stages.engine.errors import InputError
+from stages.engine.manifest import read_manifest
+from stages.engine.tableio import check_finite, read_table
 from stages.engine.tables import POLARIZE, POLARIZE_ROLLOUTS, ROLLOUT, SCORE_TEACHERS
 from stages.engine.objectives.sgsd import CATEGORIES, CLIP
 

@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, runtime_fields
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine.alarms import alarm_column, new_alarms
@@ -45,7 +45,9 @@ from stages.engine.config import build
 from stages.engine.distributed import Dist, init_distributed
 from stages.engine.generation.factory import make_backend
 from stages.engine.metrics_log import MetricSinks
-from stages.engine.io import InputError, atomic_write_json, read_manifest, write_parquet
+from stages.engine.atomic import atomic_write_json, write_parquet
+from stages.engine.errors import InputError
+from stages.engine.manifest import read_manifest
 from stages.engine.step_metrics import step_metrics
 from stages.engine.tables import METRICS, PROBLEMS, SKILLS_UPDATE, TRAIN
 from stages.polarize import PolarizeConfig
@@ -56,7 +58,7 @@ from stages.eval import EvalConfig
 from stages.update_skills import UpdateSkillsConfig
 from stages.engine.models import ModelSpec, Resident
 from stages.engine.seeds import derive_seed
-from stages.engine.io import run_dir_lock
+from stages.engine.locks import run_dir_lock
 from stages import polarize, rollout, score_teachers
 from stages.engine.benchmarks import load_problems
 from stages.train import Trainer
@@ -68,8 +70,6 @@ from stages import update_skills
 from stages.train import OBJECTIVES
 
 STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
-LOOP_KEY_IGNORED = ("steps", "eval_every", "keep_last", "tensorboard", "wandb_project", "device", "alarm_stop",
-                    "vllm_gpu_memory_utilization", "vllm_sleep", "probe_tokens", "probe_action", "probe_tol")
 
 
 @dataclass
@@ -81,23 +81,23 @@ class LoopConfig(Checked):
     problems: str = opt("train", "Training pool: benchmark name or problems file (id, problem, answer).", group="Loop")
     data_dir: str | None = opt(None, "Folder holding benchmark files.", group="Loop")
     bank: str = opt("", "Skill bank (sgsd, required: e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json; smoke runs data/demo/skill_bank.json); becomes bank/v0000 when skills are updated.", group="Loop")
-    steps: int = opt(200, "Loop steps.", group="Loop", ge=1)
+    steps: int = opt(200, "Loop steps.", group="Loop", ge=1, key=False)
     prompts_per_step: int = opt(16, "Prompts sampled per step (seeded, epoch-wise).", group="Loop", ge=1)
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Loop", ge=0)
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Loop")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Loop", key=False)
     backend: str = opt("auto", "Generation backend of the loop (one resident engine): auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast, hf.", group="Loop", choices=("auto", "vllm", "hf-fast", "hf"))
-    eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0)
-    probe_tokens: int = opt(16, "Engine/trainer probe after every weight load of the resident engine: tokens sampled from each of the step's first 2 problems by the engine and rescored by the trainer (0: off; stages/engine/agreement.py).", group="Loop", ge=0)
-    probe_action: str = opt("stop", "When the probe's mean |delta logp| exceeds its tolerance: stop (exit 2, one line naming the step and the gap) or warn (one warning line).", group="Loop", choices=("stop", "warn"))
-    probe_tol: float | None = opt(None, "Probe tolerance, nats per token (default: by dtype, the coarser of engine and trainer: fp32 2e-3, fp16 2e-2, bf16 5e-2).", group="Loop", gt=0)
-    alarm_stop: bool = opt(False, "Stop the loop (exit 2) when a collapse alarm fires (reward or eval trend, SGSD polarity mix; stages/engine/alarms.py); default: warn in one line and mark the step in metrics.parquet (alarms column).", group="Loop")
+    eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0, key=False)
+    probe_tokens: int = opt(16, "Engine/trainer probe after every weight load of the resident engine: tokens sampled from each of the step's first 2 problems by the engine and rescored by the trainer (0: off; stages/engine/agreement.py).", group="Loop", ge=0, key=False)
+    probe_action: str = opt("stop", "When the probe's mean |delta logp| exceeds its tolerance: stop (exit 2, one line naming the step and the gap) or warn (one warning line).", group="Loop", choices=("stop", "warn"), key=False)
+    probe_tol: float | None = opt(None, "Probe tolerance, nats per token (default: by dtype, the coarser of engine and trainer: fp32 2e-3, fp16 2e-2, bf16 5e-2).", group="Loop", gt=0, key=False)
+    alarm_stop: bool = opt(False, "Stop the loop (exit 2) when a collapse alarm fires (reward or eval trend, SGSD polarity mix; stages/engine/alarms.py); default: warn in one line and mark the step in metrics.parquet (alarms column).", group="Loop", key=False)
     skill_update_every: int = opt(0, "Online skill-bank update every N steps (sgsd; 0: never).", group="Loop", ge=0)
-    keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0)
+    keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0, key=False)
     vllm_tensor_parallel: int = opt(1, "vLLM tensor parallelism across this many consecutive torchrun ranks (colocated engine, external_launcher) for a policy that does not fit one GPU; the ranks of a group generate the same prompts. Must divide the number of ranks.", group="Scale-out", ge=1)
-    vllm_gpu_memory_utilization: float | None = opt(None, "GPU memory share of each colocated vLLM engine (weights + KV cache; default 0.85 alone, 0.3 under torchrun beside the trainer).", group="Scale-out", gt=0, le=1)
-    vllm_sleep: int = opt(0, "vLLM sleep mode while the ranks train: 0 off, 1 free the KV cache and offload the engine's weights to CPU, 2 free both (the new weights are loaded on wake anyway).", group="Scale-out", choices=(0, 1, 2))
-    tensorboard: bool = opt(False, "Log the metrics row of every step to RUN_DIR/tensorboard (needs the `report` extra).", group="Logging")
-    wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging")
+    vllm_gpu_memory_utilization: float | None = opt(None, "GPU memory share of each colocated vLLM engine (weights + KV cache; default 0.85 alone, 0.3 under torchrun beside the trainer).", group="Scale-out", gt=0, le=1, key=False)
+    vllm_sleep: int = opt(0, "vLLM sleep mode while the ranks train: 0 off, 1 free the KV cache and offload the engine's weights to CPU, 2 free both (the new weights are loaded on wake anyway).", group="Scale-out", choices=(0, 1, 2), key=False)
+    tensorboard: bool = opt(False, "Log the metrics row of every step to RUN_DIR/tensorboard (needs the `report` extra).", group="Logging", key=False)
+    wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging", key=False)
 
     def check(self) -> None:
 
@@ -239,6 +239,11 @@ def collect_metrics(run_dir: Path, upto: int, objective: str) -> pl.DataFrame:
     return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
+# the config class of each recipe section the loop records in loop_config.json
+SECTION_CONFIGS = {"loop": LoopConfig, "rollout": RolloutConfig, "score_teachers": ScoreTeachersConfig,
+                   "polarize": PolarizeConfig, "train": TrainConfig, "update_skills": UpdateSkillsConfig}
+
+
 def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = True, defaults: dict | None = None) -> None:
     """A run directory belongs to one loop config (steps, eval cadence, keep_last, loggers may change);
     ``write=False`` (the dry run) only checks.  A field that the recorded config lacks (it was written before
@@ -252,11 +257,10 @@ def _check_run_dir(run_dir: Path, resolved: dict, force: bool, write: bool = Tru
                 for f, v in fs.items():
                     if f not in (like.get(s) or {}) and k[s].get(f) == v:
                         k[s].pop(f)
-        for f in LOOP_KEY_IGNORED:
-            k["loop"].pop(f, None)
-        for sec in k.values():
-            if isinstance(sec, dict):
-                sec.pop("device", None)
+        for name, cls in SECTION_CONFIGS.items():  # runtime-only fields (opt(key=False)) may change
+            for f in runtime_fields(cls):
+                if isinstance(k.get(name), dict):
+                    k[name].pop(f, None)
         k.pop("eval", None)
         return k
 

@@ -6,7 +6,7 @@ model (a folder, adapter or checkpoint that exists, or a hub id that is cached o
 pool (loaded as the run loads it: its source and row count, enough problems for a step), the skill bank and
 index (sgsd), the retrieval encoder's package, the eval benchmarks, the run directory (a folder started with
 another config is refused as the run refuses it) and the backend ``auto`` picks on this machine.  Every
-problem is the run's own :class:`~stages.engine.io.InputError`.  The shell recipes' ``--dry-run`` calls it too.
+problem is the run's own :class:`~stages.engine.errors.InputError`.  The shell recipes' ``--dry-run`` calls it too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stages import loop
 from stages.engine import benchmarks
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 
 def check(sections: dict, source: str = "config", force: bool = False) -> tuple[dict, list[str]]:

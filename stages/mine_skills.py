@@ -23,7 +23,10 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, atomic_write_text, read_table
+from stages.engine.atomic import atomic_write_text
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import read_table
 from stages.engine.tables import ROLLOUT
 from stages.engine.skills.bank import bank_json_text, bank_to_table, load_bank
 from stages.engine.skills.writer import Writer, WriterConfig, make_writer
@@ -52,7 +55,7 @@ class MineSkillsConfig(Checked):
     thinking: bool = opt(True, "Qwen3 thinking mode for the attempts (on: the reference samples with the default chat template, generate_math_memories.py:151).", group="Attempts")
     backend: str = opt("auto", "Generation backend of the attempts: auto, vllm, hf.", group="Attempts", choices=("auto", "vllm", "hf-fast", "hf"))
     batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Attempts", ge=1, flag="decode-batch", old=("--batch-size",))
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Attempts")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Attempts", key=False)
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Attempts", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Attempts", ge=0)
 

@@ -17,7 +17,10 @@ import torch
 
 from stages.engine.grading import grade_rollouts
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, check_finite, read_table, write_parquet
+from stages.engine.atomic import write_parquet
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import check_finite, read_table
 from stages.engine.objectives.sgsd import (CATEGORIES, category, clipped_fraction, delta, maskable_token_ids,
                                           method_field, method_of, polarity, stance, support_score, token_mask)
 from stages.engine.models import ModelSpec, load_tokenizer

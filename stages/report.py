@@ -25,7 +25,10 @@ from typing import Any, Sequence
 import polars as pl
 
 from stages.engine.tables import METRICS, POLARIZE, SCORE_TEACHERS, TRAIN
-from stages.engine.io import InputError, atomic_write_bytes, atomic_write_text, read_manifest, read_table
+from stages.engine.atomic import atomic_write_bytes, atomic_write_text
+from stages.engine.errors import InputError
+from stages.engine.manifest import read_manifest
+from stages.engine.tableio import read_table
 from stages.engine.objectives.sgsd import CATEGORIES
 
 STAGE_WALLS = ("rollout", "score_teachers", "polarize", "grade", "train", "eval", "skills")

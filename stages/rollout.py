@@ -16,7 +16,9 @@ import polars as pl
 from stages.engine.generation.base import GenerationBackend, SamplingConfig, prompt_key_of
 from stages.engine.generation.factory import make_backend
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, shard_output_name, shard_rows
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from stages.engine import benchmarks
 from stages.engine.models import load_model
@@ -42,7 +44,7 @@ class RolloutConfig(Checked):
     policy_step: int = opt(0, "Policy step recorded in every row.", group="Data", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: process the i-th of n contiguous blocks of the problems and write rollout/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Data", metavar="i/n")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, hub).", group="Data")
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
     def sampling(self) -> SamplingConfig:
@@ -53,7 +55,7 @@ class RolloutConfig(Checked):
 
 
 def select_problems(problems: pl.DataFrame, limit: int | None, shard: tuple[int, int]) -> pl.DataFrame:
-    """First ``limit`` rows, then the i-th of n contiguous blocks for shard i/n (:func:`stages.engine.io.shard_rows`)."""
+    """First ``limit`` rows, then the i-th of n contiguous blocks for shard i/n (:func:`stages.engine.tableio.shard_rows`)."""
     if limit is not None:
         problems = problems.head(limit)
     return shard_rows(problems, shard)

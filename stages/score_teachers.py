@@ -15,7 +15,9 @@ from typing import Callable
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, check_finite, read_table, shard_output_name, shard_rows
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import check_finite, read_table, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, strip_wrappers, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.skills.versions import bank_version_of
@@ -48,7 +50,7 @@ class ScoreTeachersConfig(Checked):
     rollouts_per_batch: int = opt(16, "Rollouts whose student + K teacher sequences are scored together.", group="Scoring", ge=1)
     seed: int = opt(0, "Seed of --retrieval random (its scores); recorded in the manifest. Scoring itself draws nothing.", group="Scoring", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: score the i-th of n contiguous blocks of the rollouts; writes score_teachers/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Scoring", metavar="i/n")
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
 

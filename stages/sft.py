@@ -27,9 +27,11 @@ import torch
 
 from stages.engine import checkpoint as ckpt
 from stages.engine import training
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, stage_key
 from stages.engine.distributed import rng_state, seed_all, set_rng_state
-from stages.engine.io import InputError, StageRun, read_table
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import read_table
 
 
 @dataclass
@@ -52,12 +54,10 @@ class SFTConfig(Checked):
     logit_chunk: int = opt(2048, "Positions per [positions, vocab] log-softmax chunk.", group="Engine", ge=1)
     seed: int = opt(0, "Random seed (data order).", group="Optimisation", ge=0)
     # not part of the stage key
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Engine")
-    save_every: int = opt(0, "Snapshot checkpoints/step_XXXXXX every N steps (0: only the final checkpoint).", group="Checkpoints", ge=0)
-    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
-    log_every: int = opt(50, "A log line every N optimizer steps (0: none).", group="Checkpoints", ge=0)
-
-    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "log_every")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Engine", key=False)
+    save_every: int = opt(0, "Snapshot checkpoints/step_XXXXXX every N steps (0: only the final checkpoint).", group="Checkpoints", ge=0, key=False)
+    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0, key=False)
+    log_every: int = opt(50, "A log line every N optimizer steps (0: none).", group="Checkpoints", ge=0, key=False)
 
     def check(self) -> "SFTConfig":
         for ok, msg in [
@@ -76,7 +76,7 @@ class SFTConfig(Checked):
         return self
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_FIELDS}
+        return stage_key(self)
 
 
 def load_pairs(path: str | Path, limit: int | None = None) -> pl.DataFrame:
@@ -147,7 +147,7 @@ def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: boo
     cfg.check()
     run_dir = Path(run_dir)
     df = load_pairs(cfg.data, cfg.limit)  # bad data fails before any model is loaded or file written
-    stage = StageRun(run_dir, "sft", cfg.key(), inputs={"data": cfg.data}, force=force, seed=cfg.seed)
+    stage = StageRun(run_dir, "sft", cfg, inputs={"data": cfg.data}, force=force, seed=cfg.seed)
     if stage.done:
         say(f"sft: {stage.output} is up to date")
         return stage.output

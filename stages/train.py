@@ -39,9 +39,12 @@ import torch
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine import training
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, stage_key
 from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
-from stages.engine.io import InputError, StageRun, commit_dir, read_table
+from stages.engine.atomic import commit_dir
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import read_table
 from stages.engine.metrics_log import MetricSinks
 from stages.engine.models import ModelSpec, check_token_ids, load_model, pick_device, save_model
 from stages.engine.objectives import base as objectives
@@ -109,25 +112,22 @@ class TrainConfig(Checked):
     loss_agg: str = opt("sequence-mean", "GRPO: sequence-mean (per-sequence token mean, then mean over sequences: TRL loss_type=grpo, the reference) or token-mean.", group="GRPO", choices=AGGREGATIONS)
     old_logprobs: str = opt("policy", "GRPO: pi_old of the ratio: policy (the training model's log-probs before the first update on the table, as TRL computes them) or sampler (the rollout engine's sampling log-probs, which carry the engine/trainer mismatch).", group="GRPO", choices=("policy", "sampler"))  # new
     mask_truncated: bool = opt(False, "GRPO/OPSD: drop completions cut at the token limit from the loss.", group="GRPO")
-    is_correction: str | None = opt(None, "GRPO: importance-sampling correction of the engine/trainer mismatch (weight from pi_old / the engine's sampling log-probs): none, token-truncate, token-mask, sequence-truncate, sequence-mask. Default as the reference (TRL 0.26): sequence-mask for rollouts sampled by vLLM, none otherwise; sgsd and opsd: none (their reference trainers use no sampling log-probs).", group="GRPO", choices=IS_MODES)
-    is_cap: float | None = opt(None, "GRPO: cap C of --is-correction (truncate: min(r, C); mask: 0 above C). Default 3.0 (TRL 0.26).", group="GRPO", gt=0)
+    is_correction: str | None = opt(None, "GRPO: importance-sampling correction of the engine/trainer mismatch (weight from pi_old / the engine's sampling log-probs): none, token-truncate, token-mask, sequence-truncate, sequence-mask. Default as the reference (TRL 0.26): sequence-mask for rollouts sampled by vLLM, none otherwise; sgsd and opsd: none (their reference trainers use no sampling log-probs).", group="GRPO", choices=IS_MODES, key="if-set")
+    is_cap: float | None = opt(None, "GRPO: cap C of --is-correction (truncate: min(r, C); mask: 0 above C). Default 3.0 (TRL 0.26).", group="GRPO", gt=0, key="if-set")
     verify_timeout_s: float = opt(5.0, "GRPO: hard timeout per verifier call when the rollouts are not graded yet, seconds.", group="GRPO", flag="verify-timeout", gt=0)
     # engine
     token_budget: int = opt(16384, "Tokens per packed forward.", group="Engine", ge=1)
     logit_chunk: int = opt(2048, "Positions per [positions, vocab] log-softmax chunk.", group="Engine", ge=1)
-    distributed: str = opt("auto", "Under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp.", group="Engine", choices=DISTRIBUTED)
+    distributed: str = opt("auto", "Under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp.", group="Engine", choices=DISTRIBUTED, key=False)
     seed: int = opt(0, "Random seed (data order, dropout, LoRA init).", group="Objective", ge=0)
     # not part of the stage key (they do not change the result)
-    device: str = opt("auto", "torch device: auto, cpu, cuda ...", group="Engine")
-    save_every: int = opt(0, "Snapshot checkpoints/step_N every N optimizer steps (0: only the final checkpoint/).", group="Checkpoints", ge=0)
-    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0)
-    tensorboard: bool = opt(False, "Log every optimizer step's metrics row to RUN_DIR/tensorboard (needs the report extra).", group="Logging")
-    wandb_project: str = opt("", "Log every optimizer step to this Weights & Biases project (needs the report extra).", group="Logging")
-    agreement_rollouts: int | None = opt(None, "Engine/trainer agreement: rollouts of the table whose sampled tokens the trainer rescores (no grad, before any update) against the stored sampling log-probs; agree_* columns of train.parquet (default 16; 0 = off; stages/engine/agreement.py).", group="Logging", ge=0)
-    agreement_threshold: float | None = opt(None, "Engine/trainer agreement: |delta logp| counted in agree_frac_over, nats (default 0.2).", group="Logging", gt=0)
-
-    RUNTIME_FIELDS = ("device", "save_every", "keep_last", "distributed", "tensorboard", "wandb_project",
-                      "agreement_rollouts", "agreement_threshold")
+    device: str = opt("auto", "torch device: auto, cpu, cuda ...", group="Engine", key=False)
+    save_every: int = opt(0, "Snapshot checkpoints/step_N every N optimizer steps (0: only the final checkpoint/).", group="Checkpoints", ge=0, key=False)
+    keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0, key=False)
+    tensorboard: bool = opt(False, "Log every optimizer step's metrics row to RUN_DIR/tensorboard (needs the report extra).", group="Logging", key=False)
+    wandb_project: str = opt("", "Log every optimizer step to this Weights & Biases project (needs the report extra).", group="Logging", key=False)
+    agreement_rollouts: int | None = opt(None, "Engine/trainer agreement: rollouts of the table whose sampled tokens the trainer rescores (no grad, before any update) against the stored sampling log-probs; agree_* columns of train.parquet (default 16; 0 = off; stages/engine/agreement.py).", group="Logging", ge=0, key=False)
+    agreement_threshold: float | None = opt(None, "Engine/trainer agreement: |delta logp| counted in agree_frac_over, nats (default 0.2).", group="Logging", gt=0, key=False)
 
     def resolved(self) -> "TrainConfig":
         cfg = replace(self)
@@ -163,9 +163,8 @@ class TrainConfig(Checked):
         return cfg
 
     def key(self) -> dict:
-        """The part of the config that determines the result (the stage manifest's key)."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in self.RUNTIME_FIELDS and not (k in ("is_correction", "is_cap") and v is None)}
+        """The part of the config that determines the result (the stage manifest's key; opt(key=...))."""
+        return stage_key(self)
 
 
 
@@ -565,7 +564,7 @@ class Trainer:
         self._check_tokens()
         if self.data.info.get("bank_version"):
             self.bank_version = self.data.info["bank_version"]
-        stage = StageRun(run_dir, "train", cfg.key(), inputs=self.data.inputs, force=force, seed=cfg.seed)
+        stage = StageRun(run_dir, "train", cfg, inputs=self.data.inputs, force=force, seed=cfg.seed)
         if stage.done:
             return stage.output
         self.objective.prepare(self, run_dir)
@@ -701,7 +700,7 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", force: b
     dist = init_distributed(cfg.device)
     say = log if (log and dist.main) else (lambda s: None)
     # a finished stage with the same config and inputs is skipped before any model is loaded
-    pre = StageRun(run_dir, "train", cfg.key(), inputs=objectives.get(cfg.objective).input_paths(run_dir), force=force,
+    pre = StageRun(run_dir, "train", cfg, inputs=objectives.get(cfg.objective).input_paths(run_dir), force=force,
                    seed=cfg.seed)
     if pre.done:
         say(f"train: {pre.output} is up to date")

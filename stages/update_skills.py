@@ -30,7 +30,10 @@ from typing import Callable, Sequence
 import polars as pl
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, atomic_write_text, read_table, run_dir_lock
+from stages.engine.atomic import atomic_write_text
+from stages.engine.errors import InputError
+from stages.engine.locks import run_dir_lock
+from stages.engine.tableio import read_table
 from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT
 from stages.engine.grading import grades_for
 from stages.engine.skills.mining import ROLLOUT_REQUIRED, MiningParams, build_memories, candidate_counts, candidate_items, extract_candidates, merge_kind
@@ -60,7 +63,7 @@ class UpdateSkillsConfig(Checked):
     model: str | None = opt(None, "The policy: the local writer by default, and the model the gate's teachers run on.", group="Model")
     gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
     backend: str = opt("auto", "Generation backend of the gate: auto, vllm, hf.", group="Model", choices=("auto", "vllm", "hf-fast", "hf"))
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
+    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     # gate
     gate_split: str | None = opt(None, "Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.", group="Gate")

@@ -62,7 +62,7 @@ def test_broken_weight_refresh_stops_the_loop(tmp_path, tiny_model_dir, monkeypa
     and the agreement metrics (train.parquet -> metrics.parquet) show the stale engine's rollouts."""
     import stages.loop as loop_mod
     from stages.engine.generation.hf import HFBackend
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from test_loop import _cfg, _run
 
     monkeypatch.setattr(loop_mod, "make_backend", lambda kind, model, tokenizer, spec, **kw: HFBackend(copy.deepcopy(model), tokenizer))

@@ -22,7 +22,7 @@ from stages.engine.benchmarks import (
     load_problems,
     problems_hash,
 )
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "hmmt25": 30, "math500": 500}
 
@@ -100,7 +100,7 @@ def test_lookup_order_data_dir_then_env_then_registry(shared_data, tmp_path, mon
     assert load_problems("aime25", data_dir=tmp_path / "empty")["answer"][0] == "2002"
     dirs = benchmarks.search_dirs(tmp_path / "empty")
     assert dirs[:2] == [tmp_path / "empty", tmp_path / "env"]
-    from stages.engine.io import REPO_ROOT
+    from stages.engine.paths import REPO_ROOT
 
     assert (REPO_ROOT.parent / "shared" / "data").resolve() in [d.resolve() for d in dirs[2:]]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.engine.io import read_table
+from stages.engine.tableio import read_table
 import pytest
 from typer.testing import CliRunner
 

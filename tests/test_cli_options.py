@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.engine.config import Checked, check, field_opt, opt
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 CONFIGS = [
     ("stages.rollout", "RolloutConfig"), ("stages.score_teachers", "ScoreTeachersConfig"),
@@ -146,3 +146,50 @@ def test_help_flags_carry_no_type_label(argv):
     assert "--help" in r.output and "<bool>" not in r.output
     if argv[-2:] == ["build", "--help"]:
         assert "[world] table" in r.output and "[experiment] table" in r.output
+
+
+def test_runtime_fields_are_marked_once_and_left_out_of_every_stage_key():
+    """opt(key=False) fields (device, logging, snapshot cadence) are not part of any stage key; key="if-set" fields
+    only when set; the train, sft, rollout and score-teachers keys all follow the marks."""
+    from stages.engine.config import runtime_fields, stage_key
+    from stages.rollout import RolloutConfig
+    from stages.score_teachers import ScoreTeachersConfig
+    from stages.sft import SFTConfig
+    from stages.train import TrainConfig
+
+    assert runtime_fields(TrainConfig) == ("distributed", "device", "save_every", "keep_last", "tensorboard",
+                                           "wandb_project", "agreement_rollouts", "agreement_threshold")
+    assert runtime_fields(SFTConfig) == ("device", "save_every", "keep_last", "log_every")
+    assert runtime_fields(RolloutConfig) == runtime_fields(ScoreTeachersConfig) == ("device",)
+    key = TrainConfig(model="m", device="cpu", save_every=3).key()
+    assert "device" not in key and "save_every" not in key and "is_correction" not in key and key["model"] == "m"
+    assert TrainConfig(model="m", objective="grpo", is_correction="token-mask").key()["is_correction"] == "token-mask"
+    a = stage_key({"config": ScoreTeachersConfig(model="m", device="cpu"), "source": "x"})
+    b = stage_key({"config": ScoreTeachersConfig(model="m", device="cuda"), "source": "x"})
+    assert a == b and "device" not in a["config"] and a["config"]["k"] == 8 and a["source"] == "x"
+
+
+def test_a_manifest_written_with_a_runtime_field_still_matches(tmp_path):
+    """A manifest from before ``device`` became runtime-only (its config holds device) is not stale."""
+    import json
+
+    import polars as pl
+
+    from stages.engine.manifest import StageRun
+    from stages.score_teachers import ScoreTeachersConfig
+
+    cfg = ScoreTeachersConfig(model="m", device="cpu")
+    run = StageRun(tmp_path, "score_teachers", {"config": cfg}, inputs={})
+    run.finish(pl.DataFrame({"x": [1]}))
+    man = tmp_path / "score_teachers.manifest.json"
+    m = json.loads(man.read_text())
+    assert "device" not in m["config"]["config"]
+    m["config"]["config"]["device"] = "cuda"  # as an older version wrote it
+    man.write_text(json.dumps(m))
+    assert StageRun(tmp_path, "score_teachers", {"config": cfg}, inputs={}).done
+    m["config"]["config"]["k"] = 4  # a field of the key still counts
+    man.write_text(json.dumps(m))
+    from stages.engine.errors import InputError
+
+    with pytest.raises(InputError, match="config changed"):
+        StageRun(tmp_path, "score_teachers", {"config": cfg}, inputs={})

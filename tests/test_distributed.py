@@ -95,7 +95,7 @@ def test_group_timeout_from_the_environment(monkeypatch):
     from datetime import timedelta
 
     from stages.engine.distributed import group_timeout
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     monkeypatch.delenv("SGSD_DIST_TIMEOUT_S", raising=False)
     assert group_timeout() == timedelta(hours=2)

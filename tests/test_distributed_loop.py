@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_loop import _cfg as loop_cfg
-from stages.engine.io import read_table, stage_table_path
+from stages.engine.tableio import read_table, stage_table_path
 
 ROOT = Path(__file__).resolve().parent.parent
 

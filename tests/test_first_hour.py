@@ -120,7 +120,7 @@ def test_score_teachers_requires_a_bank(tmp_path):
     import polars as pl
 
     from stages import score_teachers
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     ro = tmp_path / "rollout.parquet"
     pl.DataFrame({"rollout_id": ["a#0"], "problem_id": ["a"], "problem": ["p"], "answer": ["1"], "prompt": ["p"],
@@ -197,7 +197,7 @@ def test_step_problems_refuses_step_zero(tmp_path):
 def test_paper_encoder_without_sentence_transformers_is_refused(monkeypatch):
     import sys
 
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.engine.skills import encoders
 
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.models import ModelSpec
 
 

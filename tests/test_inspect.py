@@ -15,7 +15,7 @@ import pytest
 from synthetic_run import write_bank, write_step
 
 from stages import inspect as ins
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 
 @pytest.fixture()

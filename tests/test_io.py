@@ -6,7 +6,10 @@ import os
 import polars as pl
 import pytest
 
-from stages.engine.io import InputError, StageRun, atomic_write_text, file_hash, read_table, stage_table_path, write_parquet
+from stages.engine.atomic import atomic_write_text, file_hash, write_parquet
+from stages.engine.errors import InputError
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import read_table, stage_table_path
 
 
 def test_atomic_write_leaves_no_temp_and_replaces(tmp_path):
@@ -95,7 +98,7 @@ def test_part_directory_and_stage_table_path(tmp_path):
 
 
 def test_shard_bounds_are_contiguous_blocks_covering_every_row():
-    from stages.engine.io import shard_bounds
+    from stages.engine.tableio import shard_bounds
 
     assert [shard_bounds(5, (i, 2)) for i in range(2)] == [(0, 2), (2, 5)]
     assert [shard_bounds(3, (i, 2)) for i in range(2)] == [(0, 1), (1, 3)]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.objectives.grpo import IS_CAP, is_weights, sequence_loss
 from stages.train import TrainConfig
 
@@ -85,7 +85,7 @@ def test_train_applies_the_weight_and_logs_the_gap(tmp_path, tiny, tiny_model_di
     import polars as pl
 
     from stages import train
-    from stages.engine.io import write_parquet
+    from stages.engine.atomic import write_parquet
     from test_train import make_run, train_cfg
 
     runs = {}

@@ -131,7 +131,7 @@ def test_baseline_objectives_in_the_loop(tmp_path, tiny_model_dir, objective, n)
 
 
 def test_loop_extends_and_refuses_a_changed_config(tmp_path, tiny_model_dir):
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
     _run(cfg)
@@ -312,7 +312,7 @@ def test_rank_blocks_and_engine_options():
     """Which block of a step's prompts a rank generates (one per rank, or one per tensor-parallel group), and the
     [loop] table's vLLM options as the engine receives them."""
     from stages.engine.distributed import Dist
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.loop import LoopConfig, _engine_options, _shard
 
     assert [_shard(Dist(rank=r, world=4)) for r in range(4)] == [(0, 4), (1, 4), (2, 4), (3, 4)]
@@ -328,7 +328,7 @@ def test_loop_that_fails_to_start_claims_nothing(tmp_path, tiny_model_dir):
     """Issue 21: a startup failure (a missing problems file) leaves no loop_config.json, so the corrected command
     (another problems path) is not refused as 'started with another config'; an unusable bank is refused before
     the run directory exists at all."""
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     cfg = _cfg(tmp_path, tiny_model_dir, steps=1)
     with pytest.raises(InputError, match="none.jsonl"):
@@ -348,7 +348,7 @@ def test_collapse_alarm_warns_and_can_stop_the_loop(tmp_path, tiny_model_dir, mo
     loop stops with exit-2 InputError naming the step (the alarm itself is forced here: tests/test_alarms.py
     checks the bands by hand)."""
     import stages.loop as loop_mod
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     cfg = _cfg(tmp_path, tiny_model_dir, objective="grpo", steps=1, n=2)
     m = pl.read_parquet(_run(cfg))
@@ -362,7 +362,7 @@ def test_collapse_alarm_warns_and_can_stop_the_loop(tmp_path, tiny_model_dir, mo
 def test_run_dir_written_before_a_field_existed_still_matches(tmp_path):
     """A field absent from an older loop_config.json matches when the new value is its default; a non-default
     value of it, or a changed recorded field, is still refused (naming the field)."""
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.loop import _check_run_dir
 
     new = {"loop": {"steps": 3, "objective": "sgsd"}, "train": {"lr": 1e-3, "reversed_tokens": "all"}}

@@ -12,7 +12,8 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from stages.engine.io import InputError, read_manifest
+from stages.engine.errors import InputError
+from stages.engine.manifest import read_manifest
 from stages.mine_skills import MineSkillsConfig
 from stages.engine.skills.mining import MiningParams, build_memories, dedupe_items, excerpt, hierarchical_merge
 from stages.mine_skills import run as mine_run

@@ -276,7 +276,7 @@ def test_step_problems_never_repeats_a_problem_within_a_step(N, P, steps):
 
 
 def test_step_problems_refuses_more_prompts_than_problems():
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.loop import step_problems
 
     pool = pl.DataFrame({"id": ["a", "b"], "problem": ["x", "y"], "answer": ["1", "2"]})

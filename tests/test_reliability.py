@@ -16,8 +16,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from stages.engine.io import (InputError, StageRun, WriteError, check_finite, clean_stale_temp,
-                              lock_run_dir, write_parquet)
+from stages.engine.atomic import write_parquet
+from stages.engine.errors import InputError, WriteError
+from stages.engine.locks import clean_stale_temp, lock_run_dir
+from stages.engine.manifest import StageRun
+from stages.engine.tableio import check_finite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +34,7 @@ def _snapshot(d: Path) -> dict:
 
 def test_second_process_is_refused_naming_the_holder(tmp_path):
     run = tmp_path / "run"
-    code = ("import sys, time; from stages.engine.io import lock_run_dir; lock_run_dir(sys.argv[1], 'sgsd loop demo');"
+    code = ("import sys, time; from stages.engine.locks import lock_run_dir; lock_run_dir(sys.argv[1], 'sgsd loop demo');"
             "print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -60,7 +63,7 @@ def test_lock_is_reentrant_and_covers_sub_folders(tmp_path):
 
 def _hold(run_dir: Path, extra: str = "pass"):
     """A second process that holds ``run_dir``'s lock (and runs ``extra`` after taking it) until killed."""
-    code = ("import sys, time; from pathlib import Path; from stages.engine.io import lock_run_dir;"
+    code = ("import sys, time; from pathlib import Path; from stages.engine.locks import lock_run_dir;"
             f"lock_run_dir(sys.argv[1], 'sgsd train demo'); {extra}; print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "held"
@@ -70,7 +73,7 @@ def _hold(run_dir: Path, extra: str = "pass"):
 def test_nested_run_dirs_exclude_each_other_across_processes(tmp_path):
     """Issue 21: `train --run-dir R/step_0001` and `rollout --run-dir R` in two processes: whichever comes second
     is refused, naming the holder, and the first one's live temp folder is not cleaned away."""
-    from stages.engine.io import run_dir_in_use
+    from stages.engine.locks import run_dir_in_use
 
     run = tmp_path / "R"
     (run / "step_0001").mkdir(parents=True)
@@ -132,7 +135,7 @@ def test_update_skills_takes_the_run_dir_lock(tmp_path):
 
 
 def test_written_files_honour_the_umask(tmp_path, tiny):
-    from stages.engine.io import atomic_write_text
+    from stages.engine.atomic import atomic_write_text
     from stages.engine.models import save_model
 
     old = os.umask(0o002)

@@ -15,7 +15,7 @@ from rich.console import Console
 from synthetic_run import summary, write_bank, write_step
 
 from stages import report as R
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 METRICS = {
     "step": [1, 2, 3], "objective": ["sgsd"] * 3, "loss": [0.5, 0.4, 0.3], "reward": [0.25, 0.5, 0.75],

@@ -123,7 +123,7 @@ def _reseal(ck: Path) -> None:
     import json
 
     from stages.engine import checkpoint as ckpt
-    from stages.engine.io import file_hash
+    from stages.engine.atomic import file_hash
 
     sums = {str(p.relative_to(ck)): file_hash(p) for p in sorted(ck.rglob("*")) if p.is_file() and p.name != ckpt.CHECKSUMS}
     (ck / ckpt.CHECKSUMS).write_text(json.dumps({"format": ckpt.FORMAT, "files": sums}))

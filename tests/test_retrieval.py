@@ -12,7 +12,7 @@ import pytest
 from stages.build_index import BuildIndexConfig
 from stages.engine.skills.index import read_index
 from stages.build_index import run as build_index
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.skills.retrieval import EmbeddingRetriever, HybridRetriever, LexicalRetriever, make_retriever, retrieve, retrieve_many, retrieval_stats
 from stages.engine.skills.encoders import MeanPoolEncoder, load_encoder
 from stages.engine.skills.bank import load_bank

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stages import sft
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 PAIRS = [{"prompt": f"Compute {a} + {b}.", "completion": f"\\boxed{{{a + b}}}"} for a in range(1, 7) for b in range(1, 4)]
 

@@ -164,7 +164,7 @@ def test_method_parameters_are_declared_once_and_reach_each_stage():
     import dataclasses
 
     from stages.engine.config import field_opt
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.engine.objectives.sgsd import SGSDMethod, method_of
     from stages.polarize import PolarizeConfig
     from stages.score_teachers import ScoreTeachersConfig

@@ -8,7 +8,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.skills.bank import SkillBank, bank_json_text, bank_to_table, load_bank, write_bank
 from stages.engine.skills.diff import diff_banks
 

@@ -10,7 +10,7 @@ import re
 import polars as pl
 import pytest
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.skills.mining import MiningParams
 from stages.engine.skills.versions import bank_version_of, bank_versions, init_bank_versions, latest_bank_version, save_bank_version
 from stages.engine.skills.bank import load_bank

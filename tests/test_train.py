@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from stages.engine.io import write_parquet
+from stages.engine.atomic import write_parquet
 from stages.engine.prompts import chat_prompt_ids, student_prompt
 from stages.engine.scoring import Segment, score_segments
 from stages.engine.objectives.sgsd import category
@@ -293,7 +293,7 @@ def test_cli_train_and_bad_input(tmp_path, tiny, tiny_model_dir):
 
 def test_mismatched_lengths_are_input_errors(tmp_path, tiny, tiny_model_dir):
     from stages import train
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     run = make_run(tmp_path / "run", tiny, n_problems=2)
     pt = pl.read_parquet(run / "polarize.parquet").with_columns(pl.col("token_mask").list.head(2))

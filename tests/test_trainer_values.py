@@ -112,7 +112,7 @@ def test_grpo_pi_old_from_the_training_model_or_the_sampler(tmp_path, tiny, tiny
     """Sampler log-probs shifted by +0.1 (an engine/trainer mismatch): 'sampler' puts it in the first ratio,
     exp(-0.1) = 0.904837; 'policy' (default, as TRL) takes pi_old from the training model: ratio 1."""
     from stages import train
-    from stages.engine.io import write_parquet
+    from stages.engine.atomic import write_parquet
 
     run = _grpo_run(tmp_path, tiny)
     rt = pl.read_parquet(run / "rollout.parquet")

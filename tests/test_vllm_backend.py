@@ -80,7 +80,7 @@ def test_vllm_matches_transformers_logprobs(tmp_path):
 
 
 def test_vllm_backend_refuses_gguf_and_bad_dtype(tmp_path):
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
     from stages.engine.models import ModelSpec
     from stages.engine.generation.vllm import VLLMBackend
 

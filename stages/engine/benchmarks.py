@@ -23,7 +23,9 @@ from typing import Any
 
 import polars as pl
 
-from stages.engine.io import DATA_DIR, REPO_ROOT, InputError, read_table
+from stages.engine.errors import InputError
+from stages.engine.paths import DATA_DIR, REPO_ROOT
+from stages.engine.tableio import read_table
 
 REGISTRY_PATH = DATA_DIR / "benchmarks.toml"
 ENV_DATA_DIR = "SGSD_DATA_DIR"

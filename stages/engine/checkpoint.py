@@ -30,7 +30,8 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from stages.engine.io import InputError, as_write_error, atomic_write_json, commit_dir, file_hash
+from stages.engine.atomic import atomic_write_json, commit_dir, file_hash
+from stages.engine.errors import InputError, as_write_error
 
 CHECKSUMS = "checksums.json"
 STATE = "trainer_state.json"

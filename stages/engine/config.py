@@ -26,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 # the tables of a recipe, one per stage config (stages.loop.build_sections maps each to its dataclass)
 SECTIONS = ("loop", "rollout", "score_teachers", "polarize", "train", "eval", "update_skills", "mine_skills", "build_index",
@@ -209,7 +209,7 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
         choices: Iterable[Any] | None = None, ge: float | None = None, gt: float | None = None,
         le: float | None = None, lt: float | None = None, factory: Any = dataclasses.MISSING, cli: bool = True,
         prefix: str | None = None, metavar: str | None = None, what: str | None = None,
-        old: Iterable[str] = ()) -> Any:
+        old: Iterable[str] = (), key: bool | str = True) -> Any:
     """A config field with its documentation and checks.
 
     ``flag``: the CLI name without dashes (default: the field name with '-' for '_'); ``cli=False`` keeps a
@@ -217,10 +217,12 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
     ``choices``/``ge``/``gt``/``le``/``lt``: accepted values (None is always accepted for Optional fields);
     ``what``: the noun an error names for a value outside ``choices`` (default: the option); ``old``: former
     names that keep working with a one-line deprecation notice, ``--flag`` for a CLI flag, a bare word for a
-    TOML / ``--set`` key."""
+    TOML / ``--set`` key.  ``key``: whether the field is part of the stage key (:func:`stage_key`, what makes an
+    output stale): True; False for runtime-only fields (device, logging, snapshot cadence: they do not change the
+    result); ``"if-set"`` for a field added later whose ``None`` default must not make older outputs stale."""
     md = {"help": help, "group": group, "flag": flag, "choices": tuple(choices) if choices is not None else None,
           "ge": ge, "gt": gt, "le": le, "lt": lt, "cli": cli, "prefix": prefix, "metavar": metavar, "what": what,
-          "old": tuple(old)}
+          "old": tuple(old), "key": key}
     if factory is not dataclasses.MISSING:
         if default is not dataclasses.MISSING:
             raise TypeError("opt(): give either a default or a factory, not both")
@@ -231,7 +233,48 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
 def field_opt(f: dataclasses.Field) -> dict:
     return f.metadata.get("opt", {"help": "", "group": "Options", "flag": None, "choices": None, "ge": None,
                                   "gt": None, "le": None, "lt": None, "cli": True, "prefix": None, "metavar": None,
-                                  "what": None, "old": ()})
+                                  "what": None, "old": (), "key": True})
+
+
+def runtime_fields(cls_or_obj: Any) -> tuple[str, ...]:
+    """The fields of a config declared ``opt(..., key=False)``."""
+    return tuple(f.name for f in dataclasses.fields(cls_or_obj) if field_opt(f).get("key", True) is False)
+
+
+def stage_key(obj: Any) -> Any:
+    """The JSON form of a config (or of a dict / list holding configs) without its runtime-only fields: what a
+    stage's manifest records as its config and compares on a rerun.  Every stage strips the same fields."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            k, v = field_opt(f).get("key", True), getattr(obj, f.name)
+            if k is False or (k == "if-set" and v is None):
+                continue
+            out[f.name] = stage_key(v)
+        return out
+    if isinstance(obj, Mapping):
+        return {str(k): stage_key(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [stage_key(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def runtime_names(obj: Any) -> set[str]:
+    """Every runtime-only field name of the configs inside ``obj`` (a config, or a dict / list holding configs)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = set(runtime_fields(obj))
+        for f in dataclasses.fields(obj):
+            out |= runtime_names(getattr(obj, f.name))
+        return out
+    if isinstance(obj, Mapping):
+        return set().union(*(runtime_names(v) for v in obj.values())) if obj else set()
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(runtime_names(v) for v in obj)) if obj else set()
+    return set()
 
 
 _NOTICED: set[str] = set()

@@ -69,7 +69,7 @@ def group_timeout():
     except ValueError:
         sec = float("nan")
     if not (sec > 0 and sec < float("inf")):
-        from stages.engine.io import InputError
+        from stages.engine.errors import InputError
 
         raise InputError(None, f"SGSD_DIST_TIMEOUT_S must be a positive number of seconds (got {raw!r})")
     return timedelta(seconds=sec)

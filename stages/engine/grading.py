@@ -13,7 +13,8 @@ from typing import Callable
 
 import polars as pl
 
-from stages.engine.io import InputError, read_table
+from stages.engine.errors import InputError
+from stages.engine.tableio import read_table
 from stages.engine.verify import extract_answer, grade_many
 
 GRADE_SCHEMA = {"rollout_id": pl.String, "correct": pl.Boolean, "status": pl.String, "pred": pl.String}

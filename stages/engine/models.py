@@ -10,7 +10,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from stages.engine.io import InputError, atomic_write_text, commit_dir, current_umask
+from stages.engine.atomic import atomic_write_text, commit_dir, current_umask
+from stages.engine.errors import InputError
 
 # A Qwen3-style chat template: ChatML turns, thinking on by default, and `enable_thinking=False`
 # pre-fills an empty think block exactly as Qwen3's template does.
@@ -282,7 +283,7 @@ def save_model(model, tokenizer, out_dir: str | os.PathLike, base_spec: ModelSpe
 
 
 def _tiny_corpus() -> list[str]:
-    from stages.engine.io import DATA_DIR
+    from stages.engine.paths import DATA_DIR
 
     texts = []
     demo = DATA_DIR / "demo" / "problems.jsonl"

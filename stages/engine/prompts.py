@@ -6,7 +6,8 @@ import re
 from functools import lru_cache
 from typing import Any, Mapping
 
-from stages.engine.io import DATA_DIR, InputError
+from stages.engine.errors import InputError
+from stages.engine.paths import DATA_DIR
 
 PROMPTS_DIR = DATA_DIR / "prompts"
 

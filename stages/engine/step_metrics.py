@@ -15,7 +15,8 @@ from typing import Any, Callable
 import polars as pl
 
 from stages.engine import agreement
-from stages.engine.io import read_manifest, read_table
+from stages.engine.manifest import read_manifest
+from stages.engine.tableio import read_table
 from stages.engine.objectives.sgsd import CATEGORIES
 from stages.engine.tables import (ENGINE_PROBE, EVAL_SUMMARY, POLARIZE, POLARIZE_ROLLOUTS, ROLLOUT, SCORE_TEACHERS,
                                   SKILLS_UPDATE, TRAIN)

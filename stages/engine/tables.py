@@ -12,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from stages.engine.io import stage_table_path
+from stages.engine.tableio import stage_table_path
 
 ROLLOUT_SCHEMA = {
     "rollout_id": pl.String,

@@ -21,7 +21,7 @@ import polars as pl
 import torch
 
 from stages.engine import checkpoint as ckpt
-from stages.engine.io import atomic_write_json, write_parquet
+from stages.engine.atomic import atomic_write_json, write_parquet
 
 SCHEDULES = ("constant", "cosine", "linear")
 

@@ -21,7 +21,7 @@ BACKENDS = ("auto", "vllm", "hf-fast", "hf")
 def resolve_backend(kind: str, spec=None, *, cuda: bool) -> str:
     """The concrete backend of ``kind``; auto: vLLM when importable and the model is not a GGUF file, else the
     slot-refilling static-cache engine (``hf-fast``) on CUDA, else the plain transformers loop (``hf``)."""
-    from stages.engine.io import InputError  # lazy: stages.engine.io imports polars, which the GPU bench machine lacks
+    from stages.engine.errors import InputError  # lazy: the GPU bench machine may lack the rest of the engine
 
     if kind not in BACKENDS:
         raise InputError(None, f"unknown backend '{kind}' (use {', '.join(BACKENDS)})")
@@ -34,7 +34,7 @@ def resolve_backend(kind: str, spec=None, *, cuda: bool) -> str:
 
 def make_backend(kind: str, *, model=None, tokenizer=None, spec=None, **vllm_kwargs) -> GenerationBackend:
     """``kind``: auto | vllm | hf-fast | hf (see :func:`resolve_backend`)."""
-    from stages.engine.io import InputError
+    from stages.engine.errors import InputError
 
     on_cuda = model is not None and next(model.parameters()).device.type == "cuda"
     kind = resolve_backend(kind, spec, cuda=on_cuda)

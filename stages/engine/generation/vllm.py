@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from stages.engine.generation.base import Completion, GenerationBackend, SamplingConfig
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 try:  # the processor class must live at module level so vLLM can import it by name in a worker process
     from vllm.v1.sample.logits_processor import LogitsProcessor, MoveDirectionality

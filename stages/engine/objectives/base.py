@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import polars as pl
 import torch
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.scoring import Segment
 from stages.engine.tables import ROLLOUT
 

@@ -28,7 +28,9 @@ import polars as pl
 import torch
 
 from stages.engine.grading import grade_rollouts
-from stages.engine.io import InputError, check_finite, read_table, write_parquet
+from stages.engine.atomic import write_parquet
+from stages.engine.errors import InputError
+from stages.engine.tableio import check_finite, read_table
 from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
 from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT, TRAIN_OLD_LOGPROBS
 

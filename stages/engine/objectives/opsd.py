@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from stages.engine.io import read_table
+from stages.engine.tableio import read_table
 from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
 from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, head_logits_fp32, pack, pack_batches, split_lm

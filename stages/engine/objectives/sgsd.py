@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from stages.engine.config import Checked, field_opt, opt
-from stages.engine.io import InputError, check_finite, read_table
+from stages.engine.errors import InputError
+from stages.engine.tableio import check_finite, read_table
 from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, register,
                                            unique_temperature)
 from stages.engine.scoring import Segment

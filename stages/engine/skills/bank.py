@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 
-from stages.engine.io import InputError, atomic_write_bytes, atomic_write_text, write_parquet
+from stages.engine.atomic import atomic_write_bytes, atomic_write_text, write_parquet
+from stages.engine.errors import InputError
 import re
 
 

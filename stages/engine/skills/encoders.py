@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 
 DEFAULT_ENCODER = "Qwen/Qwen3-Embedding-0.6B"

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from stages.engine.io import InputError, read_table
+from stages.engine.errors import InputError
+from stages.engine.tableio import read_table
 from stages.engine.skills.bank import KINDS, SkillBank
 
 

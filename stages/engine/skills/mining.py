@@ -12,7 +12,7 @@ import polars as pl
 
 from stages.engine.config import Checked, opt
 from stages.engine.grading import grades_for
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.prompts import fill, load_template, strip_wrappers
 from stages.engine.skills.bank import KINDS, SkillBank, item_text
 from stages.engine.skills.writer import Writer, parse_json_reply

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.prompts import strip_wrappers
 from stages.engine.skills.encoders import DEFAULT_ENCODER, Encoder, load_encoder
 from stages.engine.skills.index import read_index

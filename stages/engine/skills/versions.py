@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.skills.bank import BankVersion, SkillBank, VERSION_RX, versions_in, write_new_file, bank_json_text, bank_to_table, load_bank
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from stages.engine.config import Checked, opt
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 
 @dataclass
