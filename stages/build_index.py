@@ -15,7 +15,7 @@ import polars as pl
 
 from stages.engine.config import Checked, opt
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.skills.bank import load_bank, require_pairs
 from stages.engine.skills.encoders import DEFAULT_ENCODER, load_encoder
 from stages.engine.skills.bank import KINDS, SkillBank, item_text
@@ -80,7 +80,7 @@ def index_table(bank: SkillBank, cfg: BuildIndexConfig, on_done: Callable[[int],
 
 
 def run(cfg: BuildIndexConfig, run_dir: str | Path, *, force: bool = False,
-        progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+        progress: ProgressFn | None = None) -> Path:
     """Stage entry point: write ``<run_dir>/index.parquet`` (+ manifest)."""
     bank = load_bank(cfg.bank)
     require_pairs(bank, cfg.bank)

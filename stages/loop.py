@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from stages.engine.config import Checked, opt, runtime_fields
+from stages.engine.config import Checked, opt, runtime_fields, shared_opt
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine.alarms import alarm_column, new_alarms
@@ -47,7 +47,7 @@ from stages.engine.generation.factory import make_backend
 from stages.engine.metrics_log import MetricSinks
 from stages.engine.atomic import atomic_write_json, write_parquet
 from stages.engine.errors import InputError
-from stages.engine.manifest import read_manifest
+from stages.engine.manifest import ProgressFn, read_manifest
 from stages.engine.step_metrics import step_metrics
 from stages.engine.tables import METRICS, PROBLEMS, SKILLS_UPDATE, TRAIN
 from stages.polarize import PolarizeConfig
@@ -69,22 +69,19 @@ from stages.engine.skills.versions import latest_bank_version
 from stages import update_skills
 from stages.train import OBJECTIVES
 
-STAGES = ("rollout", "score_teachers", "polarize", "train", "eval", "skills")
-
-
 @dataclass
 class LoopConfig(Checked):
     run_dir: str = opt("runs/sgsd", "Run directory of the loop (step_NNNN/ per step, metrics.parquet).", group="Loop")
-    objective: str = opt("sgsd", "sgsd, opsd or grpo.", group="Loop", choices=("sgsd", "opsd", "grpo"))
+    objective: str = opt("sgsd", "sgsd, opsd or grpo (the registered objectives, stages/engine/objectives/).", group="Loop", choices=OBJECTIVES)
     model: str = opt("", "The initial policy (HF folder, hub id, .gguf, adapter folder).", group="Loop")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Loop")
+    gguf_file: str | None = shared_opt("gguf_file", group="Loop")
     problems: str = opt("train", "Training pool: benchmark name or problems file (id, problem, answer).", group="Loop")
     data_dir: str | None = opt(None, "Folder holding benchmark files.", group="Loop")
     bank: str = opt("", "Skill bank (sgsd, required: e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json; smoke runs data/demo/skill_bank.json); becomes bank/v0000 when skills are updated.", group="Loop")
     steps: int = opt(200, "Loop steps.", group="Loop", ge=1, key=False)
     prompts_per_step: int = opt(16, "Prompts sampled per step (seeded, epoch-wise).", group="Loop", ge=1)
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Loop", ge=0)
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Loop", key=False)
+    device: str = shared_opt("device", group="Loop")
     backend: str = opt("auto", "Generation backend of the loop (one resident engine): auto (vLLM if installed, else hf-fast on CUDA, else hf), vllm, hf-fast, hf.", group="Loop", choices=("auto", "vllm", "hf-fast", "hf"))
     eval_every: int = opt(0, "Evaluate the policy on the [eval] benchmarks every N steps (0: never).", group="Loop", ge=0, key=False)
     probe_tokens: int = opt(16, "Engine/trainer probe after every weight load of the resident engine: tokens sampled from each of the step's first 2 problems by the engine and rescored by the trainer (0: off; stages/engine/agreement.py).", group="Loop", ge=0, key=False)
@@ -100,17 +97,8 @@ class LoopConfig(Checked):
     wandb_project: str = opt("", "Log every step to this Weights & Biases project (needs the `report` extra).", group="Logging", key=False)
 
     def check(self) -> None:
-
-        for ok, msg in [
-            (self.objective in OBJECTIVES, f"loop.objective must be one of {', '.join(OBJECTIVES)}"),
-            (bool(self.model), "loop.model is required"),
-            (self.steps >= 1, "loop.steps must be at least 1"),
-            (self.prompts_per_step >= 1, "loop.prompts_per_step must be at least 1"),
-            (self.eval_every >= 0 and self.skill_update_every >= 0 and self.keep_last >= 0,
-             "loop.eval_every, loop.skill_update_every and loop.keep_last must be >= 0"),
-        ]:
-            if not ok:
-                raise InputError(None, msg)
+        if not self.model:  # ranges and choices: Checked, on every construction
+            raise InputError(None, "loop.model is required")
 
 
 def step_dir(run_dir: Path, n: int) -> Path:
@@ -290,7 +278,7 @@ def prune_steps(run_dir: Path, upto: int, keep_last: int) -> None:
 
 
 def run(sections: dict, *, source: str = "config", force: bool = False,
-        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> Path:
     """Run (or continue) the loop described by resolved config sections; returns metrics.parquet.
 
@@ -340,7 +328,7 @@ class LoopRun:
     updates.  A barrier ends every stage."""
 
     def __init__(self, cfgs: Sections, *, dist: Dist | None = None,
-                 progress: Callable[[str, int], Callable[[int], None]] | None = None,
+                 progress: ProgressFn | None = None,
                  log: Callable[[str], None] | None = None):
         self.cfgs, self.cfg = cfgs, cfgs.loop
         self.dist = dist or Dist()

@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+
 
 import polars as pl
 
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, shared_opt
 from stages.engine.atomic import atomic_write_text
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import read_table
 from stages.engine.tables import ROLLOUT
 from stages.engine.skills.bank import bank_json_text, bank_to_table, load_bank
@@ -37,7 +37,6 @@ from stages.rollout import RolloutConfig
 from stages.rollout import run as rollout_run
 from stages.engine.models import load_model
 
-ProgressFn = Callable[[str, int], Callable[[int], None]]
 
 @dataclass
 class MineSkillsConfig(Checked):
@@ -45,7 +44,7 @@ class MineSkillsConfig(Checked):
     params: MiningParams = opt(help="Mining: extraction, merge and dedupe.", group="Mining", factory=MiningParams)
     # sampling, when no rollout table is given (docs/DESIGN.md 1.1 step 1)
     model: str | None = opt(None, "Policy model that samples the attempts (and, by default, writes the skills).", group="Attempts")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Attempts")
+    gguf_file: str | None = shared_opt("gguf_file", group="Attempts")
     problems: str = opt("train", "Problems to sample from: a file with id, problem, answer or a benchmark name.", group="Attempts")
     n_problems: int = opt(256, "Problems sampled (seeded) when mining from the model's own attempts.", group="Attempts", ge=1)
     temperature: float = opt(1.0, "Sampling temperature of the attempts.", group="Attempts", ge=0)
@@ -55,7 +54,7 @@ class MineSkillsConfig(Checked):
     thinking: bool = opt(True, "Qwen3 thinking mode for the attempts (on: the reference samples with the default chat template, generate_math_memories.py:151).", group="Attempts")
     backend: str = opt("auto", "Generation backend of the attempts: auto, vllm, hf.", group="Attempts", choices=("auto", "vllm", "hf-fast", "hf"))
     batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Attempts", ge=1, flag="decode-batch", old=("--batch-size",))
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Attempts", key=False)
+    device: str = shared_opt("device", group="Attempts")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Attempts", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Attempts", ge=0)
 

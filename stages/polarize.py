@@ -16,10 +16,10 @@ import polars as pl
 import torch
 
 from stages.engine.grading import grade_rollouts
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, shared_opt
 from stages.engine.atomic import write_parquet
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import check_finite, read_table
 from stages.engine.objectives.sgsd import (CATEGORIES, category, clipped_fraction, delta, maskable_token_ids,
                                           method_field, method_of, polarity, stance, support_score, token_mask)
@@ -31,7 +31,7 @@ from stages.engine.tables import POLARIZE, POLARIZE_ROLLOUTS, POLARIZE_SCHEMA, R
 @dataclass
 class PolarizeConfig(Checked):
     model: str | None = opt(None, "Model whose tokenizer defines the token mask (default: the rollout table's model).", group="Model")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    gguf_file: str | None = shared_opt("gguf_file", group="Model")
     verify_timeout_s: float = opt(5.0, "Hard timeout per verifier call, seconds (a timeout scores 0 and is counted).", group="Verifier", gt=0, flag="verify-timeout")
     workers: int | None = opt(None, "Verifier worker processes (default: CPU count).", group="Verifier", ge=1)
     clip: float = method_field("clip", group="Polarity")
@@ -102,7 +102,7 @@ def run(
     rollouts: str | Path | None = None,
     scores: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    progress: ProgressFn | None = None,
     tokenizer=None,
 ) -> Path:
 
@@ -133,7 +133,7 @@ def run(
 
 
 def grade(cfg: PolarizeConfig, run_dir: str | Path, *, rollouts: str | Path | None = None, force: bool = False,
-          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+          progress: ProgressFn | None = None) -> Path:
     """Grade-only polarize (objectives without teachers): ``polarize_rollouts.parquet`` and no teacher table."""
     src = Path(rollouts) if rollouts else ROLLOUT.path(run_dir)
     stage = StageRun(run_dir, "grade", {"verify_timeout_s": cfg.verify_timeout_s}, inputs={"rollouts": src},

@@ -15,9 +15,9 @@ import polars as pl
 
 from stages.engine.generation.base import GenerationBackend, SamplingConfig, prompt_key_of
 from stages.engine.generation.factory import make_backend
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, shared_opt
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from stages.engine import benchmarks
@@ -30,7 +30,7 @@ from stages.engine.tables import ROLLOUT, ROLLOUT_SCHEMA
 class RolloutConfig(Checked):
     model: str = opt(help="HF model folder, hub id, .gguf file, or LoRA adapter folder.", group="Model")
     problems: str = opt("", "JSONL/Parquet file with id, problem, answer, or a benchmark name (aime24, aime25, hmmt25, math500, train), required (smoke runs: data/demo/problems.jsonl).", group="Data")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    gguf_file: str | None = shared_opt("gguf_file", group="Model")
     n: int = opt(1, "Samples per problem (1 for SGSD/OPSD, 8 for GRPO).", group="Sampling", ge=1)
     temperature: float = opt(1.1, "Sampling temperature (0 = greedy).", group="Sampling", ge=0)
     top_p: float = opt(0.95, "Nucleus sampling mass (1.0 = off).", group="Sampling", gt=0, le=1)
@@ -44,7 +44,7 @@ class RolloutConfig(Checked):
     policy_step: int = opt(0, "Policy step recorded in every row.", group="Data", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: process the i-th of n contiguous blocks of the problems and write rollout/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Data", metavar="i/n")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, hub).", group="Data")
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
+    device: str = shared_opt("device", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
     def sampling(self) -> SamplingConfig:
@@ -106,7 +106,7 @@ def run(
     run_dir: str | Path,
     *,
     force: bool = False,
-    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    progress: ProgressFn | None = None,
     loaded=None,
     backend: GenerationBackend | None = None,
 ) -> Path:

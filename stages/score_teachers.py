@@ -14,9 +14,9 @@ from typing import Callable
 
 import polars as pl
 
-from stages.engine.config import Checked, opt
+from stages.engine.config import Checked, opt, shared_opt
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import check_finite, read_table, shard_output_name, shard_rows
 from stages.engine.prompts import chat_prompt_text, strip_wrappers, teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, score_segments
@@ -36,7 +36,7 @@ ROLLOUT_COLUMNS = {"rollout_id": str, "problem_id": str, "problem": str, "prompt
 class ScoreTeachersConfig(Checked):
     model: str = opt(help="The policy (student = teacher weights): HF folder, hub id, .gguf, or adapter folder.", group="Model")
     bank: str = opt("", "Skill bank JSON (format of shared/data/skill_banks/*.json), required: a paper run names its bank (e.g. ../shared/data/skill_banks/sgsd_qwen3_1.7b.json); smoke runs and tests the tiny demo bank data/demo/skill_bank.json.", group="Teachers")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    gguf_file: str | None = shared_opt("gguf_file", group="Model")
     index: str | None = opt(None, "Index built by `sgsd build-index` (refused if built from another bank version).", group="Teachers")
     retrieval: str = opt("embedding", "embedding (the paper's, with Qwen/Qwen3-Embedding-0.6B) | lexical (no-model fallback for smoke runs and tests) | hybrid | random.", group="Teachers", choices=("embedding", "lexical", "hybrid", "random"))
     encoder: str | None = opt(None, "Sentence encoder for embedding retrieval without an index (default Qwen/Qwen3-Embedding-0.6B, the paper's).", group="Teachers")
@@ -50,7 +50,7 @@ class ScoreTeachersConfig(Checked):
     rollouts_per_batch: int = opt(16, "Rollouts whose student + K teacher sequences are scored together.", group="Scoring", ge=1)
     seed: int = opt(0, "Seed of --retrieval random (its scores); recorded in the manifest. Scoring itself draws nothing.", group="Scoring", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: score the i-th of n contiguous blocks of the rollouts; writes score_teachers/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Scoring", metavar="i/n")
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
+    device: str = shared_opt("device", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
 
 
@@ -127,7 +127,7 @@ def run(
     *,
     rollouts: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    progress: ProgressFn | None = None,
     loaded=None,
 ) -> Path:
 

@@ -16,7 +16,6 @@ and data is skipped.  Output table ``sft.parquet``: one row per optimizer step.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ import torch
 
 from stages.engine import checkpoint as ckpt
 from stages.engine import training
-from stages.engine.config import Checked, opt, stage_key
+from stages.engine.config import Checked, opt, shared_opt, stage_key
 from stages.engine.distributed import rng_state, seed_all, set_rng_state
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import read_table
 
 
@@ -38,7 +37,7 @@ from stages.engine.tableio import read_table
 class SFTConfig(Checked):
     model: str = opt("", "Model to fine-tune: HF folder, hub id, .gguf, LoRA adapter or checkpoint folder.", group="Data")
     data: str = opt("", "JSONL or Parquet with string columns prompt (one user turn) and completion (a boolean thinking column, if present, sets each row's chat-template flag).", group="Data")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder.", group="Data")
+    gguf_file: str | None = shared_opt("gguf_file", group="Data")
     steps: int = opt(0, "Optimizer steps; 0 = --epochs passes over the data (epochs x rows // batch size).", group="Optimisation", ge=0)
     epochs: int = opt(1, "Passes over the data when --steps is 0.", group="Optimisation", ge=1)
     batch_size: int = opt(64, "Examples per optimizer step.", group="Optimisation", ge=1)
@@ -54,25 +53,17 @@ class SFTConfig(Checked):
     logit_chunk: int = opt(2048, "Positions per [positions, vocab] log-softmax chunk.", group="Engine", ge=1)
     seed: int = opt(0, "Random seed (data order).", group="Optimisation", ge=0)
     # not part of the stage key
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Engine", key=False)
+    device: str = shared_opt("device", group="Engine")
     save_every: int = opt(0, "Snapshot checkpoints/step_XXXXXX every N steps (0: only the final checkpoint).", group="Checkpoints", ge=0, key=False)
     keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0, key=False)
     log_every: int = opt(50, "A log line every N optimizer steps (0: none).", group="Checkpoints", ge=0, key=False)
 
     def check(self) -> "SFTConfig":
-        for ok, msg in [
-            (bool(self.model), "a model is required (--model)"),
-            (bool(self.data), "a data file is required (--data)"),
-            (self.steps >= 0 and self.epochs >= 1, "steps must be >= 0 and epochs >= 1"),
-            (self.batch_size >= 1, "batch size must be at least 1"),
-            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
-            (self.lr_schedule in ("cosine", "constant"), "lr schedule must be cosine or constant"),
-            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]"),
-            (self.warmup_steps >= 0 and self.save_every >= 0 and self.keep_last >= 0, "warmup, save_every, keep_last >= 0"),
-            (self.limit is None or self.limit >= 1, "limit must be at least 1"),
-        ]:
-            if not ok:
-                raise InputError(None, msg)
+        # ranges and choices: Checked, on every construction
+        if not self.model:
+            raise InputError(None, "a model is required (--model)")
+        if not self.data:
+            raise InputError(None, "a data file is required (--data)")
         return self
 
     def key(self) -> dict:
@@ -122,7 +113,7 @@ def nll_loss(model, pairs, cfg: SFTConfig) -> tuple[torch.Tensor, int]:
 
 
 def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], meta: dict,
-          progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+          progress: ProgressFn | None = None) -> Path:
     from stages.engine.models import save_model
 
     def fill(tmp: Path) -> None:
@@ -137,7 +128,7 @@ def _save(path: Path, model, tok, opt, sched, state: dict, rows: list[dict], met
 
 
 def run(cfg: SFTConfig, run_dir: str | Path, *, resume: str = "auto", force: bool = False,
-        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> Path:
     """Stage entry point: returns ``<run_dir>/sft.parquet``; the model is ``<run_dir>/checkpoint``."""
     from stages.engine.models import ModelSpec, load_model

@@ -39,11 +39,11 @@ import torch
 from stages.engine import agreement
 from stages.engine import checkpoint as ckpt
 from stages.engine import training
-from stages.engine.config import Checked, opt, stage_key
+from stages.engine.config import Checked, opt, shared_opt, stage_key
 from stages.engine.distributed import Dist, init_distributed, rng_state, seed_all, set_rng_state
 from stages.engine.atomic import commit_dir
 from stages.engine.errors import InputError
-from stages.engine.manifest import StageRun
+from stages.engine.manifest import ProgressFn, StageRun
 from stages.engine.tableio import read_table
 from stages.engine.metrics_log import MetricSinks
 from stages.engine.models import ModelSpec, check_token_ids, load_model, pick_device, save_model
@@ -65,7 +65,7 @@ DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 class TrainConfig(Checked):
     objective: str = opt("sgsd", "sgsd (gated skill-conditioned self-distillation), opsd (clipped forward KL to a gold-answer teacher) or grpo.", group="Objective", choices=OBJECTIVES)
     model: str = opt("", "Policy to train: HF folder, hub id, .gguf file, LoRA adapter folder, or a training checkpoint folder (continues its optimizer state and policy step).", group="Objective")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder.", group="Objective")
+    gguf_file: str | None = shared_opt("gguf_file", group="Objective")
     # optimisation
     steps: int = opt(0, "Optimizer steps to run in this run directory; 0 = one pass over the table (x --num-iterations).", group="Optimisation", ge=0)
     batch_size: int = opt(16, "Global batch: rollouts per optimizer step (= micro batch x accumulation x world size; 0 = the whole table).", group="Optimisation", ge=0)
@@ -121,7 +121,7 @@ class TrainConfig(Checked):
     distributed: str = opt("auto", "Under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp.", group="Engine", choices=DISTRIBUTED, key=False)
     seed: int = opt(0, "Random seed (data order, dropout, LoRA init).", group="Objective", ge=0)
     # not part of the stage key (they do not change the result)
-    device: str = opt("auto", "torch device: auto, cpu, cuda ...", group="Engine", key=False)
+    device: str = shared_opt("device", group="Engine")
     save_every: int = opt(0, "Snapshot checkpoints/step_N every N optimizer steps (0: only the final checkpoint/).", group="Checkpoints", ge=0, key=False)
     keep_last: int = opt(2, "Snapshots kept (0 = all).", group="Checkpoints", ge=0, key=False)
     tensorboard: bool = opt(False, "Log every optimizer step's metrics row to RUN_DIR/tensorboard (needs the report extra).", group="Logging", key=False)
@@ -136,22 +136,9 @@ class TrainConfig(Checked):
             cfg.teacher_mode = kind.default_teacher_mode
         if cfg.lora_dropout is None:
             cfg.lora_dropout = kind.default_lora_dropout
+        # ranges and choices are checked by Checked on every construction; these relate fields to each other
         checks = [
-            (cfg.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}, got '{cfg.objective}'"),
             (bool(cfg.model), "a model is required (--model)"),
-            (cfg.teacher_mode in TEACHER_MODES, f"teacher mode must be one of {', '.join(TEACHER_MODES)}"),
-            (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
-            (cfg.lr_schedule in SCHEDULES, f"lr schedule must be one of {', '.join(SCHEDULES)}"),
-            (cfg.loss_agg in AGGREGATIONS, f"loss aggregation must be one of {', '.join(AGGREGATIONS)}"),
-            (cfg.distributed in DISTRIBUTED, f"distributed must be one of {', '.join(DISTRIBUTED)}"),
-            (cfg.steps >= 0, "steps must be >= 0"),
-            (cfg.batch_size >= 0, "batch size must be >= 0 (0 = the whole table)"),
-            (cfg.micro_batch_size >= 1, "micro batch size must be at least 1"),
-            (cfg.num_iterations >= 1, "num_iterations must be at least 1"),
-            (cfg.lr >= 0, "lr must be >= 0"),
-            (0.0 <= cfg.ema_decay < 1.0, "ema decay must be in [0, 1)"),
-            (cfg.kl_chunk >= 1 and cfg.token_budget >= 1 and cfg.logit_chunk >= 1, "chunk sizes must be positive"),
-            (cfg.lora_r >= 1, "lora r must be at least 1"),
             (cfg.is_correction in (None, "none") or cfg.objective == "grpo",
              f"--is-correction {cfg.is_correction} is a GRPO option (the sgsd and opsd losses have no sampling ratio)"),
             (cfg.is_correction in (None, "none") or cfg.old_logprobs == "policy",
@@ -490,7 +477,7 @@ class Trainer:
         self.sched.load_state_dict(ckpt.load_state(path / "scheduler.pt"))
 
     def save(self, path: Path, run_dir: Path, local_step: int, rows: list[dict], sampler: Sampler,
-             commit: bool = True, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+             commit: bool = True, progress: ProgressFn | None = None) -> Path:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
 
@@ -548,7 +535,7 @@ class Trainer:
 
     # ---- training on one run directory
 
-    def fit(self, run_dir: str | Path, *, force: bool = False, progress: Callable[[str, int], Callable[[int], None]] | None = None,
+    def fit(self, run_dir: str | Path, *, force: bool = False, progress: ProgressFn | None = None,
             policy: str | None = None) -> Path:
         """Train on one run directory.  ``policy``: the name of the weights this trainer holds now (the loop: the
         previous step's checkpoint), recorded as ``model`` in the stage key and the checkpoint's config."""
@@ -692,7 +679,7 @@ def resolve_start(run_dir: Path, cfg: TrainConfig, resume: str = "auto", warn: C
 
 
 def run(cfg: TrainConfig, run_dir: str | Path, *, resume: str = "auto", force: bool = False,
-        progress: Callable[[str, int], Callable[[int], None]] | None = None,
+        progress: ProgressFn | None = None,
         log: Callable[[str], None] | None = None) -> Path:
     """Stage entry point (CLI, torchrun): returns ``<run_dir>/train.parquet``."""
     cfg = cfg.resolved()

@@ -29,7 +29,8 @@ from typing import Callable, Sequence
 
 import polars as pl
 
-from stages.engine.config import Checked, opt
+from stages.engine.manifest import ProgressFn
+from stages.engine.config import Checked, opt, shared_opt
 from stages.engine.atomic import atomic_write_text
 from stages.engine.errors import InputError
 from stages.engine.locks import run_dir_lock
@@ -48,7 +49,6 @@ from stages.engine.generation.base import SamplingConfig
 from stages.engine.prompts import chat_prompt_ids, teacher_prompt
 from stages.engine.grading import grade_texts
 
-ProgressFn = Callable[[str, int], Callable[[int], None]]
 _STEP_RX = re.compile(r"^step_(\d+)$")
 
 
@@ -61,9 +61,9 @@ class UpdateSkillsConfig(Checked):
     capacity: int = opt(30, "Dynamic items per kind at most.", group="Update", ge=0)
     last_steps: int | None = opt(None, "Window: rollouts of the last N step_* directories (all when unset).", group="Update", ge=1)
     model: str | None = opt(None, "The policy: the local writer by default, and the model the gate's teachers run on.", group="Model")
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    gguf_file: str | None = shared_opt("gguf_file", group="Model")
     backend: str = opt("auto", "Generation backend of the gate: auto, vllm, hf.", group="Model", choices=("auto", "vllm", "hf-fast", "hf"))
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model", key=False)
+    device: str = shared_opt("device", group="Model")
     dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
     # gate
     gate_split: str | None = opt(None, "Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.", group="Gate")

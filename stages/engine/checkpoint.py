@@ -30,6 +30,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from stages.engine.manifest import ProgressFn
 from stages.engine.atomic import atomic_write_json, commit_dir, file_hash
 from stages.engine.errors import InputError, as_write_error
 
@@ -59,7 +60,7 @@ def staged_path(path: str | os.PathLike) -> Path:
 
 
 def write(path: str | os.PathLike, fill: Callable[[Path], None], *, rank: int = 0, barrier: Callable[[], None] | None = None,
-          commit: bool = True, progress: Callable[[str, int], Callable[[int], None]] | None = None) -> Path:
+          commit: bool = True, progress: ProgressFn | None = None) -> Path:
     """Write a checkpoint folder atomically.
 
     ``fill(tmp_dir)`` is called on every rank (each writes its own files, rank 0 the shared ones); rank 0

@@ -192,10 +192,6 @@ def resolve(path: str | os.PathLike | None = None, sets: Iterable[str] = (), cli
     return merge(data, cli or {}, over), (str(path) if path else "--set")
 
 
-def resolved_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(obj)
-
-
 # --------------------------------------------------------------------------------------------------
 # documented, range-checked config fields: the one place a stage option is declared
 #
@@ -228,6 +224,19 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
             raise TypeError("opt(): give either a default or a factory, not both")
         return dataclasses.field(default_factory=factory, metadata={"opt": md})
     return dataclasses.field(default=default, metadata={"opt": md})
+
+
+# fields many stage configs share, declared once (``shared_opt("device", group="Model")``)
+SHARED = {
+    "gguf_file": dict(default=None, help="GGUF file name inside the --model folder (transformers dequantizes it on load)."),
+    "device": dict(default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...", key=False),
+}
+
+
+def shared_opt(name: str, *, group: str) -> Any:
+    """The shared declaration of field ``name`` (:data:`SHARED`) in a stage config's help panel ``group``."""
+    d = dict(SHARED[name])
+    return opt(d.pop("default"), d.pop("help"), group=group, **d)
 
 
 def field_opt(f: dataclasses.Field) -> dict:
@@ -348,16 +357,3 @@ class Checked:
 
     def __post_init__(self) -> None:
         check(self)
-
-
-def describe(cls: type) -> list[dict]:
-    """One row per field: name, flag, type, default, help, group, accepted values (docs and --help)."""
-    hints = typing.get_type_hints(cls)
-    rows = []
-    for f in dataclasses.fields(cls):
-        o = field_opt(f)
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        rows.append({"name": f.name, "flag": flag_of(f), "type": hints[f.name], "default": default, "help": o["help"],
-                     "group": o["group"], "choices": o["choices"], "range": _range_text(o), "cli": o["cli"]})
-    return rows

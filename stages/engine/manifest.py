@@ -19,6 +19,10 @@ from stages.engine.errors import InputError
 from stages.engine.locks import lock_run_dir
 from stages.engine.paths import SGSD_VERSION
 
+# the progress callback of a stage's ``run`` (docs/DESIGN.md 2): ``progress(description, total)`` returns ``advance(n)``
+ProgressFn = Callable[[str, int], Callable[[int], None]]
+
+
 def versions() -> dict[str, str]:
     out = {"sgsd": SGSD_VERSION, "python": platform.python_version()}
     for mod in ("torch", "transformers", "polars", "pyarrow", "vllm", "peft", "math_verify"):

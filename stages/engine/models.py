@@ -228,13 +228,6 @@ def check_token_ids(seqs, vocab_size: int, path: str | os.PathLike | None) -> No
                                    f"[0, {vocab_size})")
 
 
-def check_context(n_tokens: int, model, what: str, path: str | os.PathLike | None = None) -> None:
-    """Refuse a sequence longer than the model's context window (``max_position_embeddings``)."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and limit > 0 and n_tokens > limit:
-        raise InputError(path, f"{what} has {n_tokens} tokens, more than the model's context of {limit}")
-
-
 def check_problem_lengths(problems, tokenizer, model, max_new_tokens: int, path) -> None:
     """Refuse a problem whose prompt plus ``max_new_tokens`` cannot fit the model's context, before generating.
     Byte-level tokenizers give at most one token per byte, so only long texts are tokenized."""
