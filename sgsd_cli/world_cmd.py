@@ -88,3 +88,25 @@ def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None, rebu
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
         world.demo(cfg, log=_log, progress=bars, rebuild=rebuild)  # logs the before/after table and the plot's path
+
+
+@world_app.command("steps")
+@cli_errors
+def steps_cmd(config: Annotated[list[Path], typer.Option("--config", help="One world config per L, in the order of the table's columns (repeatable), e.g. configs/world_L1.toml, configs/world_L2.toml, configs/world_L3.toml.")],
+              set_: Annotated[list[str] | None, typer.Option("--set", help="Override one setting in every config: world.key=value or experiment.key=value (TOML literal), e.g. --set experiment.seeds=[0] for a reduced run (the results file then says REDUCED); repeatable.")] = None,
+              results: Annotated[Path | None, typer.Option("--results", help="Write the step sweep's results file (markdown: per L the base, tuning, every method's unseen accuracy, SGSD - GRPO, the misleading half, partial against full skills, calibration groups), e.g. bench/SKILL_WORLD_STEPS.md.")] = None) -> None:
+    """The multi-step sweep: `world compare` for each config (one world per L, each tuned on its own base), side by side."""
+    import sys
+
+    from stages import world
+    from stages.engine.io import atomic_write_text
+
+    cfgs = [_cfg(c, set_, None) for c in config]
+    if len({c.out for c in cfgs}) != len(cfgs):
+        from stages.engine.io import InputError
+        raise InputError(str(config[0]), "every config of the step sweep needs its own experiment.out")
+    with progress_bars() as bars:
+        res = world.steps_sweep(cfgs, log=_log, progress=bars)
+    if results:
+        atomic_write_text(results, world.steps_markdown(res, "sgsd " + " ".join(sys.argv[1:])))
+        out.print(f"results: {results}")

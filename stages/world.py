@@ -1536,6 +1536,17 @@ def results_markdown(res: dict, command: str) -> str:
              "wrong guidance | other-family TV seen / unseen | Delta in band |", "|---|---|---|---|---|---|---|---|---|---|"]
     for b in res["per_base"]:
         w, pr = b["world"], b["properties"]
+        L = w.get("steps", 1)
+        if L > 1:  # per step position: "step 1 / step 2"
+            per = lambda k: " / ".join(f"{pr[f'{k}_step{j}']:.2f}" for j in range(1, L + 1))  # noqa: E731
+            p_right = " / ".join(f"{pr[f'unseen_right_rule_excess_step{j}'] + w['unseen_spread'] / w['rules']:.3f}"
+                                 for j in range(1, L + 1))
+            lines.append(f"| {b['name']} | F={w['families']} R={w['rules']} seen={w['seen']} seed={w['seed']} L={L} | "
+                         f"`{b['hash']}` | {'shipped' if b['shipped'] else 'built here'} | {b['base']['seen']['avg']:.3f} | "
+                         f"{b['base']['unseen']['avg']:.3f} | {p_right} (per step) | {per('follows_right_guidance')} / "
+                         f"{per('follows_wrong_guidance')} | {per('other_family_tv_seen')} / {per('other_family_tv_unseen')} | "
+                         f"{per('delta_in_band')} (per step) |")
+            continue
         lines.append(f"| {b['name']} | F={w['families']} R={w['rules']} seen={w['seen']} seed={w['seed']} | `{b['hash']}` | "
                      f"{'shipped' if b['shipped'] else 'built here'} | {b['base']['seen']['avg']:.3f} | "
                      f"{b['base']['unseen']['avg']:.3f} | {pr['unseen_right_rule_excess'] + w['unseen_spread'] / w['rules']:.3f} | "
@@ -1645,3 +1656,130 @@ def demo(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, re
         log(ln)
     log(f"learning curve: {png}   (total {time.time() - t0:.0f}s)")
     return {"before": before, "after": after, "png": str(png), "wall_s": time.time() - t0, "table": "\n".join(lines)}
+
+
+# --------------------------------------------------------------------------------------------------
+# the step sweep: one comparison per L, side by side
+
+
+FULL_SWEEP = {"seeds": [0, 1, 2], "p_values": [0.0, 0.5], "steps": 40, "tune": True,
+              "objectives": ["sgsd", "grpo", "opsd", "imitate"]}
+
+
+def steps_sweep(cfgs: list[WorldRunConfig], *, log: Log = print, progress: Progress = None) -> list[dict]:
+    """``compare`` for each config (one world per L, each tuned on its own base by training reward), in order."""
+    out = []
+    for c in cfgs:
+        log(f"steps: L = {c.world.steps} ({c.out})")
+        out.append(compare(c, log=log, progress=progress))
+    return out
+
+
+def _reduced(cfg: dict) -> list[str]:
+    """How a configuration falls short of the sweep the issue asks for (empty: the full design)."""
+    return [f"{k} = {cfg[k]} (design: {v})" for k, v in FULL_SWEEP.items()
+            if (sorted(cfg[k]) if isinstance(v, list) else cfg[k]) != (sorted(v) if isinstance(v, list) else v)]
+
+
+def steps_markdown(results: list[dict], command: str) -> str:
+    """bench/SKILL_WORLD_STEPS.md: per L the base, the tuned settings, every method's held-out unseen accuracy,
+    SGSD's margin over GRPO, the misleading half, partial against full skills, and the calibration groups."""
+    lines = ["# Skill world: multi-step procedures (L = " + ", ".join(str(r["config"]["world"].get("steps", 1))
+                                                                   for r in results) + ")", "",
+             "Regenerate: `" + command + "` (every run is cached under each config's output folder).", ""]
+    short = {f"L={r['config']['world'].get('steps', 1)}": _reduced(r["config"]) for r in results}
+    if any(short.values()):
+        lines += ["**REDUCED RUN** (not the issue's full sweep): " + "; ".join(f"{k}: {', '.join(v)}"
+                                                                             for k, v in short.items() if v), ""]
+    m, v = results[0]["machine"], results[0]["versions"]
+    lines += [f"- date: {results[-1]['date']}", f"- machine: {m['processor']}, {m['cpus']} CPUs, load average "
+              f"{m.get('loadavg')}", "- packages: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+              "- wall: " + ", ".join(f"L={r['config']['world'].get('steps', 1)} {r['wall_s']:.0f} s "
+                                     f"({r['compute']['runs']} runs, {r['compute']['run_wall_sum_s']:.0f} s of run wall)"
+                                     for r in results), ""]
+    lines += ["## Bases", "", "| L | hash | source | seen avg | unseen avg | chance (whole chain) | per step: p(right rule) "
+              "| follows right / wrong | Delta in band |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for b in r["per_base"]:
+            w, c = b["world"], b["calibration"]
+            L = w.get("steps", 1)
+            if L == 1:
+                rp = [c["rule_probs"]["unseen"]]
+                dib = [b["properties"]["delta_in_band"]]
+            else:
+                rp = c["rule_probs"]["unseen"]["steps"]
+                dib = [b["properties"][f"delta_in_band_step{j}"] for j in range(1, L + 1)]
+            lines.append(f"| {L} | `{b['hash']}` | {'shipped' if b['shipped'] else 'built here'} | "
+                         f"{b['base']['seen']['avg']:.3f} | {b['base']['unseen']['avg']:.3f} | "
+                         f"{(w['unseen_spread'] / w['rules']) ** L:.3f} | "
+                         + " / ".join(f"{x['p_right_rule_plain']:.3f}" for x in rp) + " | "
+                         + " / ".join(f"{x['follows_right_guidance']:.2f}, {x['follows_wrong_guidance']:.2f}" for x in rp)
+                         + " | " + " / ".join(f"{x:.2f}" for x in dib) + " |")
+    lines += ["", "## Tuning (each L on its own base, run seed 0, by mean training reward over the last half)", ""]
+    for r in results:
+        t = r["tuning"]
+        lines.append(f"- L={r['config']['world'].get('steps', 1)}: " + ", ".join(
+            f"{o} lr {x['lr']:g}" + (f" G {x['group_size']}" if o == "grpo" else "")
+            + (f" KL T {x.get('opsd_temperature') or r['config']['temperature']}"
+               if o == "opsd" else "") for o, x in t.items() if isinstance(x, dict) and "lr" in x))
+    cells: dict[tuple, dict] = {}
+    Ls = []
+    for r in results:
+        L = r["config"]["world"].get("steps", 1)
+        Ls.append(L)
+        for b in r["per_base"][:1]:
+            for t in b["table"]:
+                cells[(t["objective"], t["p"], t["level"], L)] = t | {"base": b["base"]}
+    keys = list(dict.fromkeys((o, p, lv) for (o, p, lv, _) in cells))
+    f = lambda t: "-" if t is None else (f"{t['unseen_avg'][0]:.3f} ± {t['unseen_avg'][1]:.3f} "  # noqa: E731
+                                         f"({t['gain_unseen_avg']:+.3f})")
+    lines += ["", "## Held-out unseen accuracy (avg@n, mean ± std over seeds; gain over the base in brackets)", "",
+              "| method | bank p | skills | " + " | ".join(f"L = {L}" for L in Ls) + " |", "|---|---|---|" + "---|" * len(Ls)]
+    base_row = " | ".join(f"{cells[next(k for k in cells if k[3] == L)]['base']['unseen']['avg']:.3f}"
+                          if any(k[3] == L for k in cells) else "-" for L in Ls)
+    lines.append(f"| base | - | - | {base_row} |")
+    for o, p, lv in keys:
+        lines.append(f"| {o} | {'-' if p is None else p} | {lv or '-'} | "
+                     + " | ".join(f(cells.get((o, p, lv, L))) for L in Ls) + " |")
+    lvl = results[0]["config"]["calibrated_level"]
+
+    def ua(o, p, lv, L):
+        t = cells.get((o, p, lv, L))
+        return None if t is None else t["unseen_avg"][0]
+
+    def gain(o, p, lv, L):
+        t = cells.get((o, p, lv, L))
+        return None if t is None else t["gain_unseen_avg"]
+
+    def fmt(x, pct=False):
+        return "-" if x is None else (f"{x:.0%}" if pct else f"{x:+.3f}")
+
+    lines += ["", "## The questions", "", "| L | SGSD - GRPO (p = 0, full) | SGSD - OPSD | SGSD keeps at p = 0.5 | imitate keeps "
+              "at p = 0.5 | SGSD first-step skills - full (p = 0) |", "|---|---|---|---|---|---|"]
+    for L in Ls:
+        s0, s5 = gain("sgsd", 0.0, lvl, L), gain("sgsd", 0.5, lvl, L)
+        i0, i5 = gain("imitate", 0.0, lvl, L), gain("imitate", 0.5, lvl, L)
+        d = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
+        keep = lambda a, b: None if a is None or b is None or a <= 0 else b / a  # noqa: E731
+        lines.append(f"| {L} | {fmt(d(ua('sgsd', 0.0, lvl, L), ua('grpo', None, None, L)))} | "
+                     f"{fmt(d(ua('sgsd', 0.0, lvl, L), ua('opsd', None, None, L)))} | {fmt(keep(s0, s5), True)} | "
+                     f"{fmt(keep(i0, i5), True)} | {fmt(d(ua('sgsd', 0.0, f'{lvl}/first', L), ua('sgsd', 0.0, lvl, L)))} |")
+    lines += ["", "## Calibration groups at each step's rule token (own-family teachers, calibrated level)", "",
+              "| L | bank | step | group | n | mean Delta | in the gate's band | categories |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        L = r["config"]["world"].get("steps", 1)
+        for b in r["per_base"][:1]:
+            for key, d in b["calibration"]["delta"].items():
+                steps = d["steps"] if L > 1 else [{g: d[g] for g in DELTA_GROUPS if g in d}]
+                for j, gr in enumerate(steps):
+                    for g, x in gr.items():
+                        if g == "other_family":
+                            continue
+                        cats = ", ".join(f"{c} {n}" for c, n in sorted(x["categories"].items()))
+                        lines.append(f"| {L} | {key[5:]} | {j + 1} | {g} | {x['n']} | {x['mean']:+.2f} | "
+                                     f"{x['in_band']:.2f} | {cats} |")
+    lines += ["", "## Learning curves", ""] + [f"- L={r['config']['world'].get('steps', 1)}: `{r['png']}`" for r in results]
+    for r in results:
+        for b in r["per_base"][:1]:
+            lines += ["", f"## L = {r['config']['world'].get('steps', 1)}: base `{b['hash']}`", "", b["markdown"]]
+    return "\n".join(lines) + "\n"

@@ -440,3 +440,76 @@ def test_bad_step_settings(sets, needle):
 
     with pytest.raises(InputError, match=needle.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[").replace("]", "\\]")):
         config_from_sections(parse_sets(sets, "experiment"))
+
+
+# the L = 2 learning test: the shipped two-step base (data/world_base_L2, configs/world_L2.toml), SGSD with the
+# full-procedure sharp bank at p = 0 (one rule named per step, "always"), LEARN_STEPS_L2 loop steps x 16 rollouts
+# at lr 5e-4
+LEARN_STEPS_L2 = 20
+
+
+@pytest.fixture(scope="module")
+def shipped_world_l2(tmp_path_factory):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from stages.engine.config import load_toml
+    from stages.world import BASE_MANIFEST, build, config_from_sections
+
+    cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / "world_L2.toml"))
+    cfg = replace(cfg, out=str(tmp_path_factory.mktemp("world_l2") / "w"), steps=LEARN_STEPS_L2,
+                  eval_every=LEARN_STEPS_L2, lr=5e-4, eval_n=1, p_values=[0.0], levels=["sharp"],
+                  calibrated_level="sharp", parts=["full"])
+    logs: list[str] = []
+    P = build(cfg, log=logs.append)
+    assert any("using the shipped base" in ln for ln in logs), logs
+    assert (P.base / BASE_MANIFEST).exists()
+    return cfg, P, World(cfg.world)
+
+
+def _unseen_chain_probs(world, model_dir):
+    """Exact mean over held-out unseen problems of p(right rule at step j | plain prompt, right steps before) per
+    step, and of the whole chain's probability (their product per problem)."""
+    from stages.engine.models import load_model
+    from stages.engine.prompts import chat_prompt_ids, student_prompt
+    from stages.world import step_rule_probs
+
+    model, tok, _ = load_model(str(model_dir), device="cpu")
+    rows = world.problems(world.unseen, "eval")
+    items = [(chat_prompt_ids(tok, student_prompt(r["problem"]), False), tuple(int(x) for x in r["id"].split("-")[1:]),
+              world.chain_of[r["family"]]) for r in rows]
+    ds = step_rule_probs(model, tok, world, items)
+    per_step = [[d[j][world.chain_of[r["family"]][j]] for d, r in zip(ds, rows)] for j in range(world.steps)]
+    chain = [math.prod(p[i] for p in per_step) for i in range(len(rows))]
+    return [sum(p) / len(p) for p in per_step], sum(chain) / len(chain)
+
+
+@pytest.mark.parametrize("breakage", [None, "polarity", "loss"])
+def test_sgsd_learns_two_step_procedures(shipped_world_l2, monkeypatch, breakage):
+    """L = 2: SGSD from the shipped two-step base raises the mean over the two steps of p(right rule | plain prompt,
+    right steps before) on held-out unseen families; with the polarity's or the loss's sign flipped it must not.
+
+    Measured 2026-12-06 on the shipped L = 2 base (8cef627e754a): per step 0.171 / 0.166 -> 0.158 / 0.301 (mean
+    +0.061; the whole chain's probability 0.028 -> 0.024: step 2 is learned, step 1 is not in 20 steps); polarity
+    flipped 0.170 / 0.106 (mean -0.030), loss flipped the same.  The assertion asks for +0.03, half the gain."""
+    from stages import loop
+    from stages.world import RunSpec, loop_sections
+
+    cfg, P, world = shipped_world_l2
+    steps_before, before = _unseen_chain_probs(world, P.base)
+    if breakage == "polarity":
+        _flip_polarity(monkeypatch)
+    elif breakage == "loss":
+        _flip_loss(monkeypatch)
+    spec = RunSpec("sgsd", 0.0, cfg.calibrated_level, 0)
+    run_dir = P.compare / f"{spec.name}_{breakage or 'ok'}"
+    loop.run(loop_sections(cfg, P, spec, run_dir))
+    steps_after, after = _unseen_chain_probs(world, loop.step_dir(run_dir, cfg.steps) / "checkpoint")
+    print(f"\nL=2 unseen p(right chain): base {before:.4f} (steps {steps_before}) -> SGSD ({breakage or 'as built'}) "
+          f"{after:.4f} (steps {steps_after})")
+    gain = sum(steps_after) / 2 - sum(steps_before) / 2
+    assert abs(steps_before[0] - 0.171) < 0.01 and abs(steps_before[1] - 0.166) < 0.01  # the shipped base
+    if breakage is None:
+        assert gain > 0.03, (steps_before, steps_after)
+    else:
+        assert gain < 0.01, (steps_before, steps_after)
