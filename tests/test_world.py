@@ -513,3 +513,29 @@ def test_sgsd_learns_two_step_procedures(shipped_world_l2, monkeypatch, breakage
         assert gain > 0.03, (steps_before, steps_after)
     else:
         assert gain < 0.01, (steps_before, steps_after)
+
+
+def test_step_positions_and_parsing_by_hand():
+    """The rule token of each step in the shipped L = 2 tokenizer, and the parser of written steps."""
+    from transformers import AutoTokenizer
+
+    from stages.engine.world import decision_indices
+    from stages.world import SHIPPED_BASES, parse_steps
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_BASES[1]))
+    text = "step 1: product 7 3 = 21; step 2: difference 21 4 = 17; \\boxed{(21, 17)}"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    # tokens: 'step' ' 1' ':' ' product' ' 7' ' 3' ' =' ' 21' ';' ' step' ' 2' ':' ' difference' ...
+    assert decision_indices(tok, ids, 2) == [3, 12]
+    assert tok.decode([ids[3]]) == " product" and tok.decode([ids[12]]) == " difference"
+    assert decision_indices(tok, ids[:9], 2) == [3, None]  # a completion cut after step 1
+    assert parse_steps(text, 2) == [("product", 21), ("difference", 17)]
+    assert parse_steps("step 1: sum 2 3 = 5; \\boxed{5}", 2) == [("sum", 5), None]
+
+
+def test_reduced_sweep_is_labelled():
+    from stages.world import FULL_SWEEP, _reduced
+
+    assert _reduced(dict(FULL_SWEEP)) == []
+    short = _reduced(dict(FULL_SWEEP, seeds=[0], tune=False))
+    assert short == ["seeds = [0] (design: [0, 1, 2])", "tune = False (design: True)"]
