@@ -55,7 +55,7 @@ class MineSkillsConfig(Checked):
     backend: str = opt("auto", "Generation backend of the attempts: auto, vllm, hf.", group="Attempts", choices=("auto", "vllm", "hf-fast", "hf"))
     batch_size: int = opt(32, "Decode batch: sequences generated together (transformers backends).", group="Attempts", ge=1, flag="decode-batch", old=("--batch-size",))
     device: str = shared_opt("device", group="Attempts")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Attempts", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    dtype: str = shared_opt("dtype", group="Attempts")
     seed: int = opt(0, "Random seed (sampling, shuffling).", group="Attempts", ge=0)
 
 

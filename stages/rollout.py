@@ -45,7 +45,7 @@ class RolloutConfig(Checked):
     shard: tuple[int, int] = opt((0, 1), "i/n: process the i-th of n contiguous blocks of the problems and write rollout/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Data", metavar="i/n")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, hub).", group="Data")
     device: str = shared_opt("device", group="Model")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    dtype: str = shared_opt("dtype", group="Model")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(

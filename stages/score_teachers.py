@@ -51,7 +51,7 @@ class ScoreTeachersConfig(Checked):
     seed: int = opt(0, "Seed of --retrieval random (its scores); recorded in the manifest. Scoring itself draws nothing.", group="Scoring", ge=0)
     shard: tuple[int, int] = opt((0, 1), "i/n: score the i-th of n contiguous blocks of the rollouts; writes score_teachers/part-i-of-n.parquet (the parts in order are the unsharded table).", group="Scoring", metavar="i/n")
     device: str = shared_opt("device", group="Model")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    dtype: str = shared_opt("dtype", group="Model")
 
 
 def teacher_thinking_flags(mode: str, rollouts: pl.DataFrame) -> list[bool]:

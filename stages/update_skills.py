@@ -64,7 +64,7 @@ class UpdateSkillsConfig(Checked):
     gguf_file: str | None = shared_opt("gguf_file", group="Model")
     backend: str = opt("auto", "Generation backend of the gate: auto, vllm, hf.", group="Model", choices=("auto", "vllm", "hf-fast", "hf"))
     device: str = shared_opt("device", group="Model")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    dtype: str = shared_opt("dtype", group="Model")
     # gate
     gate_split: str | None = opt(None, "Held-out problems (file or benchmark name, or a rollout table): keep the update only if the teacher success rate on them does not drop.", group="Gate")
     gate_tolerance: float = opt(0.0, "Allowed drop of the gate metric.", group="Gate", ge=0)

@@ -193,3 +193,27 @@ def test_a_manifest_written_with_a_runtime_field_still_matches(tmp_path):
 
     with pytest.raises(InputError, match="config changed"):
         StageRun(tmp_path, "score_teachers", {"config": cfg}, inputs={})
+
+
+def test_shared_fields_are_declared_once():
+    """device / gguf_file / dtype read the same wherever a stage declares them with shared_opt (the one declaration
+    in stages/engine/config.py SHARED); device is runtime-only on every stage."""
+    import dataclasses
+
+    from stages.engine.config import SHARED, field_opt
+    from stages.loop import LoopConfig
+    from stages.mine_skills import MineSkillsConfig
+    from stages.rollout import RolloutConfig
+    from stages.score_teachers import ScoreTeachersConfig
+    from stages.sft import SFTConfig
+    from stages.train import TrainConfig
+    from stages.update_skills import UpdateSkillsConfig
+
+    for cls in (LoopConfig, MineSkillsConfig, RolloutConfig, ScoreTeachersConfig, SFTConfig, TrainConfig,
+                UpdateSkillsConfig):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in ("device", "gguf_file", "dtype"):
+            if name in fields:
+                o = field_opt(fields[name])
+                assert (fields[name].default, o["help"]) == (SHARED[name]["default"], SHARED[name]["help"]), (cls, name)
+        assert field_opt(fields["device"])["key"] is False

@@ -230,6 +230,8 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "Opt
 SHARED = {
     "gguf_file": dict(default=None, help="GGUF file name inside the --model folder (transformers dequantizes it on load)."),
     "device": dict(default="auto", help="torch device: auto, cpu, cuda, cuda:1 ...", key=False),
+    "dtype": dict(default="auto", help="Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.",
+                  choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")),
 }
 
 
