@@ -14,7 +14,7 @@ from sgsd_cli.common import Force, out, progress_bars
 from sgsd_cli.options import stage_command
 from stages import eval as ev
 from stages import report
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 _BENCH_HELP = ("Benchmark name, repeatable: aime24, aime25, hmmt25, math500 (local files or hub), amc23, minerva "
                "(hub only), train, or 'all' (aime24, aime25, hmmt25, math500).")

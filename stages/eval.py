@@ -2,7 +2,7 @@
 
 Protocol (``paper`` preset): Qwen3 thinking mode on, T=1.0, top_p 0.95, n=12 samples per problem, up to
 38,912 new tokens, the student prompt ``Problem: {problem}\\n\\nPlease reason step by step, and put your
-final answer within \\boxed{}.`` through the chat template; completions graded by ``stages.verify`` (the
+final answer within \\boxed{}.`` through the chat template; completions graded by ``stages.engine.grading`` (the
 same grader as training: last ``\\boxed{}``, math-verify, hard timeouts).
 
 Metrics per benchmark (and their macro mean over benchmarks):
@@ -45,8 +45,14 @@ import polars as pl
 from stages.engine import benchmarks
 from stages.engine.generation.base import GenerationBackend, SamplingConfig
 from stages.engine.generation.factory import make_backend, resolve_backend, vllm_available
-from stages.engine.config import Checked, opt
-from stages.engine.io import InputError, StageRun, atomic_write_json, read_manifest, to_jsonable, write_parquet
+from stages.engine.atomic import atomic_write_json, to_jsonable, write_parquet
+from stages.engine.config import Checked, opt, shared_opt
+from stages.engine.errors import InputError
+from stages.engine.locks import lock_run_dir
+from stages.engine.manifest import ProgressFn, StageRun, read_manifest
+from stages.engine.paths import DATA_DIR
+from stages.engine.tableio import read_table
+from stages.engine.tables import EVAL_SUMMARY
 from stages.engine.prompts import chat_prompt_ids, load_template, student_prompt
 from stages.engine.skills.bank import load_bank
 from stages.engine.grading import grade_texts
@@ -54,12 +60,8 @@ from stages.engine.verify import normalize_answer
 from stages.engine.prompts import teacher_prompt
 from stages.engine.skills.retrieval import make_retriever, retrieve_many
 from stages.engine.models import ModelSpec
-from stages.engine.io import read_table
-from stages.engine.io import DATA_DIR
 from stages.engine.models import load_tokenizer
 from stages.engine.models import load_model
-
-ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
     # docs/DESIGN.md 1.6: the paper's evaluation settings
@@ -131,11 +133,11 @@ class EvalConfig(Checked):
     chunk_problems: int | None = opt(None, "Problems per resumable chunk (default: one decode batch for transformers, ~256 sequences for vLLM).", group="Engine", ge=1)
     limit: int | None = opt(None, "Evaluate only the first N problems of each benchmark.", group="Benchmarks", ge=1)
     verify_timeout_s: float = opt(5.0, "Hard timeout per verifier call (one graded completion), seconds (a timeout scores 0).", group="Engine", flag="verify-timeout", gt=0, old=("--grade-timeout", "grade_timeout_s"))
-    grade_workers: int | None = opt(None, "Grading worker processes (default: the verifier's).", group="Engine", flag="workers", ge=1)
-    gguf_file: str | None = opt(None, "GGUF file name inside the --model folder (transformers dequantizes it on load).", group="Model")
+    grade_workers: int | None = opt(None, "Grading worker processes (default: the verifier's).", group="Engine", flag="workers", ge=1, key=False)
+    gguf_file: str | None = shared_opt("gguf_file", group="Model")
     data_dir: str | None = opt(None, "Folder holding benchmark files (else $SGSD_DATA_DIR, ../shared/data, then the hub).", group="Benchmarks")
-    device: str = opt("auto", "torch device: auto, cpu, cuda, cuda:1 ...", group="Model")
-    dtype: str = opt("auto", "Model dtype: auto (bf16 on GPUs that support it, else fp32), fp32, bf16, fp16.", group="Model", choices=("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"))
+    device: str = shared_opt("device", group="Model")
+    dtype: str = shared_opt("dtype", group="Model")
     # base+skills at inference (the paper's "+skills" rows): the retrieved bank guidance in the eval prompt
     guidance_bank: str | None = opt(None, "Skill bank whose top-ranked (skill, mistake) pair for each problem goes into the eval prompt as the teacher prompt's guidance block (base+skills at inference). Default: the plain student prompt.", group="Protocol")
     guidance_retrieval: str = opt("lexical", "Retrieval of --guidance-bank: lexical, embedding, hybrid or random.", group="Protocol", choices=("embedding", "lexical", "hybrid", "random"))
@@ -613,7 +615,7 @@ def prepare_parts(ps: benchmarks.Problems, key: dict, eval_dir: Path, force: boo
 
 
 def evaluate_bench(gen: _Generator, cfg: EvalConfig, ps: benchmarks.Problems, key: dict, parts_dir: Path,
-                   progress: ProgressFactory | None, counter: _Counter) -> pl.DataFrame:
+                   progress: ProgressFn | None, counter: _Counter) -> pl.DataFrame:
     """Generate and grade every (problem, sample) of one benchmark, resuming from finished part files."""
     step = key["chunk_problems"]
     df = ps.df
@@ -638,7 +640,7 @@ def run(
     run_dir: str | Path,
     *,
     force: bool = False,
-    progress: ProgressFactory | None = None,
+    progress: ProgressFn | None = None,
     loaded=None,
     backend: GenerationBackend | None = None,
     join_earlier: bool = True,
@@ -910,14 +912,12 @@ def _norm_problem(text: str) -> str:
 
 
 def run_checkpoints(cfg: EvalConfig, run_dir: str | Path, *, force: bool = False,
-                    progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
+                    progress: ProgressFn | None = None, log: Callable[[str], None] | None = None) -> dict[str, Path]:
     """``sgsd eval --checkpoints RUN``: validation curve, choice by ``cfg.select``, test eval of the chosen step.
 
     Returns the paths of the tables {validation, choice, test (absent without test sets), summary}.  Each
     per-checkpoint eval is a plain :func:`run` (manifests, part files): a rerun evaluates only what is missing,
     checkpoints saved since the last run included."""
-    from stages.engine.io import lock_run_dir
-
     say = log or (lambda m: None)
     cfg = cfg.resolved()
     if not cfg.checkpoints:
@@ -998,7 +998,7 @@ def run_checkpoints(cfg: EvalConfig, run_dir: str | Path, *, force: bool = False
                      inputs={"summary": path}, force=True, seed=cfg.seed, output_name="test").finish(test)
             StageRun(out / "eval", "eval-summary", config={"chosen_step": chosen.step, "rule": cfg.select, **common},
                      inputs={"summary": path}, force=True, seed=cfg.seed, output_name="summary").finish(summ)
-            paths.update(test=sel / "test.parquet", summary=out / "eval" / "summary.parquet")
+            paths.update(test=sel / "test.parquet", summary=EVAL_SUMMARY.file(out))
         return paths
     finally:
         release()
@@ -1011,7 +1011,7 @@ def run_checkpoints(cfg: EvalConfig, run_dir: str | Path, *, force: bool = False
 def read_summary(run: str | Path) -> pl.DataFrame:
     """The summary table of a run directory (``RUN/eval/summary.parquet``), its eval folder, or the file."""
     p = Path(run)
-    for cand in (p / "eval" / "summary.parquet", p / "summary.parquet", p):
+    for cand in (EVAL_SUMMARY.file(p), p / "summary.parquet", p):
         if cand.is_file():
 
             return read_table(cand, required={"bench": str, "avg_at_n": float})

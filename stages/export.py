@@ -32,15 +32,17 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from stages.engine import checkpoint as ckpt
-from stages.engine.config import Checked, check, opt
-from stages.engine.io import InputError, as_write_error, atomic_write_json, commit_dir, current_umask, file_hash, versions
+from stages.engine.atomic import atomic_write_json, commit_dir, current_umask, file_hash
+from stages.engine.config import Checked, check, opt, stage_key
+from stages.engine.errors import InputError, as_write_error
+from stages.engine.manifest import ProgressFn, versions
 
 MANIFEST = "sgsd_export.json"
 FORMAT = "sgsd-export/1"
@@ -62,7 +64,7 @@ class ExportConfig(Checked):
                              "its base model's for a LoRA checkpoint; fp32 if none), fp32, bf16, fp16.  The merge is "
                              "done in fp32 and cast once.", group="Export", choices=("auto", "fp32", "bf16", "fp16"))
     device: str = opt("cpu", "torch device for the merge: cpu (needs the model's fp32 size in RAM), cuda, cuda:N, auto.",
-                      group="Export")
+                      group="Export", key=False)
     max_shard_gb: float = opt(5.0, "Largest safetensors file of the export, in GB (bigger models are sharded with an "
                                    "index, as on the hub).", group="Export", gt=0, le=1000)
     probe_tokens: int = opt(64, "Tokens of the probe text on which the merged model's log-probs must equal the adapter "
@@ -70,7 +72,8 @@ class ExportConfig(Checked):
                             ge=0, le=4096)
 
     def key(self) -> dict:
-        return asdict(self)
+        """The settings recorded in ``sgsd_export.json`` (runtime-only fields, ``opt(key=False)``, left out)."""
+        return stage_key(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def _finite(model, where: Path) -> None:
 
 def run(cfg: ExportConfig, checkpoint: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
         log: Callable[[str], None] | None = None,
-        progress: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:
+        progress: ProgressFn | None = None) -> dict:
     """Export CHECKPOINT to OUT (see the module doc).  Returns the manifest written to ``OUT/sgsd_export.json``."""
     from stages.engine.models import ModelSpec, load_model, load_tokenizer
 

@@ -17,6 +17,7 @@ CONFIGS = [
     ("stages.mine_skills", "MineSkillsConfig"), ("stages.build_index", "BuildIndexConfig"),
     ("stages.update_skills", "UpdateSkillsConfig"), ("stages.loop", "LoopConfig"),
     ("stages.engine.skills.writer", "WriterConfig"), ("stages.engine.skills.mining", "MiningParams"),
+    ("stages.sft", "SFTConfig"), ("stages.export", "ExportConfig"),
 ]
 
 
@@ -152,15 +153,20 @@ def test_runtime_fields_are_marked_once_and_left_out_of_every_stage_key():
     """opt(key=False) fields (device, logging, snapshot cadence) are not part of any stage key; key="if-set" fields
     only when set; the train, sft, rollout and score-teachers keys all follow the marks."""
     from stages.engine.config import runtime_fields, stage_key
+    from stages.eval import EvalConfig
+    from stages.export import ExportConfig
     from stages.rollout import RolloutConfig
     from stages.score_teachers import ScoreTeachersConfig
     from stages.sft import SFTConfig
     from stages.train import TrainConfig
 
-    assert runtime_fields(TrainConfig) == ("distributed", "device", "save_every", "keep_last", "tensorboard",
-                                           "wandb_project", "agreement_rollouts", "agreement_threshold")
+    assert runtime_fields(TrainConfig) == ("log_entropy", "distributed", "device", "save_every", "keep_last",
+                                           "tensorboard", "wandb_project", "agreement_rollouts", "agreement_threshold")
     assert runtime_fields(SFTConfig) == ("device", "save_every", "keep_last", "log_every")
     assert runtime_fields(RolloutConfig) == runtime_fields(ScoreTeachersConfig) == ("device",)
+    assert runtime_fields(EvalConfig) == ("grade_workers", "device")
+    assert runtime_fields(ExportConfig) == ("device",)
+    assert ExportConfig(device="cuda", dtype="bf16").key() == {"dtype": "bf16", "max_shard_gb": 5.0, "probe_tokens": 64}
     key = TrainConfig(model="m", device="cpu", save_every=3).key()
     assert "device" not in key and "save_every" not in key and "is_correction" not in key and key["model"] == "m"
     assert TrainConfig(model="m", objective="grpo", is_correction="token-mask").key()["is_correction"] == "token-mask"
@@ -201,6 +207,7 @@ def test_shared_fields_are_declared_once():
     import dataclasses
 
     from stages.engine.config import SHARED, field_opt
+    from stages.eval import EvalConfig
     from stages.loop import LoopConfig
     from stages.mine_skills import MineSkillsConfig
     from stages.rollout import RolloutConfig
@@ -209,7 +216,7 @@ def test_shared_fields_are_declared_once():
     from stages.train import TrainConfig
     from stages.update_skills import UpdateSkillsConfig
 
-    for cls in (LoopConfig, MineSkillsConfig, RolloutConfig, ScoreTeachersConfig, SFTConfig, TrainConfig,
+    for cls in (EvalConfig, LoopConfig, MineSkillsConfig, RolloutConfig, ScoreTeachersConfig, SFTConfig, TrainConfig,
                 UpdateSkillsConfig):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for name in ("device", "gguf_file", "dtype"):
@@ -217,3 +224,36 @@ def test_shared_fields_are_declared_once():
                 o = field_opt(fields[name])
                 assert (fields[name].default, o["help"]) == (SHARED[name]["default"], SHARED[name]["help"]), (cls, name)
         assert field_opt(fields["device"])["key"] is False
+
+
+def test_export_takes_set_and_its_recipe_table(tmp_path):
+    """`sgsd export` reads an [export] table and --set (bare or export.-prefixed) like every stage; an unknown key
+    or an out-of-range value is one error line and exit 2, nothing written."""
+    app, run = _app(), CliRunner()
+    toml = tmp_path / "r.toml"
+    toml.write_text('[export]\ndtype = "fp16"\nmax_shard_gb = 2.0\n')
+    out = tmp_path / "out"
+
+    def resolved(*args):
+        r = run.invoke(app, ["export", str(tmp_path / "ckpt"), str(out), "--dry-run", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)
+
+    assert resolved()["dtype"] == "auto"                                              # the dataclass default
+    assert resolved("--set", "dtype=bf16")["dtype"] == "bf16"
+    assert resolved("--set", "export.probe_tokens=0")["probe_tokens"] == 0
+    got = resolved("--config", str(toml))
+    assert (got["dtype"], got["max_shard_gb"]) == ("fp16", 2.0)                        # TOML over defaults
+    assert resolved("--config", str(toml), "--dtype", "fp32", "--set", "max_shard_gb=3")["max_shard_gb"] == 3.0
+    assert resolved("--config", str(toml), "--dtype", "fp32")["dtype"] == "fp32"       # option over TOML
+    for args, text in [(["--set", "nope=1"], "unknown option 'export.nope'"),
+                       (["--set", "dtype=fp8"], "--dtype must be one of auto, fp32, bf16, fp16"),
+                       (["--set", "train.lr=1"], "sgsd export takes export.* overrides only")]:
+        r = run.invoke(app, ["export", str(tmp_path / "ckpt"), str(out), *args])
+        assert r.exit_code == 2, (args, r.output)
+        assert text in r.output and "Traceback" not in r.output, (args, r.output)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[export]\nshard_gb = 1\n')
+    r = run.invoke(app, ["export", str(tmp_path / "ckpt"), str(out), "--config", str(bad)])
+    assert r.exit_code == 2 and str(bad) in r.output and "unknown option 'export.shard_gb'" in r.output, r.output
+    assert not out.exists()

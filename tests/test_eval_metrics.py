@@ -23,7 +23,8 @@ from stages.eval import (
     summarize,
     summarize_seeds,
 )
-from stages.engine.io import InputError, write_parquet
+from stages.engine.atomic import write_parquet
+from stages.engine.errors import InputError
 
 
 def brute_pass_at_k(n: int, c: int, k: int) -> float:

@@ -13,7 +13,8 @@ import pytest
 from stages import eval as ev
 from stages.engine import checkpoint as ckpt
 from stages.engine.generation.hf import HFBackend
-from stages.engine.io import InputError, write_parquet
+from stages.engine.atomic import write_parquet
+from stages.engine.errors import InputError
 from tests.conftest import DEMO_PROBLEMS
 from tests.test_eval_stage import ScriptedBackend, demo_golds, invoke
 

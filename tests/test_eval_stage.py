@@ -1,4 +1,4 @@
-"""`sgsd eval` end to end: the CLI on the tiny model, the paper's prompt, grading through stages.verify,
+"""`sgsd eval` end to end: the CLI on the tiny model, the paper's prompt, grading through stages.engine.grading,
 resume after a crash, refusal of changed settings, LoRA adapters, bad input, --compare, SmolLM2."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from stages import eval as ev
 from stages.engine.generation.base import Completion, GenerationBackend
 from stages.engine.generation.hf import HFBackend
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.models import ModelSpec
 from stages.engine.prompts import chat_prompt_text, student_prompt
 from tests.conftest import DEMO_PROBLEMS

@@ -9,7 +9,7 @@ import torch
 from stages.engine.health import (chunked_token_entropy, format_rate, has_boxed_answer, masked_sum_count,
                                   rollout_health, sampled_nll_mean, teacher_weight_entropy, token_entropy,
                                   train_entropy_mean, weight_entropy)
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

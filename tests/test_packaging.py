@@ -49,7 +49,7 @@ def test_installed_wheel_runs_help_and_a_stage(wheel, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = subprocess.run([str(py), "-c", "import stages, stages.engine.io as io; print(stages.__file__); print(io.DATA_DIR)"],
+    where = subprocess.run([str(py), "-c", "import stages, stages.engine.paths as paths; print(stages.__file__); print(paths.DATA_DIR)"],
                            capture_output=True, text=True, cwd=tmp_path, env=env)
     assert where.returncode == 0, where.stderr
     mod_file, data_dir = where.stdout.split()

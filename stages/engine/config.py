@@ -9,6 +9,10 @@ A recipe is a TOML file with one table per stage, named like the stage's config 
     [train]           TrainConfig
     [eval]            EvalConfig
     [update_skills]   UpdateSkillsConfig    (nested: [update_skills.writer], [update_skills.params])
+    [mine_skills]     MineSkillsConfig
+    [build_index]     BuildIndexConfig
+    [sft]             SFTConfig
+    [export]          ExportConfig
 
 Precedence: dataclass defaults < TOML file < explicit CLI options < ``--set section.key=value``.
 Values of ``--set`` are parsed as TOML literals (``1e-5``, ``true``, ``[1, 2]``, ``"text"``); anything
@@ -28,9 +32,10 @@ from typing import Any, Iterable, Mapping
 
 from stages.engine.errors import InputError
 
-# the tables of a recipe, one per stage config (stages.loop.build_sections maps each to its dataclass)
+# the tables of a recipe, one per stage config (each command reads its own; stages.loop.build_sections maps the
+# loop's to their dataclasses)
 SECTIONS = ("loop", "rollout", "score_teachers", "polarize", "train", "eval", "update_skills", "mine_skills", "build_index",
-            "sft")
+            "sft", "export")
 
 
 def check_section(name: str) -> None:
