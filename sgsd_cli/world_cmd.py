@@ -69,7 +69,7 @@ def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
     import sys
 
     from stages import world
-    from stages.engine.io import atomic_write_text
+    from stages.engine.atomic import atomic_write_text
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
@@ -99,11 +99,11 @@ def steps_cmd(config: Annotated[list[Path], typer.Option("--config", help="One w
     import sys
 
     from stages import world
-    from stages.engine.io import atomic_write_text
+    from stages.engine.atomic import atomic_write_text
 
     cfgs = [_cfg(c, set_, None) for c in config]
     if len({c.out for c in cfgs}) != len(cfgs):
-        from stages.engine.io import InputError
+        from stages.engine.errors import InputError
         raise InputError(str(config[0]), "every config of the step sweep needs its own experiment.out")
     with progress_bars() as bars:
         res = world.steps_sweep(cfgs, log=_log, progress=bars)

@@ -31,8 +31,10 @@ from typing import Any, Callable
 
 import polars as pl
 
-from stages.engine.io import (DATA_DIR, InputError, atomic_write_json, atomic_write_text, commit_dir, file_hash,
-                              versions)
+from stages.engine.atomic import atomic_write_json, atomic_write_text, commit_dir, file_hash
+from stages.engine.errors import InputError
+from stages.engine.manifest import versions
+from stages.engine.paths import DATA_DIR
 from stages.engine.world import (LEVELS, World, WorldConfig, bank_key, check_level, check_p, check_part, decision_indices,
                                  world_dict)
 
@@ -1609,7 +1611,7 @@ def _base_curve(cfg: WorldRunConfig, P: Paths, log: Log, progress: Progress) -> 
 
 
 def _jsonable(x):
-    from stages.engine.io import to_jsonable
+    from stages.engine.atomic import to_jsonable
 
     return to_jsonable(x)
 

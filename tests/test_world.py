@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from stages.engine.io import InputError
+from stages.engine.errors import InputError
 from stages.engine.world import LEVELS, World, WorldConfig, apply_rule, check_p
 
 
@@ -162,7 +162,7 @@ def test_base_outside_its_bands_is_refused(tmp_path):
 def test_shipped_base_manifest_and_hashes(tmp_path):
     import shutil
 
-    from stages.engine.io import file_hash
+    from stages.engine.atomic import file_hash
     from stages.world import SHIPPED_BASE, base_stamp, config_from_sections, shipped_base, verify_base
     from stages.engine.config import load_toml
     from pathlib import Path

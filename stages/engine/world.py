@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.engine.io import InputError, atomic_write_json, atomic_write_text
+from stages.engine.atomic import atomic_write_json, atomic_write_text
+from stages.engine.errors import InputError
 
 FAMILY_NAMES = ("zorb", "quill", "mantle", "fizz", "drome", "kelp", "brisk", "vorn", "plink", "tarn", "glim",
                 "sprock", "wisp", "crag", "nub", "yarrow")
