@@ -49,7 +49,10 @@ from stages.engine.atomic import atomic_write_json, write_parquet
 from stages.engine.errors import InputError
 from stages.engine.manifest import ProgressFn, read_manifest
 from stages.engine.step_metrics import step_metrics
-from stages.engine.tables import METRICS, PROBLEMS, SKILLS_UPDATE, TRAIN
+from stages.engine import dapo
+from stages.engine.tableio import read_table
+from stages.engine.tables import (DS_ROUND, DYNAMIC_SAMPLING, METRICS, POLARIZE_ROLLOUTS, PROBLEMS, ROLLOUT, SKILLS_UPDATE,
+                                  TRAIN, TRAIN_BATCH)
 from stages.polarize import PolarizeConfig
 from stages.rollout import RolloutConfig
 from stages.score_teachers import ScoreTeachersConfig
@@ -87,7 +90,9 @@ class LoopConfig(Checked):
     probe_tokens: int = opt(16, "Engine/trainer probe after every weight load of the resident engine: tokens sampled from each of the step's first 2 problems by the engine and rescored by the trainer (0: off; stages/engine/agreement.py).", group="Loop", ge=0, key=False)
     probe_action: str = opt("stop", "When the probe's mean |delta logp| exceeds its tolerance: stop (exit 2, one line naming the step and the gap) or warn (one warning line).", group="Loop", choices=("stop", "warn"), key=False)
     probe_tol: float | None = opt(None, "Probe tolerance, nats per token (default: by dtype, the coarser of engine and trainer: fp32 2e-3, fp16 2e-2, bf16 5e-2).", group="Loop", gt=0, key=False)
-    alarm_stop: bool = opt(False, "Stop the loop (exit 2) when a collapse alarm fires (reward or eval trend, SGSD polarity mix; stages/engine/alarms.py); default: warn in one line and mark the step in metrics.parquet (alarms column).", group="Loop", key=False)
+    alarm_stop: bool = opt(False, "Stop the loop (exit 2) when a collapse alarm fires (reward or eval trend, SGSD polarity mix, completion length, truncation, format rate, token entropy, SGSD teacher-weight entropy; stages/engine/alarms.py); default: warn in one line and mark the step in metrics.parquet (alarms column).", group="Loop", key=False)
+    dynamic_sampling: bool = opt(False, "GRPO, DAPO dynamic sampling: drop the step's groups whose rewards are all equal (no learning signal) and draw more prompts (seeded, none already drawn this step) until prompts_per_step informative groups are in hand or --ds-max-extra-prompts is spent; ds_* columns of metrics.parquet (stages/engine/dapo.py). Off as the reference.", group="DAPO")
+    ds_max_extra_prompts: int | None = opt(None, "Dynamic sampling: at most this many prompts per step beyond the first draw (default 2 x prompts_per_step; 0: only drop, never draw more).", group="DAPO", ge=0)
     skill_update_every: int = opt(0, "Online skill-bank update every N steps (sgsd; 0: never).", group="Loop", ge=0)
     keep_last: int = opt(2, "Step checkpoints kept (step_N/checkpoint); 0 = all.", group="Loop", ge=0, key=False)
     vllm_tensor_parallel: int = opt(1, "vLLM tensor parallelism across this many consecutive torchrun ranks (colocated engine, external_launcher) for a policy that does not fit one GPU; the ranks of a group generate the same prompts. Must divide the number of ranks.", group="Scale-out", ge=1)
@@ -99,6 +104,14 @@ class LoopConfig(Checked):
     def check(self) -> None:
         if not self.model:  # ranges and choices: Checked, on every construction
             raise InputError(None, "loop.model is required")
+        if self.dynamic_sampling and self.objective != "grpo":
+            raise InputError(None, f"loop.dynamic_sampling is a GRPO option (groups of G rollouts with a reward each); "
+                                   f"the objective is {self.objective}")
+
+    @property
+    def ds_budget(self) -> int:
+        """Dynamic sampling's cap on extra prompts per step."""
+        return 2 * self.prompts_per_step if self.ds_max_extra_prompts is None else self.ds_max_extra_prompts
 
 
 def step_dir(run_dir: Path, n: int) -> Path:
@@ -139,6 +152,50 @@ def step_problems(pool: pl.DataFrame, n: int, per_step: int, seed: int) -> pl.Da
                 seen.add(i)
         deferred = deferred + again
     return pool[chosen]
+
+
+def extra_problems(pool: pl.DataFrame, n: int, r: int, k: int, exclude: set, seed: int) -> pl.DataFrame:
+    """Dynamic sampling's draw ``r`` (1-based) of step ``n``: the first ``k`` problems of a seeded permutation of the
+    pool that are not in ``exclude`` (the step's problems so far); fewer when the pool runs out.  A function of
+    (pool, n, r, k, exclude, seed) only, so a restarted loop and every rank draw the same problems."""
+    ids = pool["id"].to_list()
+    order = np.random.default_rng([seed, 11, n, r]).permutation(pool.height)
+    return pool[[int(i) for i in order if ids[i] not in exclude][:k]]
+
+
+def dynamic_batch(first: pl.DataFrame, draw: Callable[[int, int, set], pl.DataFrame], target: int,
+                  max_extra: int, min_draw: int = 1) -> tuple[pl.DataFrame, dict]:
+    """GRPO dynamic sampling over one step (DAPO; the rules are stages/engine/dapo.py's).
+
+    ``first``: the step's graded rollouts (``problem_id`` = the group, ``reward``); ``draw(r, k, exclude)``: the graded
+    rollouts of ``k`` more prompts (extra draw ``r``, none of the problem ids in ``exclude``).  Extra draws are sized by
+    :func:`dapo.extra_prompts` (at least ``min_draw``: one prompt per rank block) until ``target`` informative groups
+    are kept or ``max_extra`` extra prompts were drawn.  Returns (the kept groups' rows in draw order, or the first draw
+    whole when no group is informative, so the step still trains; the ds_* metrics)."""
+    tables = [first]
+    rows = first
+
+    def verdict(df: pl.DataFrame) -> dapo.GroupFilter:
+        return dapo.filter_groups(df["reward"].to_list(), df["problem_id"].to_list(), target)
+
+    f, extra, r = verdict(rows), 0, 0
+    while True:
+        k = dapo.extra_prompts(target, len(f.kept), f.drawn, extra_drawn=extra, max_extra=max_extra)
+        if k == 0 or max_extra - extra < min_draw:
+            break
+        r += 1
+        got = draw(r, max(k, min_draw), set(rows["problem_id"].to_list()))
+        if got.height == 0:  # the pool is spent
+            break
+        extra += int(got["problem_id"].n_unique())
+        tables.append(got)
+        rows = pl.concat(tables, how="diagonal_relaxed")
+        f = verdict(rows)
+    keep = dapo.rollout_keep(rows["problem_id"].to_list(), f.kept)
+    batch = rows.filter(pl.Series(keep)) if f.kept else first
+    out = dapo.dynamic_sampling_metrics(f, r, target)
+    out["ds_extra_prompts"] = extra
+    return batch, out
 
 
 def _complete(manifest: Path) -> bool:
@@ -429,6 +486,8 @@ class LoopRun:
         else:
             self.grade(step)
         self.dist.barrier()
+        if self.cfg.dynamic_sampling:
+            self.fill_batch(step)
         self.train(step)
         self.after_training(step, started)
 
@@ -485,6 +544,59 @@ class LoopRun:
     def grade(self, step: Step) -> None:
         if self.dist.main:
             polarize.grade(self.cfgs.polarize, step.folder)
+
+    def fill_batch(self, step: Step) -> None:
+        """GRPO dynamic sampling (:func:`dynamic_batch`): extra draws in ``step_n/ds_round_rr/`` (problems, rollout, grades,
+        each a stage with its manifest, so a restart redoes nothing), then ``train_batch.parquet`` (what the trainer
+        reads) and ``dynamic_sampling.json`` (the ds_* metrics).  Every rank reads the same graded tables and takes the
+        same decisions; each rank generates its block of every extra draw, rank 0 grades and writes."""
+        cfg, dist, folder = self.cfg, self.dist, step.folder
+        if TRAIN_BATCH.file(folder).exists() and (folder / DYNAMIC_SAMPLING).exists():
+            return
+        blocks = self.shard[1]
+        awake = not cfg.vllm_sleep
+
+        def graded(sub: Path) -> pl.DataFrame:
+            gr = read_table(POLARIZE_ROLLOUTS.file(sub), {"rollout_id": str, "correct": bool})
+            reward = pl.DataFrame({"rollout_id": gr["rollout_id"], "reward": gr["correct"].cast(pl.Float64)})
+            ro = read_table(ROLLOUT.path(sub))
+            return ro.drop("reward", strict=False).join(reward, on="rollout_id", how="left", maintain_order="left")
+
+        def draw(r: int, k: int, exclude: set) -> pl.DataFrame:
+            nonlocal awake
+            sub = folder / DS_ROUND.format(r)
+            sub.mkdir(exist_ok=True)
+            probs = PROBLEMS.file(sub)
+            if dist.main and not probs.exists():
+                write_parquet(extra_problems(self.pool, step.number, r, k, exclude, cfg.seed), probs)
+            dist.barrier()
+            if pl.read_parquet(probs).height == 0:
+                return pl.DataFrame()
+            if not awake:  # the engine slept after the first draw: wake it with the step's weights
+                self.engine.wake_up()
+                self.engine.update_weights(self.trainer.inference_model)
+                awake = True
+            rollout_cfg = replace(self.cfgs.rollout, model=step.policy, gguf_file=step.gguf_file, problems=str(probs),
+                                  policy_step=self.policy_step_at(step.number),
+                                  seed=derive_seed(cfg.seed, step.number, "rollout"), data_dir=None, shard=self.shard)
+            rollout.run(rollout_cfg, sub, progress=self.progress, loaded=self.resident(step.policy, step.gguf_file),
+                        backend=self.engine)
+            dist.barrier()
+            if dist.main:
+                polarize.grade(self.cfgs.polarize, sub)
+            dist.barrier()
+            return graded(sub)
+
+        batch, ds = dynamic_batch(graded(folder), draw, cfg.prompts_per_step, cfg.ds_budget, min_draw=blocks)
+        if not awake:
+            self.engine.sleep(cfg.vllm_sleep)
+        if dist.main:
+            self.say(f"step {step.number}: dynamic sampling kept {ds['ds_groups_kept']} of {ds['ds_groups_drawn']} groups "
+                     f"({ds['ds_extra_prompts']} extra prompts in {ds['ds_rounds']} draw(s))"
+                     + (" - short of the target, the budget is spent" if ds["ds_short"] else ""))
+            atomic_write_json(folder / DYNAMIC_SAMPLING, ds)
+            write_parquet(batch, TRAIN_BATCH.file(folder))
+        dist.barrier()
 
     def train(self, step: Step) -> None:
         self.trainer.fit(step.folder, progress=self.progress, policy=step.policy)

@@ -43,6 +43,10 @@ def check(sections: dict, source: str = "config", force: bool = False) -> tuple[
                  f"({loop_cfg.steps * loop_cfg.prompts_per_step / pool.height:.2f} passes over the pool); objective {loop_cfg.objective}"
                  + (f"; eval every {loop_cfg.eval_every} steps" if loop_cfg.eval_every else "")
                  + (f"; skill update every {loop_cfg.skill_update_every} steps" if loop_cfg.skill_update_every else ""))
+    if loop_cfg.dynamic_sampling:
+        extra = loop_cfg.steps * loop_cfg.ds_budget * cfgs.rollout.n
+        lines.append(f"dynamic sampling: all-equal groups dropped, up to {loop_cfg.ds_budget} extra prompts a step "
+                     f"(at most {extra} more rollouts over the run)")
 
     if loop_cfg.objective == "sgsd":
         from stages.engine.skills.bank import require_pairs

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import polars as pl
 
+from stages.engine.alarms import alarm_column
 from stages.engine.tables import METRICS, POLARIZE, SCORE_TEACHERS, TRAIN
 from stages.engine.atomic import atomic_write_bytes, atomic_write_text
 from stages.engine.errors import InputError
@@ -92,6 +93,9 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
             s = read_table(sp, required={"bench": str, "avg_at_n": float})
             cols = [c for c in ("bench", "n", "problems", "avg_at_n", "avg_at_n_se", "protocol") if c in s.columns]
             evals.append(s.select(cols).with_columns(step=pl.lit(n, dtype=pl.Int64)))
+    if kind in ("loop", "steps") and m.height and "alarms" not in m.columns:  # older loops, stage-by-stage runs
+        m = m.sort("step")
+        m = m.with_columns(pl.Series("alarms", alarm_column(m.to_dicts()), dtype=pl.String))
     ev = pl.concat(evals, how="diagonal_relaxed") if evals else None
     if m.height == 0 and ev is None:
         raise InputError(p, "no metrics.parquet, train table or eval summary here (run `sgsd loop`, `sgsd train` or `sgsd eval`)")
@@ -110,6 +114,11 @@ PANELS: list[tuple[str, str, list[str], str]] = [
     ("clipped", "clipped fraction (|Δ| > 3)", ["clipped_frac"], "fraction of tokens"),
     ("lengths", "completion length (tokens)", ["completion_len_mean", "completion_len_max"], "tokens"),
     ("truncated", "truncated fraction", ["truncated_frac"], "fraction of rollouts"),
+    ("health", "collapse health (stages/engine/health.py; red lines: steps with an alarm, stages/engine/alarms.py)",
+     ["completion_len_mean", "truncated_frac", "format_rate", "entropy_mean", "sampled_nll_mean",
+      "teacher_weight_entropy"], "tokens / fraction / nats"),
+    ("dynamic_sampling", "GRPO dynamic sampling: share of drawn groups dropped, extra prompts drawn",
+     ["ds_drop_frac", "ds_extra_prompts", "ds_groups_kept"], "fraction / prompts"),
     ("agreement", "engine/trainer agreement on sampled tokens (|Δ logp|, k3 KL, share over threshold, refresh probe)",
      ["agree_abs_mean", "agree_abs_max", "agree_kl", "agree_frac_over", "probe_gap_mean"], "nats / fraction"),
     ("grad_norm", "grad norm (before clipping)", ["grad_norm"], "L2 norm"),
@@ -119,10 +128,21 @@ PANELS: list[tuple[str, str, list[str], str]] = [
 ]
 
 # one small axes per column (the wall times share one axes, hence one scale)
-SPLIT = {"polarity", "agreement"}
+SPLIT = {"polarity", "agreement", "health", "dynamic_sampling"}
 PRETTY = {**{f"wall_{s}_s": s for s in STAGE_WALLS}, "wall_s": "train step", **{f"frac_{c}": c for c in CATEGORIES},
           "completion_len_mean": "mean", "completion_len_max": "max", "support_mean": "mean a_k",
-          "support_abs_mean": "mean |a_k|"}
+          "support_abs_mean": "mean |a_k|", "entropy_mean": "token entropy (nats)",
+          "sampled_nll_mean": "sampled-token NLL (nats)", "teacher_weight_entropy": "teacher-weight entropy (nats)",
+          "format_rate": "format rate (boxed answer)", "truncated_frac": "truncated fraction",
+          "ds_drop_frac": "groups dropped (share)", "ds_extra_prompts": "extra prompts", "ds_groups_kept": "groups kept"}
+
+
+def alarm_steps(run: dict) -> list[int]:
+    """The steps of a run whose ``alarms`` column is not empty."""
+    m = run["metrics"]
+    if "alarms" not in m.columns:
+        return []
+    return [int(n) for n, a in zip(m["step"].to_list(), m["alarms"].to_list()) if a]
 
 
 def x_label(runs: Sequence[dict]) -> str:
@@ -187,6 +207,9 @@ def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: P
                 ax.plot(d["step"].to_list(), d[c].cast(pl.Float64).to_list(), color=colors[ki % len(colors)],
                         linestyle=styles[ci % len(styles)], marker="o" if d.height < 30 else None, markersize=3,
                         label=lab)
+        for r in runs:  # the steps where a collapse alarm fired
+            for x in alarm_steps(r):
+                ax.axvline(x, color="red", linestyle=":", linewidth=1, alpha=0.7)
         ax.set_title(PRETTY.get(group[0], group[0]) if split else title, fontsize=10 if split else 12)
         ax.set_xlabel(x_label(runs), fontsize=9)
         if ylabel and (not split or gi % nc == 0):
@@ -341,6 +364,14 @@ def write_report(run_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
         parts.append(f"<figure><img alt='{e(title)}' src='data:image/png;base64,{b64}'>"
                      f"<figcaption>{e(title)} ({e(p.name)})</figcaption></figure>")
     parts.append("</div>")
+    for r in runs:
+        m = r["metrics"]
+        if "alarms" in m.columns and alarm_steps(r):
+            parts.append(f"<h2>collapse alarms of {e(_label(r, runs))}</h2><table><tr><th>step</th><th>alarms</th></tr>")
+            for n, a in zip(m["step"].to_list(), m["alarms"].to_list()):
+                if a:
+                    parts.append(f"<tr><td class='num'>{e(str(n))}</td><td>{e(str(a))}</td></tr>")
+            parts.append("</table>")
     for r in runs:
         try:
             st = skill_stats(r["path"])

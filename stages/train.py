@@ -114,6 +114,7 @@ class TrainConfig(Checked):
     mask_truncated: bool = opt(False, "GRPO/OPSD: drop completions cut at the token limit from the loss.", group="GRPO")
     is_correction: str | None = opt(None, "GRPO: importance-sampling correction of the engine/trainer mismatch (weight from pi_old / the engine's sampling log-probs): none, token-truncate, token-mask, sequence-truncate, sequence-mask. Default as the reference (TRL 0.26): sequence-mask for rollouts sampled by vLLM, none otherwise; sgsd and opsd: none (their reference trainers use no sampling log-probs).", group="GRPO", choices=IS_MODES, key="if-set")
     is_cap: float | None = opt(None, "GRPO: cap C of --is-correction (truncate: min(r, C); mask: 0 above C). Default 3.0 (TRL 0.26).", group="GRPO", gt=0, key="if-set")
+    log_entropy: bool = opt(True, "Log the entropy of the policy's full next-token distribution at the sampled tokens (train.parquet entropy, metrics.parquet entropy_mean; the entropy collapse alarm), computed from the loss pass's own logits chunks.", group="Logging", key=False)
     verify_timeout_s: float = opt(5.0, "GRPO: hard timeout per verifier call when the rollouts are not graded yet, seconds.", group="GRPO", flag="verify-timeout", gt=0)
     # engine
     token_budget: int = opt(16384, "Tokens per packed forward.", group="Engine", ge=1)
@@ -176,19 +177,24 @@ class Policy(torch.nn.Module):
         self.token_budget, self.logit_chunk = token_budget, logit_chunk
 
     def forward(self, kind: str, segments: list[Segment], temperature: float = 1.0, teacher_hidden=None,
-                teacher_head=None, kl: dict | None = None):
+                teacher_head=None, kl: dict | None = None, entropy: bool = False):
+        """``entropy=True`` (kinds logprobs, opsd): also the token entropy at each completion position, from the
+        same logits chunks (no grad; stages/engine/health.py): returns ``(values, entropy)``."""
         if kind == "logprobs":
+            ents: list | None = [] if entropy else None
             lps = score_segments(self.model, segments, temperature=temperature, token_budget=self.token_budget,
-                                 logit_chunk=self.logit_chunk, grad=torch.is_grad_enabled())
-            return torch.cat(lps)
+                                 logit_chunk=self.logit_chunk, grad=torch.is_grad_enabled(), entropy_out=ents)
+            return (torch.cat(lps), torch.cat(ents)) if ents is not None else torch.cat(lps)
         budget = None if self.token_budget >= sys.maxsize else self.token_budget
         hidden = completion_hidden(self.model, segments, token_budget=budget)
         if kind == "hidden":
             return hidden
         if kind == "opsd":
             head = split_lm(self.model)[1]
-            return chunked_clipped_forward_kl(hidden, teacher_hidden, head, teacher_head or head,
-                                              temperature=temperature, **(kl or {}))
+            ents = [] if entropy else None
+            kl_t = chunked_clipped_forward_kl(hidden, teacher_hidden, head, teacher_head or head,
+                                              temperature=temperature, entropy_out=ents, **(kl or {}))
+            return (kl_t, ents[0]) if ents is not None else kl_t
         raise ValueError(kind)
 
 
@@ -432,6 +438,8 @@ class Trainer:
             "tokens": int(s.get("tokens", 0)), "completion_len": s.get("tokens", 0.0) / n,
             "accuracy": s.get("correct", 0.0) / n, "wall_s": wall, "tokens_per_s": s.get("tokens", 0.0) / max(wall, 1e-9),
         }
+        if s.get("entropy_tokens", 0) > 0:  # the objectives' masked token-entropy sums (health.masked_sum_count)
+            row["entropy"] = s["entropy_sum"] / s["entropy_tokens"]
         row.update(self.objective.metrics(s))
         row.update(getattr(self, "_agree", {}))  # the table's engine/trainer agreement (same on every row of it)
         return row

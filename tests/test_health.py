@@ -117,3 +117,33 @@ def test_teacher_weight_entropy_hand_values(tmp_path):
         teacher_weight_entropy(st.with_columns(pl.Series("weight", [0.5] * 5 + [-0.25] + [0.25] * 3)), p)
     with pytest.raises(InputError, match="'b': its teacher weights are all 0"):
         teacher_weight_entropy(st.with_columns(pl.Series("weight", [0.5, 0.5] + [0.0] * 3 + [0.25] * 4)), p)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_scoring_core_entropy_matches_the_full_logits(tiny, grad):
+    """``score_segments(..., entropy_out=)`` (the trainer's loss pass) gives, per segment and completion position, the
+    entropy of the full next-token distribution at the temperature, as an unpacked forward's logits give it
+    (``torch.special.entr``, an independent formula), for any chunk size, with and without gradients (the checkpointed
+    chunks are recomputed in backward: the entropy is still one value per position)."""
+    from stages.engine.scoring import Segment, score_segments
+
+    model = tiny[0]
+    segs = [Segment.of([3, 7, 9], [11, 12, 13, 14]), Segment.of([5], [6, 8]), Segment.of([3, 7, 9], [11, 12, 13, 14])]
+    T = 1.3
+    want = []
+    with torch.no_grad():
+        for s in segs:
+            ids = torch.tensor([list(s.prompt_ids) + list(s.completion_ids)])
+            z = model(input_ids=ids).logits[0].double() / T
+            p = torch.softmax(z, -1)[len(s.prompt_ids) - 1 : -1]
+            want.append(torch.special.entr(p).sum(-1))
+    for chunk in (1, 3, 64):
+        ents: list = []
+        with torch.set_grad_enabled(grad):
+            lps = score_segments(model, segs, temperature=T, logit_chunk=chunk, grad=grad, entropy_out=ents)
+            if grad:
+                torch.cat(lps).sum().backward()
+        assert [e.shape[0] for e in ents] == [4, 2, 4] and not any(e.requires_grad for e in ents)
+        for e, w in zip(ents, want):
+            assert torch.allclose(e.double(), w, atol=1e-4)
+    model.zero_grad(set_to_none=True)

@@ -254,3 +254,31 @@ def test_piped_output_does_not_wrap_at_80_columns(run, tmp_path):
     assert title.rstrip() == f"sgsd loop: {run}"  # the whole path on one line, however long
     walls = [line for line in lines if "wall time" in line]
     assert len(walls) == 1 and "train" in walls[0]  # the row is not folded onto a second line
+
+
+def test_health_panel_marks_alarm_steps_and_lists_them(tmp_path, monkeypatch):
+    """The health metrics get one panel with a red line at every step whose alarms column is set; the page lists
+    the alarms (escaped); a run without the column (older loops) gets it computed from its rows."""
+    rd = tmp_path / "runH"
+    rd.mkdir()
+    m = dict(METRICS, format_rate=[1.0, 1.0, 0.5], entropy_mean=[0.9, 0.8, 0.1],
+             alarms=["", "format: <b>down</b>", "entropy: low"])
+    pl.DataFrame(m).write_parquet(rd / "metrics.parquet")
+    run = R.load_run(rd)
+    assert R.alarm_steps(run) == [2, 3]
+    marked = []
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", lambda self, x, *a, **k: (marked.append(x), real(self, x, *a, **k))[1])
+    out = R.write_report([rd], tmp_path / "rep")
+    assert (tmp_path / "rep" / "health.png").exists()
+    assert marked.count(2) >= 4 and marked.count(3) >= 4  # every axes of every panel, the health panel's 4 included
+    html = out.read_text()
+    assert "collapse alarms of runH" in html and "format: &lt;b&gt;down&lt;/b&gt;" in html and "<b>down" not in html
+    # no alarms column: computed from the rows (12 steps, the length doubles from step 6 on -> fires at step 10)
+    rd2 = tmp_path / "runOld"
+    rd2.mkdir()
+    pl.DataFrame({"step": list(range(1, 13)), "loss": [0.1] * 12,
+                  "completion_len_mean": [10.0] * 5 + [25.0] * 7}).write_parquet(rd2 / "metrics.parquet")
+    assert R.alarm_steps(R.load_run(rd2)) == [10, 11, 12]

@@ -16,8 +16,8 @@ Each is a formula over one loop step's tables (or, for the token entropy, the tr
   training temperature, ``H_t = -sum_v p_v log p_v`` with ``p = softmax(z / T)`` (``0 log 0 = 0``), before
   top-k/top-p like the stored log-probs.  :func:`chunked_token_entropy` computes it from ``[N, H]`` hidden
   states and the LM head ``chunk`` rows at a time in fp32, without gradient, so no ``[N, V]`` fp32 tensor for
-  the whole batch exists; :func:`token_entropy` is the formula on logits (to call inside an existing logits
-  chunk, e.g. the scoring core's, at no extra head pass).  The step's ``entropy_mean`` is the mean over valid
+  the whole batch exists; :func:`token_entropy` is the formula on logits (the scoring core computes it inside its own
+  logits chunks, ``score_segments(..., entropy_out=...)``, at no extra head pass: the trainer's loss pass does that).  The step's ``entropy_mean`` is the mean over valid
   (masked) tokens: :func:`train_entropy_mean` over ``train.parquet``'s per-optimizer-step rows.
 * ``teacher_weight_entropy`` (SGSD): per rollout the entropy of its teacher weights ``H_r = -sum_k w_k log w_k``
   (nats; ``w`` renormalised to sum 1, ``0 log 0 = 0``; ``log K`` when uniform), averaged over rollouts.
@@ -33,8 +33,9 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from stages.engine.io import InputError, check_finite
-from stages.engine.scoring import head_logits_fp32
+from stages.engine.errors import InputError
+from stages.engine.tableio import check_finite
+from stages.engine.scoring import head_logits_fp32, token_entropy_from_logp
 from stages.engine.verify import MAX_ANSWER_CHARS, _last_boxed
 
 Where = str | os.PathLike | None
@@ -48,9 +49,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    logp = F.log_softmax(z, dim=-1)
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(logp)).sum(-1)
+    return token_entropy_from_logp(F.log_softmax(z, dim=-1))
 
 
 def chunked_token_entropy(head: torch.nn.Module, hidden: torch.Tensor, *, temperature: float = 1.0,

@@ -82,11 +82,31 @@ def head_logits_fp32(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tenso
         return head(hidden.to(w.dtype)).float()
 
 
-def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+def _chunk_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    entropy: list | None = None) -> torch.Tensor:
+    """Log-probs of ``targets`` from one chunk.  ``entropy``: an empty list receives the chunk's per-position entropy
+    ``-sum_v p_v log p_v`` of the same logits (no grad; a metric); a list already filled is left alone, so the
+    recomputation of a checkpointed chunk in backward does not compute it twice."""
     logits = head_logits_fp32(head, hidden)
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = F.log_softmax(logits, dim=-1)
+    if entropy is not None and not entropy:
+        entropy.append(token_entropy_from_logp(logp.detach()))
+    return torch.gather(logp, -1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def token_entropy_from_logp(logp: torch.Tensor) -> torch.Tensor:
+    """``-sum_v exp(l_v) l_v`` over the last dim of log-probs ``l``, one fused dot product per row; rows holding a
+    ``-inf`` log-prob (a masked token: ``0 log 0 = 0``) are redone with the explicit rule."""
+    ent = -torch.linalg.vecdot(logp.exp(), logp)
+    bad = ~torch.isfinite(ent)
+    if bool(bad.any()):
+        lq = logp[bad]
+        p = lq.exp()
+        ent[bad] = -torch.where(p > 0, p * lq, torch.zeros_like(lq)).sum(-1)
+    return ent
 
 
 def gather_logprobs(
@@ -96,16 +116,24 @@ def gather_logprobs(
     *,
     temperature: float = 1.0,
     chunk: int = 2048,
+    entropy_out: list | None = None,
 ) -> torch.Tensor:
-    """fp32 log-probs of ``targets`` [N] from ``hidden`` [N, H], ``chunk`` rows of [chunk, vocab] at a time."""
-    outs = []
+    """fp32 log-probs of ``targets`` [N] from ``hidden`` [N, H], ``chunk`` rows of [chunk, vocab] at a time.
+    ``entropy_out``: a list that receives the ``[N]`` fp32 entropies of the same positions (no grad), computed
+    from the same logits chunks (no second LM-head pass)."""
+    outs, ents = [], []
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]
+        holder: list | None = [] if entropy_out is not None else None
         if needs_grad:
-            outs.append(checkpoint(_chunk_logprobs, head, h, t, temperature, use_reentrant=False))
+            outs.append(checkpoint(_chunk_logprobs, head, h, t, temperature, holder, use_reentrant=False))
         else:
-            outs.append(_chunk_logprobs(head, h, t, temperature))
+            outs.append(_chunk_logprobs(head, h, t, temperature, holder))
+        if holder:
+            ents.append(holder[0])
+    if entropy_out is not None:
+        entropy_out.append(torch.cat(ents) if ents else hidden.new_zeros(0, dtype=torch.float32))
     return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -147,11 +175,14 @@ def score_segments(
     logit_chunk: int = 2048,
     grad: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    entropy_out: list | None = None,
 ) -> list[torch.Tensor]:
     """fp32 log-probs of every segment's completion tokens, in input order (one 1-D tensor each).
 
     Identical segments are scored once.  ``on_batch(n_segments)`` is called after each micro-batch
-    (progress bars).  With ``grad=True`` the returned tensors carry gradients.
+    (progress bars).  With ``grad=True`` the returned tensors carry gradients.  ``entropy_out``: a list that
+    receives, per segment in input order, the entropy of the full next-token distribution at each completion
+    position (fp32, no grad), from the same logits chunks.
     """
     body, head = split_lm(model)
     device = head.weight.device
@@ -160,6 +191,7 @@ def score_segments(
         uniq.setdefault(s, len(uniq))
     useg = list(uniq)
     results: list[torch.Tensor | None] = [None] * len(useg)
+    ent_results: list[torch.Tensor | None] = [None] * len(useg)
     # Without gradients, attention runs per packed sequence (no [T, T] block mask; see varlen_attention).
     # With gradients the block-mask path is kept: gradient checkpointing re-runs attention in backward,
     # outside this call (wrap forward *and* backward in `varlen_attention(model)` to use it there).
@@ -171,13 +203,19 @@ def score_segments(
             hidden = body(input_ids=torch.tensor([pk.ids], device=device), position_ids=torch.tensor([pk.pos], device=device),
                           attention_mask=None, use_cache=False).last_hidden_state[0]
             hsel = hidden.index_select(0, torch.tensor(pk.sel, device=device))
-            lp = gather_logprobs(head, hsel, torch.tensor(pk.tgt, device=device), temperature=temperature, chunk=logit_chunk)
+            ent: list | None = [] if entropy_out is not None else None
+            lp = gather_logprobs(head, hsel, torch.tensor(pk.tgt, device=device), temperature=temperature, chunk=logit_chunk,
+                                 entropy_out=ent)
             start = 0
             for i, c in pk.spans:
                 results[i] = lp[start : start + c]
+                if ent is not None:
+                    ent_results[i] = ent[0][start : start + c]
                 start += c
             if on_batch:
                 on_batch(len(batch))
+    if entropy_out is not None:
+        entropy_out.extend(ent_results[uniq[s]] for s in segments)
     return [results[uniq[s]] for s in segments]  # type: ignore[misc]
 
 

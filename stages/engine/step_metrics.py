@@ -18,8 +18,9 @@ from stages.engine import agreement
 from stages.engine.manifest import read_manifest
 from stages.engine.tableio import read_table
 from stages.engine.objectives.sgsd import CATEGORIES
-from stages.engine.tables import (ENGINE_PROBE, EVAL_SUMMARY, POLARIZE, POLARIZE_ROLLOUTS, ROLLOUT, SCORE_TEACHERS,
-                                  SKILLS_UPDATE, TRAIN)
+from stages.engine.health import rollout_health, teacher_weight_entropy, train_entropy_mean
+from stages.engine.tables import (DYNAMIC_SAMPLING, ENGINE_PROBE, EVAL_SUMMARY, POLARIZE, POLARIZE_ROLLOUTS, ROLLOUT,
+                                  SCORE_TEACHERS, SKILLS_UPDATE, TRAIN)
 
 
 def _train_metrics(sd: Path) -> dict:
@@ -36,10 +37,38 @@ def _train_metrics(sd: Path) -> dict:
 
 
 def _rollout_metrics(sd: Path) -> dict:
-    ro = read_table(ROLLOUT.path(sd))
-    lens = ro["completion_ids"].list.len()
-    return {"rollouts": ro.height, "prompts": int(ro["problem_id"].n_unique()), "completion_len_mean": float(lens.mean()),
-            "completion_len_max": int(lens.max()), "truncated_frac": float((ro["finish_reason"] == "length").mean())}
+    """The step's first draw (its ``rollout`` table): counts and the health columns (stages/engine/health.py:
+    completion length, truncation, format rate, sampled-token NLL).  Dynamic sampling's extra draws are not in
+    them, so a run with and one without it compare on the same kind of draw."""
+    path = ROLLOUT.path(sd)
+    ro = read_table(path)
+    row: dict[str, Any] = {"rollouts": ro.height, "prompts": int(ro["problem_id"].n_unique())}
+    row.update(rollout_health(ro, path))
+    return row
+
+
+def _health_train_metrics(sd: Path) -> dict:
+    """The trainer's token entropy of the step (mask-token-weighted over its optimizer steps)."""
+    e = train_entropy_mean(pl.read_parquet(TRAIN.file(sd)))
+    return {} if e is None else {"entropy_mean": e}
+
+
+def _teacher_metrics(sd: Path) -> dict:
+    """SGSD: the mean entropy of each rollout's teacher weights (score_teachers table)."""
+    if not SCORE_TEACHERS.exists(sd):
+        return {}
+    path = SCORE_TEACHERS.path(sd)
+    h = teacher_weight_entropy(read_table(path, {"rollout_id": str, "weight": float}), path)
+    return {} if h is None else {"teacher_weight_entropy": h}
+
+
+def _dynamic_sampling_metrics(sd: Path) -> dict:
+    """GRPO dynamic sampling (stages/engine/dapo.py): the loop's record of the step's draws."""
+    f = sd / DYNAMIC_SAMPLING
+    if not f.exists():
+        return {}
+    d = json.loads(f.read_text())
+    return {k: (float(v) if k == "ds_drop_frac" else int(v)) for k, v in d.items() if k.startswith("ds_")}
 
 
 def _grade_metrics(sd: Path) -> dict:
@@ -74,7 +103,7 @@ def _eval_metrics(sd: Path) -> dict:
 
 TABLE_METRICS: dict[str, Callable[[Path], dict]] = {
     TRAIN.name: _train_metrics, ROLLOUT.name: _rollout_metrics, POLARIZE_ROLLOUTS.name: _grade_metrics,
-    POLARIZE.name: _polarize_metrics, EVAL_SUMMARY.name: _eval_metrics,
+    POLARIZE.name: _polarize_metrics, EVAL_SUMMARY.name: _eval_metrics, SCORE_TEACHERS.name: _teacher_metrics,
 }
 
 
@@ -99,9 +128,12 @@ def step_metrics(sd: Path, n: int, objective: str) -> dict:
         pr = json.loads((sd / ENGINE_PROBE).read_text())
         row.update({"probe_gap_mean": float(pr["gap_mean"]), "probe_gap_max": float(pr["gap_max"])})
     row.update(_rollout_metrics(sd))
+    row.update(_health_train_metrics(sd))
     row.update(_grade_metrics(sd))
+    row.update(_dynamic_sampling_metrics(sd))
     if objective == "sgsd":
         row.update(_polarize_metrics(sd))
+        row.update(_teacher_metrics(sd))
     if TRAIN.manifest(sd).exists():
         row["bank_version"] = read_manifest(TRAIN.manifest(sd)).get("bank_version")
     for t in (ROLLOUT, SCORE_TEACHERS, POLARIZE, POLARIZE_ROLLOUTS, TRAIN):

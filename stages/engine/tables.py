@@ -108,14 +108,13 @@ TRAIN = Table("train", "train", wall="train")
 TRAIN_OLD_LOGPROBS = Table("train_old_logprobs", "train (grpo: the pi_old cache)")
 EVAL_SUMMARY = Table("eval/summary", "eval")
 METRICS = Table("metrics", "loop")
+TRAIN_BATCH = Table("train_batch", "loop (grpo dynamic sampling: the kept groups of every draw of the step, with reward)")
 
 TABLES = {t.name: t for t in (PROBLEMS, ROLLOUT, SCORE_TEACHERS, POLARIZE, POLARIZE_ROLLOUTS, TRAIN, TRAIN_OLD_LOGPROBS,
-                              EVAL_SUMMARY, METRICS)}
+                              EVAL_SUMMARY, METRICS, TRAIN_BATCH)}
 
 # JSON files the loop leaves in a step directory
 ENGINE_PROBE = "engine_probe.json"
 SKILLS_UPDATE = "skills_update.json"
-
-# JSON files the loop leaves in a step directory
-ENGINE_PROBE = "engine_probe.json"
-SKILLS_UPDATE = "skills_update.json"
+DYNAMIC_SAMPLING = "dynamic_sampling.json"  # grpo dynamic sampling: the step's ds_* metrics (stages/engine/dapo.py)
+DS_ROUND = "ds_round_{:02d}"  # grpo dynamic sampling: the folder of extra draw r (its problems, rollout, grades)

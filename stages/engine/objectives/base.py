@@ -30,6 +30,7 @@ import polars as pl
 import torch
 
 from stages.engine.errors import InputError
+from stages.engine.health import masked_sum_count
 from stages.engine.scoring import Segment
 from stages.engine.tables import ROLLOUT
 
@@ -137,6 +138,21 @@ def base_stats(items: list[Item], weights: list[float]) -> dict:
     real = [it for it, w in zip(items, weights) if w > 0]
     return {"rollouts": len(real), "tokens": sum(len(i.completion_ids) for i in real),
             "mask_tokens": sum(sum(i.mask) for i in real), "correct": sum(1 for i in real if i.correct)}
+
+
+def entropy_sums(entropy: torch.Tensor | None, mask: torch.Tensor) -> dict:
+    """A micro-batch's token-entropy sums over its loss-masked tokens (``mask`` [N], weight-0 rows already 0):
+    ``entropy_sum`` / ``entropy_tokens`` give the trainer's ``entropy`` column; nothing when not computed."""
+    if entropy is None:
+        return {}
+    s, n = masked_sum_count(entropy, mask.to(entropy.device) > 0)
+    return {"entropy_sum": s, "entropy_tokens": n}
+
+
+def loss_mask(items: list[Item], weights: list[float], device=None) -> torch.Tensor:
+    """The micro-batch's loss mask over its concatenated completion tokens, 0 on weight-0 (padding) rows."""
+    return torch.tensor([bool(b) and w > 0 for it, w in zip(items, weights) for b in it.mask], dtype=torch.bool,
+                        device=device)
 
 
 def unique_temperature(df: pl.DataFrame, col: str, path: Path, override: float | None, default: float) -> float:

@@ -31,8 +31,10 @@ from stages.engine.grading import grade_rollouts
 from stages.engine.atomic import write_parquet
 from stages.engine.errors import InputError
 from stages.engine.tableio import check_finite, read_table
-from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
-from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT, TRAIN_OLD_LOGPROBS
+from stages.engine.dapo import overlong_token_mask
+from stages.engine.objectives.base import (Data, Item, Objective, base_stats, entropy_sums, loss_mask, register,
+                                           unique_temperature)
+from stages.engine.tables import POLARIZE_ROLLOUTS, ROLLOUT, TRAIN_BATCH, TRAIN_OLD_LOGPROBS
 
 AGGREGATIONS = ("token-mean", "sequence-mean")
 IS_MODES = ("none", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask")
@@ -146,6 +148,8 @@ class GRPO(Objective):
 
     @classmethod
     def input_paths(cls, run_dir: Path) -> dict[str, Path]:
+        if TRAIN_BATCH.file(run_dir).exists():  # the loop's dynamic sampling: the kept groups, each row with its reward
+            return {"rollout": TRAIN_BATCH.file(run_dir)}
         paths = {"rollout": ROLLOUT.path(run_dir)}
         if POLARIZE_ROLLOUTS.file(run_dir).exists():
             paths["grades"] = POLARIZE_ROLLOUTS.file(run_dir)
@@ -190,11 +194,10 @@ class GRPO(Objective):
         items = []
         for r, fin, lp in zip(rt.select("rollout_id", "problem_id", "prompt_ids", "completion_ids").to_dicts(), finish, slp):
             n = len(r["completion_ids"])
-            keep = not (cfg.mask_truncated and fin == "length")
             smp = [float(x) for x in lp] if lp is not None and len(lp) == n and n > 0 else None
             old = smp if cfg.old_logprobs == "sampler" else None
             items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
-                              [keep] * n, correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
+                              overlong_token_mask([True] * n, fin, cfg.mask_truncated), correct=rewards[r["rollout_id"]] > 0, old_logprobs=old,
                               reward=rewards[r["rollout_id"]], sample_logprobs=smp))
         items.sort(key=lambda i: i.rid)
         adv = group_advantages(torch.tensor([i.reward for i in items]), [i.group for i in items], scale_std=cfg.scale_std)
@@ -240,13 +243,15 @@ class GRPO(Objective):
     def loss(self, fw, items, weights, norm):
         cfg, T = self.cfg, fw.data.temperature
         segs = [it.segment for it in items]
-        lp = fw.student("logprobs", segs, T)
+        out = fw.student("logprobs", segs, T, entropy=cfg.log_entropy)
+        lp, ent = out if cfg.log_entropy else (out, None)
         ref = fw.frozen("logprobs", segs, T, role="reference") if cfg.kl_beta > 0 else None
         lens = [len(it.completion_ids) for it in items]
         lp_parts = torch.split(lp, lens)
         ref_parts = torch.split(ref, lens) if ref is not None else [None] * len(items)
         sums, nvalid = [], []
         st = base_stats(items, weights)
+        st.update(entropy_sums(ent, loss_mask(items, weights, lp.device)))
         st.update({"clipped": 0.0, "ratio": 0.0, "kl": 0.0, "reward": 0.0, "advantage_abs": 0.0})
         is_mode = fw.data.info.get("is_correction", "none")
         if is_mode != "none":

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from stages.engine.tableio import read_table
-from stages.engine.objectives.base import Data, Item, Objective, base_stats, register, unique_temperature
+from stages.engine.dapo import overlong_token_mask
+from stages.engine.health import token_entropy
+from stages.engine.objectives.base import Data, Item, Objective, base_stats, entropy_sums, register, unique_temperature
 from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, teacher_thinking_flag
 from stages.engine.scoring import Segment, head_logits_fp32, pack, pack_batches, split_lm
 
@@ -50,11 +52,15 @@ def clipped_forward_kl(
     return terms.sum(-1)
 
 
-def _chunk_kl(student_head, teacher_head, sh, th, clip, top_k, temperature):
+def _chunk_kl(student_head, teacher_head, sh, th, clip, top_k, temperature, entropy: list | None = None):
+    """One chunk's clipped KL.  ``entropy``: an empty list receives the student's token entropy from the same
+    logits chunk (no grad; skipped when filled, i.e. in the checkpoint's recomputation)."""
     with torch.no_grad():
         t_logits = head_logits_fp32(teacher_head, th)  # fp32 LM head even under bf16 autocast
-    return clipped_forward_kl(t_logits, head_logits_fp32(student_head, sh), clip=clip, top_k=top_k,
-                              temperature=temperature)
+    s_logits = head_logits_fp32(student_head, sh)
+    if entropy is not None and not entropy:
+        entropy.append(token_entropy(s_logits.detach(), temperature))
+    return clipped_forward_kl(t_logits, s_logits, clip=clip, top_k=top_k, temperature=temperature)
 
 
 def chunked_clipped_forward_kl(
@@ -67,17 +73,25 @@ def chunked_clipped_forward_kl(
     top_k: int = 0,
     temperature: float = 1.0,
     chunk: int = 1024,
+    entropy_out: list | None = None,
 ) -> torch.Tensor:
-    """:func:`clipped_forward_kl` of ``head(hidden)`` for ``[N, H]`` hidden states, ``chunk`` rows at a time."""
+    """:func:`clipped_forward_kl` of ``head(hidden)`` for ``[N, H]`` hidden states, ``chunk`` rows at a time.
+    ``entropy_out``: a list that receives the student's ``[N]`` token entropies (health.token_entropy at
+    ``temperature``), from the same student logits chunks."""
     teacher_head = student_head if teacher_head is None else teacher_head
     teacher_hidden = teacher_hidden.detach()
     needs_grad = torch.is_grad_enabled() and (
         student_hidden.requires_grad or any(p.requires_grad for p in student_head.parameters()))
-    outs = []
+    outs, ents = [], []
     for s in range(0, student_hidden.shape[0], chunk):
+        holder: list | None = [] if entropy_out is not None else None
         args = (student_head, teacher_head, student_hidden[s : s + chunk], teacher_hidden[s : s + chunk],
-                clip, top_k, temperature)
+                clip, top_k, temperature, holder)
         outs.append(checkpoint(_chunk_kl, *args, use_reentrant=False) if needs_grad else _chunk_kl(*args))
+        if holder:
+            ents.append(holder[0])
+    if entropy_out is not None:
+        entropy_out.append(torch.cat(ents) if ents else student_hidden.new_zeros(0, dtype=torch.float32))
     return torch.cat(outs) if outs else student_hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -136,9 +150,8 @@ class OPSD(Objective):
             if key not in cache:
                 cache[key] = tuple(chat_prompt_ids(tok, opsd_teacher_prompt(r["problem"], r["answer"]), bool(th)))
             n = len(r["completion_ids"])
-            keep = not (cfg.mask_truncated and fin == "length")
             items.append(Item(r["rollout_id"], r["problem_id"], tuple(r["prompt_ids"]), tuple(r["completion_ids"]),
-                              [keep] * n, teacher_prompt_ids=cache[key]))
+                              overlong_token_mask([True] * n, fin, cfg.mask_truncated), teacher_prompt_ids=cache[key]))
         # the reference divides both logits by the training (sampling) temperature: opsd_trainer.py:455-457
         temp = unique_temperature(rt, "temperature", paths["rollout"], cfg.scoring_temperature, 1.0)
         info = {"rollouts": len(items), "teacher_thinking": cfg.teacher_thinking}
@@ -147,11 +160,13 @@ class OPSD(Objective):
     def loss(self, fw, items, weights, norm):
         cfg, T = self.cfg, fw.data.temperature
         th = fw.frozen("hidden", [Segment.of(it.teacher_prompt_ids, it.completion_ids) for it in items], T)
-        kl = fw.student("opsd", [it.segment for it in items], T, teacher_hidden=th, teacher_head=fw.teacher_head(),
-                        kl={"clip": cfg.kl_clip, "top_k": cfg.kl_top_k, "chunk": cfg.kl_chunk})
+        out = fw.student("opsd", [it.segment for it in items], T, teacher_hidden=th, teacher_head=fw.teacher_head(),
+                         kl={"clip": cfg.kl_clip, "top_k": cfg.kl_top_k, "chunk": cfg.kl_chunk}, entropy=cfg.log_entropy)
+        kl, ent = out if cfg.log_entropy else (out, None)
         m = torch.tensor([float(b) * w for it, w in zip(items, weights) for b in it.mask], device=kl.device)
         total = (kl * m).sum()
         st = base_stats(items, weights)
+        st.update(entropy_sums(ent, m))
         st["loss"] = float(total.detach()) / norm
         st["kl_sum"] = float(total.detach())
         return total / norm, st

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from stages.engine.config import Checked, field_opt, opt
 from stages.engine.errors import InputError
 from stages.engine.tableio import check_finite, read_table
-from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, register,
+from stages.engine.objectives.base import (Data, Item, Objective, TeacherTarget, base_stats, check_len, entropy_sums,
+                                           loss_mask, register,
                                            unique_temperature)
 from stages.engine.scoring import Segment
 from stages.engine.tables import POLARIZE, ROLLOUT, SCORE_TEACHERS
@@ -267,7 +268,8 @@ class SGSD(Objective):
 
     def loss(self, fw, items, weights, norm):
         cfg, T = self.cfg, fw.data.temperature
-        s_all = fw.student("logprobs", [it.segment for it in items], T)
+        out = fw.student("logprobs", [it.segment for it in items], T, entropy=cfg.log_entropy)
+        s_all, ent = out if cfg.log_entropy else (out, None)
         s_parts = torch.split(s_all, [len(it.completion_ids) for it in items])
         if cfg.teacher_mode == "fixed":
             t_rows = [[torch.tensor(t.logprobs, dtype=torch.float32, device=s_all.device) for t in it.teachers] for it in items]
@@ -283,6 +285,7 @@ class SGSD(Objective):
                 t_rows[i][k] = p.float()
         loss = s_all.new_zeros(())
         st = base_stats(items, weights)
+        st.update(entropy_sums(ent, loss_mask(items, weights, s_all.device)))
         st.update({f"n_{c}": 0 for c in CATEGORIES})
         st.update({"teachers": 0, "support": 0.0, "abs_delta": 0.0, "delta_tokens": 0})
         for it, w, s, trow in zip(items, weights, s_parts, t_rows):
