@@ -114,7 +114,7 @@ PANELS: list[tuple[str, str, list[str], str]] = [
     ("clipped", "clipped fraction (|Δ| > 3)", ["clipped_frac"], "fraction of tokens"),
     ("lengths", "completion length (tokens)", ["completion_len_mean", "completion_len_max"], "tokens"),
     ("truncated", "truncated fraction", ["truncated_frac"], "fraction of rollouts"),
-    ("health", "collapse health (stages/engine/health.py; red lines: steps with an alarm, stages/engine/alarms.py)",
+    ("health", "collapse health (stages/engine/health.py); dotted lines: steps with an alarm (stages/engine/alarms.py)",
      ["completion_len_mean", "truncated_frac", "format_rate", "entropy_mean", "sampled_nll_mean",
       "teacher_weight_entropy"], "tokens / fraction / nats"),
     ("dynamic_sampling", "GRPO dynamic sampling: share of drawn groups dropped, extra prompts drawn",
@@ -135,6 +135,9 @@ PRETTY = {**{f"wall_{s}_s": s for s in STAGE_WALLS}, "wall_s": "train step", **{
           "sampled_nll_mean": "sampled-token NLL (nats)", "teacher_weight_entropy": "teacher-weight entropy (nats)",
           "format_rate": "format rate (boxed answer)", "truncated_frac": "truncated fraction",
           "ds_drop_frac": "groups dropped (share)", "ds_extra_prompts": "extra prompts", "ds_groups_kept": "groups kept"}
+
+
+TITLES = {"completion_len_mean": "completion length (mean, tokens)"}  # a split panel's axes title, where PRETTY is short
 
 
 def alarm_steps(run: dict) -> list[int]:
@@ -207,10 +210,13 @@ def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: P
                 ax.plot(d["step"].to_list(), d[c].cast(pl.Float64).to_list(), color=colors[ki % len(colors)],
                         linestyle=styles[ci % len(styles)], marker="o" if d.height < 30 else None, markersize=3,
                         label=lab)
-        for r in runs:  # the steps where a collapse alarm fired
+        for ri, r in enumerate(runs):  # the steps where a collapse alarm fired (several runs: the run's colour)
+            if not any(c in r["metrics"].columns and r["metrics"][c].drop_nulls().len() for c in group):
+                continue  # only on the axes that show this run
             for x in alarm_steps(r):
-                ax.axvline(x, color="red", linestyle=":", linewidth=1, alpha=0.7)
-        ax.set_title(PRETTY.get(group[0], group[0]) if split else title, fontsize=10 if split else 12)
+                ax.axvline(x, color="red" if len(runs) == 1 else colors[ri % len(colors)], linestyle=":", linewidth=1.2,
+                           alpha=0.8)
+        ax.set_title(TITLES.get(group[0], PRETTY.get(group[0], group[0])) if split else title, fontsize=10 if split else 12)
         ax.set_xlabel(x_label(runs), fontsize=9)
         if ylabel and (not split or gi % nc == 0):
             ax.set_ylabel(ylabel, fontsize=9)
