@@ -164,12 +164,12 @@ def extra_problems(pool: pl.DataFrame, n: int, r: int, k: int, exclude: set, see
 
 
 def dynamic_batch(first: pl.DataFrame, draw: Callable[[int, int, set], pl.DataFrame], target: int,
-                  max_extra: int, min_draw: int = 1) -> tuple[pl.DataFrame, dict]:
+                  max_extra: int) -> tuple[pl.DataFrame, dict]:
     """GRPO dynamic sampling over one step (DAPO; the rules are stages/engine/dapo.py's).
 
     ``first``: the step's graded rollouts (``problem_id`` = the group, ``reward``); ``draw(r, k, exclude)``: the graded
     rollouts of ``k`` more prompts (extra draw ``r``, none of the problem ids in ``exclude``).  Extra draws are sized by
-    :func:`dapo.extra_prompts` (at least ``min_draw``: one prompt per rank block) until ``target`` informative groups
+    :func:`dapo.extra_prompts` until ``target`` informative groups
     are kept or ``max_extra`` extra prompts were drawn.  Returns (the kept groups' rows in draw order, or the first draw
     whole when no group is informative, so the step still trains; the ds_* metrics)."""
     tables = [first]
@@ -181,10 +181,10 @@ def dynamic_batch(first: pl.DataFrame, draw: Callable[[int, int, set], pl.DataFr
     f, extra, r = verdict(rows), 0, 0
     while True:
         k = dapo.extra_prompts(target, len(f.kept), f.drawn, extra_drawn=extra, max_extra=max_extra)
-        if k == 0 or max_extra - extra < min_draw:
+        if k == 0:
             break
         r += 1
-        got = draw(r, max(k, min_draw), set(rows["problem_id"].to_list()))
+        got = draw(r, k, set(rows["problem_id"].to_list()))
         if got.height == 0:  # the pool is spent
             break
         extra += int(got["problem_id"].n_unique())
@@ -549,11 +549,12 @@ class LoopRun:
         """GRPO dynamic sampling (:func:`dynamic_batch`): extra draws in ``step_n/ds_round_rr/`` (problems, rollout, grades,
         each a stage with its manifest, so a restart redoes nothing), then ``train_batch.parquet`` (what the trainer
         reads) and ``dynamic_sampling.json`` (the ds_* metrics).  Every rank reads the same graded tables and takes the
-        same decisions; each rank generates its block of every extra draw, rank 0 grades and writes."""
+        same decisions; each rank generates its block of every extra draw (a draw smaller than the number of blocks leaves
+        some ranks an empty block: the draw's size never depends on the number of ranks, so neither do the results),
+        rank 0 grades and writes."""
         cfg, dist, folder = self.cfg, self.dist, step.folder
         if TRAIN_BATCH.file(folder).exists() and (folder / DYNAMIC_SAMPLING).exists():
             return
-        blocks = self.shard[1]
         awake = not cfg.vllm_sleep
 
         def graded(sub: Path) -> pl.DataFrame:
@@ -587,7 +588,7 @@ class LoopRun:
             dist.barrier()
             return graded(sub)
 
-        batch, ds = dynamic_batch(graded(folder), draw, cfg.prompts_per_step, cfg.ds_budget, min_draw=blocks)
+        batch, ds = dynamic_batch(graded(folder), draw, cfg.prompts_per_step, cfg.ds_budget)
         if not awake:
             self.engine.sleep(cfg.vllm_sleep)
         if dist.main:

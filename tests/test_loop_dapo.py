@@ -59,10 +59,6 @@ def test_dynamic_batch_budget_cap_and_nothing_informative():
     flat = _groups({"A": [1, 1], "C": [0, 0]})
     batch, m = dynamic_batch(flat, draw, target=2, max_extra=0)
     assert batch.equals(flat) and m["ds_short"] == 1 and m["ds_drop_frac"] == 1.0 and m["ds_rounds"] == 0
-    # two rank blocks: an extra draw asks for at least 2 prompts, and stops when fewer than 2 are left in the budget
-    asked.clear()
-    dynamic_batch(first, draw, target=3, max_extra=3, min_draw=2)
-    assert asked == [2]
 
 
 def test_extra_problems_are_seeded_and_exclude_the_step():
@@ -197,3 +193,30 @@ def test_dapo_recipe_turns_the_knobs_on_and_the_baseline_keeps_them_off():
     # everything else as the baseline
     for sec in ("rollout", "polarize", "eval"):
         assert base.get(sec) == dapo.get(sec)
+
+
+def test_two_rank_dynamic_sampling_equals_one_process(tmp_path, tiny_model_dir):
+    """Under torchrun (2 ranks, gloo) every rank takes the same dynamic-sampling decisions from the same graded
+    tables and generates its block of each extra draw (a draw of one prompt leaves a rank an empty block): the extra
+    draws, the batch table and the training losses equal one process's."""
+    from test_distributed_loop import _cfg as dist_cfg, _run_here, _sgsd_script, _table, _torchrun
+
+    torch.set_num_threads(1)
+    one, sets = dist_cfg(tmp_path, "one", tiny_model_dir, objective="grpo", n=2)
+    ds = ["loop.dynamic_sampling=true", "loop.ds_max_extra_prompts=1"]  # one extra prompt: rank 1 gets none
+    _run_here((one, sets + ds))
+    two, sets2 = dist_cfg(tmp_path, "two", tiny_model_dir, objective="grpo", n=2)
+    proc = _torchrun(_sgsd_script(tmp_path), (two, sets2 + ds))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for n in (1, 2):
+        a, b = tmp_path / "one" / f"step_{n:04d}", tmp_path / "two" / f"step_{n:04d}"
+        rounds = sorted(p.name for p in a.glob("ds_round_*"))
+        assert rounds and rounds == sorted(p.name for p in b.glob("ds_round_*"))
+        for r in rounds:
+            ra, rb = pl.read_parquet(a / r / "rollout.parquet"), _table(b / r, "rollout")
+            assert rb["completion_ids"].to_list() == ra["completion_ids"].to_list()
+        ta, tb = pl.read_parquet(a / "train_batch.parquet"), pl.read_parquet(b / "train_batch.parquet")
+        assert tb["rollout_id"].to_list() == ta["rollout_id"].to_list()
+        assert (a / "dynamic_sampling.json").read_text() == (b / "dynamic_sampling.json").read_text()
+        la, lb = pl.read_parquet(a / "train.parquet")["loss"], pl.read_parquet(b / "train.parquet")["loss"]
+        assert lb.to_list() == pytest.approx(la.to_list(), abs=1e-5)
