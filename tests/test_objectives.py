@@ -164,6 +164,28 @@ def test_chunked_kl_equals_unchunked_values_and_gradients(top_k):
         head.weight.grad = None
 
 
+def test_chunked_kl_student_entropy_from_the_same_chunks():
+    """OPSD's loss pass logs the student's token entropy from its own logits chunks: per position
+    ``torch.special.entr(softmax(head(h) / T)).sum()`` (independent formula), one value per position however the
+    chunks are recomputed in backward, and the KL and its gradients unchanged."""
+    torch.manual_seed(3)
+    H, V, N, T = 8, 29, 11, 1.3
+    head = torch.nn.Linear(H, V, bias=False)
+    sh = torch.randn(N, H, requires_grad=True)
+    th = torch.randn(N, H)
+    want = torch.special.entr(torch.softmax(head(sh).detach().double() / T, -1)).sum(-1)
+    plain = chunked_clipped_forward_kl(sh, th, head, temperature=T, chunk=4)
+    plain.sum().backward()
+    g = sh.grad.clone()
+    sh.grad = None
+    ents: list = []
+    got = chunked_clipped_forward_kl(sh, th, head, temperature=T, chunk=4, entropy_out=ents)
+    got.sum().backward()
+    assert len(ents) == 1 and ents[0].shape == (N,) and not ents[0].requires_grad
+    assert torch.allclose(ents[0].double(), want, atol=1e-5)
+    assert torch.allclose(got, plain) and torch.allclose(sh.grad, g)
+
+
 def test_chunked_kl_separate_teacher_head_gets_no_grad():
     torch.manual_seed(1)
     s_head, t_head = torch.nn.Linear(4, 7, bias=False), torch.nn.Linear(4, 7, bias=False)
