@@ -58,7 +58,7 @@ for p in (str(REPO), str(BENCH)):
 import score_bench as sb  # noqa: E402
 from stages.engine.scoring import Segment, score_naive, score_segments  # noqa: E402
 
-try:  # stages.engine.generation imports stages.engine.io (polars); without polars only the FastHF / varlen ways are lost
+try:  # stages.engine.generation may reach polars (stages.engine.tableio); without polars only the FastHF / varlen ways are lost
     from stages.engine.scoring import score_segments_varlen, varlen_attention
     FAST_IMPORT_ERROR = None
 except ImportError as e:  # pragma: no cover - depends on the machine

@@ -57,7 +57,7 @@ def main() -> None:
     from stages.engine.config import load_toml
     from stages.engine.models import load_model, make_tiny_model
     from stages.engine.world import World
-    from stages.world import config_from_sections
+    from stages.experiments.world import config_from_sections
 
     torch.set_num_threads(args.threads)
     cfg = config_from_sections(load_toml(ROOT / "configs" / "world.toml"))

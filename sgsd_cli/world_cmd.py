@@ -20,7 +20,7 @@ Rebuild = Annotated[bool, typer.Option("--rebuild-base", metavar="", help="Build
 
 
 def _cfg(config: Path | None, sets: list[str] | None, out_dir: Path | None):
-    from stages import world
+    from stages.experiments import world
     from stages.engine.config import load_toml, merge, parse_sets
 
     data = load_toml(config) if config else {}
@@ -38,7 +38,7 @@ def _log(s: str) -> None:
 def build_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None, rebuild: Rebuild = False) -> None:
     """Write the world's files and the base model: the shipped one when its settings match, else built here
     (tiny Qwen3, SFT on the world corpus), calibrated and refused (exit 2) outside the documented bands; cached."""
-    from stages import world
+    from stages.experiments import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
@@ -52,7 +52,7 @@ def calibrate_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
                   force: Annotated[bool, typer.Option("--force", metavar="", help="Measure again even if the calibration is cached.")] = False,
                   rebuild: Rebuild = False) -> None:
     """Measure and print the base's properties and the |Delta| distribution at the rule token per sharpness level."""
-    from stages import world
+    from stages.experiments import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
@@ -68,7 +68,7 @@ def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
     """Tune every objective alike (lr grid, GRPO group size, OPSD KL temperature), then run every objective x bank x seed on every base with `sgsd loop`; tables, claims, results.json, PNGs."""
     import sys
 
-    from stages import world
+    from stages.experiments import world
     from stages.engine.atomic import atomic_write_text
 
     cfg = _cfg(config, set_, out_dir)
@@ -83,7 +83,7 @@ def compare_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None,
 @cli_errors
 def demo_cmd(config: Config = None, set_: Sets = None, out_dir: Out = None, rebuild: Rebuild = False) -> None:
     """The first run: the world and its base model (shipped, or built), train SGSD, print before/after accuracy and the plot path."""
-    from stages import world
+    from stages.experiments import world
 
     cfg = _cfg(config, set_, out_dir)
     with progress_bars() as bars:
@@ -98,7 +98,7 @@ def steps_cmd(config: Annotated[list[Path], typer.Option("--config", help="One w
     """The multi-step sweep: `world compare` for each config (one world per L, each tuned on its own base), side by side."""
     import sys
 
-    from stages import world
+    from stages.experiments import world
     from stages.engine.atomic import atomic_write_text
 
     cfgs = [_cfg(c, set_, None) for c in config]

@@ -111,7 +111,7 @@ def test_top_of_stages_holds_command_modules_only():
     """Every module at the top of stages/ is a command: some sgsd_cli module wires it."""
     graph = _graph()
     wired = {d for m, deps in graph.items() if m.startswith("sgsd_cli") for d in deps}
-    top = {m for m in graph if m.count(".") == 1 and m.startswith("stages.") and m != "stages.engine"}
+    top = {m for m in graph if m.count(".") == 1 and m.startswith("stages.") and m not in ("stages.engine", "stages.experiments")}
     assert sorted(top - wired) == []
 
 
@@ -146,7 +146,6 @@ def test_every_torch_load_goes_through_the_weights_only_loader():
 CHAINS = {
     "stages.loop": None,                       # the in-process chain
     "stages.loop_plan": {"stages.loop"},       # the loop's dry-run plan
-    "stages.world": None,                      # the skill-world experiment harness (to move out of the pipeline commands)
     "stages.mine_skills": {"stages.rollout"},  # samples its attempts with the rollout stage
     "stages.report": {"stages.eval"},          # eval's comparison tables
 }
@@ -155,7 +154,7 @@ CHAINS = {
 def test_no_stage_imports_another_stage():
     """A stage reaches shared code through the engine; only the chains above compose stages."""
     graph = _graph()
-    top = {m for m in graph if m.count(".") == 1 and m.startswith("stages.") and m != "stages.engine"}
+    top = {m for m in graph if m.count(".") == 1 and m.startswith("stages.") and m not in ("stages.engine", "stages.experiments")}
     bad = sorted((m, d) for m in top for d in graph[m] if d in top
                  and not (m in CHAINS and (CHAINS[m] is None or d in CHAINS[m])))
     assert bad == []
@@ -167,7 +166,7 @@ def test_table_files_are_named_once():
 
     names = {n for n in TABLES}
     literals = {f"{n}.parquet" for n in names} | {f"{n}.manifest.json" for n in names}
-    allowed = {"stages.engine.tables", "stages.engine.checkpoint", "stages.world"}  # world: the harness, to move
+    allowed = {"stages.engine.tables", "stages.engine.checkpoint"}
     found = []
     for mod, path in _modules().items():
         if mod in allowed:
@@ -181,15 +180,22 @@ def test_table_files_are_named_once():
     assert found == []
 
 
-# modules that still import the compatibility layer stages/engine/io.py (being moved by their owners; io.py goes
-# once this set is empty): new code imports errors / atomic / tableio / locks / manifest / paths directly
-IO_PENDING = {"stages.world", "stages.engine.world", "sgsd_cli.world_cmd"}
-
-
-def test_nothing_new_imports_the_io_compatibility_layer():
+def test_io_is_split_by_concern():
+    """Issue 22: the grab-bag engine io module is gone; code imports errors / atomic / tableio / locks /
+    manifest / paths directly."""
     graph = _graph()
-    importers = {m for m, deps in graph.items() if "stages.engine.io" in deps}
-    assert sorted(importers - IO_PENDING) == []
+    assert "stages.engine.io" not in graph
+    assert sorted(m for m, deps in graph.items() if "stages.engine.io" in deps) == []
+
+
+def test_experiment_harnesses_sit_above_the_stages():
+    """The skill-world harness composes stages, so it lives in stages.experiments, not among the pipeline stages;
+    nothing in the stages or the engine imports it."""
+    graph = _graph()
+    assert "stages.experiments.world" in graph and "stages.world" not in graph
+    bad = sorted((m, d) for m, deps in graph.items() if m.startswith("stages.") and not m.startswith("stages.experiments")
+                 for d in deps if d.startswith("stages.experiments"))
+    assert bad == []
 
 
 def _named_paths(text: str) -> set[str]:

@@ -101,7 +101,7 @@ def test_corpus_carries_no_unseen_rule():
     (["experiment.p_values=[-0.1]"], "p must be in [0, 1]"),
 ])
 def test_bad_world_settings_one_line_exit_2(tmp_path, sets, needle):
-    from stages.world import config_from_sections
+    from stages.experiments.world import config_from_sections
     from stages.engine.config import parse_sets
 
     with pytest.raises(InputError):
@@ -124,7 +124,7 @@ def test_check_p():
 
 
 def test_gate_by_hand():
-    from stages.world import gate_band, gate_grad
+    from stages.experiments.world import gate_band, gate_grad
 
     # |dl/dD| = D sigmoid(-D^2/2): at D = 1, 1 / (1 + e^0.5) = 0.37754
     assert gate_grad(1.0) == pytest.approx(0.377541, abs=1e-6)
@@ -163,7 +163,7 @@ def test_shipped_base_manifest_and_hashes(tmp_path):
     import shutil
 
     from stages.engine.atomic import file_hash
-    from stages.world import SHIPPED_BASE, base_stamp, config_from_sections, shipped_base, verify_base
+    from stages.experiments.world import SHIPPED_BASE, base_stamp, config_from_sections, shipped_base, verify_base
     from stages.engine.config import load_toml
     from pathlib import Path
 
@@ -196,7 +196,7 @@ def _unseen_right_prob(P, world, model_dir):
     """Exact mean p(right rule | plain prompt) at the decision token on held-out unseen problems."""
     from stages.engine.models import load_model
     from stages.engine.prompts import chat_prompt_ids, student_prompt
-    from stages.world import rule_probs
+    from stages.experiments.world import rule_probs
 
     model, tok, _ = load_model(str(model_dir), device="cpu")
     rows = world.problems(world.unseen, "eval")
@@ -217,7 +217,7 @@ def shipped_world(tmp_path_factory):
     from pathlib import Path
 
     from stages.engine.config import load_toml
-    from stages.world import BASE_MANIFEST, config_from_sections, build
+    from stages.experiments.world import BASE_MANIFEST, config_from_sections, build
 
     cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / "world.toml"))
     cfg = replace(cfg, out=str(tmp_path_factory.mktemp("world") / "w"), steps=LEARN_STEPS, eval_every=LEARN_STEPS, lr=5e-4,
@@ -250,7 +250,7 @@ def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
     0.286 (measured 2026-12-06); the assertion asks for +0.06, a little over half of that.  The same run with the
     sign of the polarity (rho = -o sigma) or of the loss flipped must not gain (measured: both fall to 0.018)."""
     from stages import loop
-    from stages.world import RunSpec, loop_sections
+    from stages.experiments.world import RunSpec, loop_sections
 
     cfg, P, world = shipped_world
     before = _unseen_right_prob(P, world, P.base)
@@ -435,7 +435,7 @@ def test_one_step_world_files_unchanged():
     (["world.steps=2", 'experiment.parts=["middle"]'], "unknown skill part"),
 ])
 def test_bad_step_settings(sets, needle):
-    from stages.world import config_from_sections
+    from stages.experiments.world import config_from_sections
     from stages.engine.config import parse_sets
 
     with pytest.raises(InputError, match=needle.replace("(", "\\(").replace(")", "\\)").replace("[", "\\[").replace("]", "\\]")):
@@ -454,7 +454,7 @@ def shipped_world_l2(tmp_path_factory):
     from pathlib import Path
 
     from stages.engine.config import load_toml
-    from stages.world import BASE_MANIFEST, build, config_from_sections
+    from stages.experiments.world import BASE_MANIFEST, build, config_from_sections
 
     cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / "world_L2.toml"))
     cfg = replace(cfg, out=str(tmp_path_factory.mktemp("world_l2") / "w"), steps=LEARN_STEPS_L2,
@@ -472,7 +472,7 @@ def _unseen_chain_probs(world, model_dir):
     step, and of the whole chain's probability (their product per problem)."""
     from stages.engine.models import load_model
     from stages.engine.prompts import chat_prompt_ids, student_prompt
-    from stages.world import step_rule_probs
+    from stages.experiments.world import step_rule_probs
 
     model, tok, _ = load_model(str(model_dir), device="cpu")
     rows = world.problems(world.unseen, "eval")
@@ -493,7 +493,7 @@ def test_sgsd_learns_two_step_procedures(shipped_world_l2, monkeypatch, breakage
     +0.061; the whole chain's probability 0.028 -> 0.024: step 2 is learned, step 1 is not in 20 steps); polarity
     flipped 0.170 / 0.106 (mean -0.030), loss flipped the same.  The assertion asks for +0.03, half the gain."""
     from stages import loop
-    from stages.world import RunSpec, loop_sections
+    from stages.experiments.world import RunSpec, loop_sections
 
     cfg, P, world = shipped_world_l2
     steps_before, before = _unseen_chain_probs(world, P.base)
@@ -520,7 +520,7 @@ def test_step_positions_and_parsing_by_hand():
     from transformers import AutoTokenizer
 
     from stages.engine.world import decision_indices
-    from stages.world import SHIPPED_BASES, parse_steps
+    from stages.experiments.world import SHIPPED_BASES, parse_steps
 
     tok = AutoTokenizer.from_pretrained(str(SHIPPED_BASES[1]))
     text = "step 1: product 7 3 = 21; step 2: difference 21 4 = 17; \\boxed{(21, 17)}"
@@ -534,7 +534,7 @@ def test_step_positions_and_parsing_by_hand():
 
 
 def test_reduced_sweep_is_labelled():
-    from stages.world import FULL_SWEEP, _reduced
+    from stages.experiments.world import FULL_SWEEP, _reduced
 
     assert _reduced(dict(FULL_SWEEP)) == []
     short = _reduced(dict(FULL_SWEEP, seeds=[0], tune=False))

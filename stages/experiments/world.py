@@ -35,6 +35,8 @@ from stages.engine.atomic import atomic_write_json, atomic_write_text, commit_di
 from stages.engine.errors import InputError
 from stages.engine.manifest import versions
 from stages.engine.paths import DATA_DIR
+from stages.engine.tableio import read_table
+from stages.engine.tables import METRICS, POLARIZE, ROLLOUT, SCORE_TEACHERS
 from stages.engine.world import (LEVELS, World, WorldConfig, bank_key, check_level, check_p, check_part, decision_indices,
                                  world_dict)
 
@@ -580,8 +582,8 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
             key = bank_key(p, lv)
             sd = P.calib / key
             sd.mkdir(parents=True, exist_ok=True)
-            for f in ("rollout.parquet", "rollout.manifest.json"):
-                shutil.copy2(rdir / f, sd / f)
+            for src, dst in ((ROLLOUT.file(rdir), ROLLOUT.file(sd)), (ROLLOUT.manifest(rdir), ROLLOUT.manifest(sd))):
+                shutil.copy2(src, dst)
             scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv)), k=cfg.k_teachers,
                                                       index=str(P.index / key / "index.parquet"), retrieval="lexical",
                                                       teacher_thinking=_thinking(cfg), device="cpu")
@@ -727,8 +729,8 @@ def _measure_steps(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = pri
                 key = bank_key(p, lv, part)
                 sd = P.calib / key
                 sd.mkdir(parents=True, exist_ok=True)
-                for f in ("rollout.parquet", "rollout.manifest.json"):
-                    shutil.copy2(rdir / f, sd / f)
+                for src, dst in ((ROLLOUT.file(rdir), ROLLOUT.file(sd)), (ROLLOUT.manifest(rdir), ROLLOUT.manifest(sd))):
+                    shutil.copy2(src, dst)
                 scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv, part)),
                                                           k=cfg.k_teachers, index=str(P.index / key / "index.parquet"),
                                                           retrieval="lexical", teacher_thinking=_thinking(cfg), device="cpu")
@@ -777,9 +779,9 @@ def step_delta_stats(sd: Path, tok, world: World, fam_of: dict, band: tuple[floa
     from stages.engine.world import apply_chain
 
     L = world.steps
-    st = pl.read_parquet(sd / "score_teachers.parquet")
-    pt = pl.read_parquet(sd / "polarize.parquet").select("rollout_id", "teacher_rank", "correct", "category")
-    ro = pl.read_parquet(sd / "rollout.parquet").select("rollout_id", "completion_ids")
+    st = read_table(SCORE_TEACHERS.path(sd))
+    pt = pl.read_parquet(POLARIZE.file(sd)).select("rollout_id", "teacher_rank", "correct", "category")
+    ro = read_table(ROLLOUT.path(sd)).select("rollout_id", "completion_ids")
     j_ = st.join(pt, on=["rollout_id", "teacher_rank"]).join(ro, on="rollout_id")
     groups: list[dict[str, list]] = [{g: [] for g in STEP_GROUPS} for _ in range(L)]
     seen_rollouts: dict[str, list] = {}
@@ -845,9 +847,9 @@ def delta_stats(sd: Path, tok, world: World, fam_of: dict, band: tuple[float, fl
     |Delta| quantiles, the share inside the gate's band, and the polarity categories per group."""
     from stages.engine.world import decision_index
 
-    st = pl.read_parquet(sd / "score_teachers.parquet")
-    pt = pl.read_parquet(sd / "polarize.parquet").select("rollout_id", "teacher_rank", "correct", "category")
-    ro = pl.read_parquet(sd / "rollout.parquet").select("rollout_id", "completion_ids")
+    st = read_table(SCORE_TEACHERS.path(sd))
+    pt = pl.read_parquet(POLARIZE.file(sd)).select("rollout_id", "teacher_rank", "correct", "category")
+    ro = read_table(ROLLOUT.path(sd)).select("rollout_id", "completion_ids")
     j = st.join(pt, on=["rollout_id", "teacher_rank"]).join(ro, on="rollout_id")
     groups: dict[str, list[tuple[float, str]]] = {g: [] for g in DELTA_GROUPS}
     for r in j.iter_rows(named=True):
@@ -1116,7 +1118,7 @@ def first_alarm(cfg: WorldRunConfig, spec: RunSpec, run_dir: Path) -> tuple[int,
     runs written before the loop logged ``prompts`` get it from the spec)."""
     from stages.engine.alarms import step_alarms
 
-    path = run_dir / "metrics.parquet"
+    path = METRICS.file(run_dir)
     if not path.exists():
         return None
     rows = pl.read_parquet(path).to_dicts()
