@@ -490,7 +490,6 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     """Measure the base's calibration, save it to ``<out>/calibration/calibration.json`` and print it."""
     import random
 
-    from stages import polarize, rollout, score_teachers
     from stages.engine.models import load_model
     from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
     from stages.engine.world import apply_rule
@@ -562,9 +561,24 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     res["rule_probs"] = probs
 
     # |Delta| at the decision token through the real rollout -> score-teachers -> polarize stages
+    _measure_deltas(cfg, P, res, world, (model, tok, spec), rng, n=1, parts=["full"], stats=delta_stats,
+                    progress=progress)
+    atomic_write_json(out_json, res)
+    print_calibration(res, log)
+    return res
+
+
+def _measure_deltas(cfg: WorldRunConfig, P: Paths, res: dict, world: World, loaded, rng, *, n: int, parts: list[str],
+                    stats: Callable, progress: Progress = None) -> None:
+    """``res["gate_band"]`` and ``res["delta"]``: |Delta| at the decision tokens of ``n`` rollouts per probe
+    problem (training-pool problems, mostly of unseen families, where the rule is learned, some seen ones) through
+    the real rollout -> score-teachers -> polarize stages, for every level, bank part and p; ``stats`` summarises
+    one scored bank (``delta_stats`` at one step, ``step_delta_stats`` per step)."""
+    from stages import polarize, rollout, score_teachers
+
+    model, tok, spec = loaded
     lo, peak, hi = gate_band()
     res["gate_band"] = {"lo": lo, "peak": peak, "hi": hi, "meaning": "|Delta| where the gate passes >= 1/2 of its peak gradient"}
-    # probe: training-pool problems, mostly of unseen families (where the rule is learned), some seen ones
     unseen_rows, seen_rows = world.problems(world.unseen, "train"), world.problems(world.seen, "train")
     rng.shuffle(unseen_rows)
     rng.shuffle(seen_rows)
@@ -572,28 +586,26 @@ def _measure(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = print, pr
     probe = P.calib / "probe_problems.jsonl"
     atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows))
     rdir = P.calib / "rollouts"
-    rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=1, temperature=cfg.temperature,
+    rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=n, temperature=cfg.temperature,
                                  max_new_tokens=max_new_tokens(cfg), backend="hf", batch_size=192, seed=3, device="cpu")
-    rollout.run(rcfg, rdir, progress=progress, loaded=(model, tok, spec))
+    rollout.run(rcfg, rdir, progress=progress, loaded=loaded)
     fam_of = {r["id"]: r["family"] for r in train_rows}
     deltas: dict[str, Any] = {}
     for lv in res["levels"]:
-        for p in sorted(set(cfg.p_values + [0.0])):
-            key = bank_key(p, lv)
-            sd = P.calib / key
-            sd.mkdir(parents=True, exist_ok=True)
-            for src, dst in ((ROLLOUT.file(rdir), ROLLOUT.file(sd)), (ROLLOUT.manifest(rdir), ROLLOUT.manifest(sd))):
-                shutil.copy2(src, dst)
-            scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv)), k=cfg.k_teachers,
-                                                      index=str(P.index / key / "index.parquet"), retrieval="lexical",
-                                                      teacher_thinking=_thinking(cfg), device="cpu")
-            score_teachers.run(scfg, sd, progress=progress, loaded=(model, tok, spec))
-            polarize.run(polarize.PolarizeConfig(model=str(P.base)), sd, tokenizer=tok)
-            deltas[key] = delta_stats(sd, tok, world, fam_of, (lo, hi))
+        for part in dict.fromkeys(parts):
+            for p in sorted(set(cfg.p_values + [0.0])):
+                key = bank_key(p, lv, part)
+                sd = P.calib / key
+                sd.mkdir(parents=True, exist_ok=True)
+                for src, dst in ((ROLLOUT.file(rdir), ROLLOUT.file(sd)), (ROLLOUT.manifest(rdir), ROLLOUT.manifest(sd))):
+                    shutil.copy2(src, dst)
+                scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv, part)),
+                                                          k=cfg.k_teachers, index=str(P.index / key / "index.parquet"),
+                                                          retrieval="lexical", teacher_thinking=_thinking(cfg), device="cpu")
+                score_teachers.run(scfg, sd, progress=progress, loaded=loaded)
+                polarize.run(polarize.PolarizeConfig(model=str(P.base)), sd, tokenizer=tok)
+                deltas[key] = stats(sd, tok, world, fam_of, (lo, hi))
     res["delta"] = deltas
-    atomic_write_json(out_json, res)
-    print_calibration(res, log)
-    return res
 
 
 def step_rule_probs(model, tok, world: World, items: list[tuple[list[int], tuple, list[str]]]) -> list[list[dict]]:
@@ -639,7 +651,6 @@ def _measure_steps(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = pri
     whether step j itself is right."""
     import random
 
-    from stages import polarize, rollout, score_teachers
     from stages.engine.models import load_model
     from stages.engine.prompts import chat_prompt_ids, opsd_teacher_prompt, student_prompt, teacher_prompt
     from stages.engine.world import answer_text, apply_chain, apply_rule
@@ -709,35 +720,8 @@ def _measure_steps(cfg: WorldRunConfig, P: Paths, stamp: dict, *, log: Log = pri
             "tv_model_vs_world_law": {k: mean(v) for k, v in a["law"].items()}} for a in acc]}
     res["rule_probs"] = probs
 
-    lo, peak, hi = gate_band()
-    res["gate_band"] = {"lo": lo, "peak": peak, "hi": hi, "meaning": "|Delta| where the gate passes >= 1/2 of its peak gradient"}
-    unseen_rows, seen_rows = world.problems(world.unseen, "train"), world.problems(world.seen, "train")
-    rng.shuffle(unseen_rows)
-    rng.shuffle(seen_rows)
-    train_rows = unseen_rows[:160] + seen_rows[:32]
-    probe = P.calib / "probe_problems.jsonl"
-    atomic_write_text(probe, "".join(json.dumps(r) + "\n" for r in train_rows))
-    rdir = P.calib / "rollouts"
-    rcfg = rollout.RolloutConfig(model=str(P.base), problems=str(probe), n=2, temperature=cfg.temperature,
-                                 max_new_tokens=max_new_tokens(cfg), backend="hf", batch_size=192, seed=3, device="cpu")
-    rollout.run(rcfg, rdir, progress=progress, loaded=(model, tok, spec))
-    fam_of = {r["id"]: r["family"] for r in train_rows}
-    deltas: dict[str, Any] = {}
-    for lv in res["levels"]:
-        for part in dict.fromkeys(["full"] + cfg.parts):
-            for p in sorted(set(cfg.p_values + [0.0])):
-                key = bank_key(p, lv, part)
-                sd = P.calib / key
-                sd.mkdir(parents=True, exist_ok=True)
-                for src, dst in ((ROLLOUT.file(rdir), ROLLOUT.file(sd)), (ROLLOUT.manifest(rdir), ROLLOUT.manifest(sd))):
-                    shutil.copy2(src, dst)
-                scfg = score_teachers.ScoreTeachersConfig(model=str(P.base), bank=str(P.bank(p, lv, part)),
-                                                          k=cfg.k_teachers, index=str(P.index / key / "index.parquet"),
-                                                          retrieval="lexical", teacher_thinking=_thinking(cfg), device="cpu")
-                score_teachers.run(scfg, sd, progress=progress, loaded=(model, tok, spec))
-                polarize.run(polarize.PolarizeConfig(model=str(P.base)), sd, tokenizer=tok)
-                deltas[key] = step_delta_stats(sd, tok, world, fam_of, (lo, hi))
-    res["delta"] = deltas
+    _measure_deltas(cfg, P, res, world, (model, tok, spec), rng, n=2, parts=["full"] + cfg.parts,
+                    stats=step_delta_stats, progress=progress)
     atomic_write_json(out_json, res)
     print_calibration(res, log)
     return res
@@ -1722,7 +1706,8 @@ def steps_markdown(results: list[dict], command: str) -> str:
     lines += ["", "## Tuning (each L on its own base, run seed 0, by mean training reward over the last half)", ""]
     for r in results:
         t = r["tuning"]
-        lines.append(f"- L={r['config']['world'].get('steps', 1)}: " + ", ".join(
+        untuned = "" if r["config"].get("tune", True) else "not tuned (every method at the config's settings): "
+        lines.append(f"- L={r['config']['world'].get('steps', 1)}: {untuned}" + ", ".join(
             f"{o} lr {x['lr']:g}" + (f" G {x['group_size']}" if o == "grpo" else "")
             + (f" KL T {x.get('opsd_temperature') or r['config']['temperature']}"
                if o == "opsd" else "") for o, x in t.items()
@@ -1736,8 +1721,9 @@ def steps_markdown(results: list[dict], command: str) -> str:
             for t in b["table"]:
                 cells[(t["objective"], t["p"], t["level"], L)] = t | {"base": b["base"]}
     keys = list(dict.fromkeys((o, p, lv) for (o, p, lv, _) in cells))
-    f = lambda t: "-" if t is None else (f"{t['unseen_avg'][0]:.3f} ± {t['unseen_avg'][1]:.3f} "  # noqa: E731
-                                         f"({t['gain_unseen_avg']:+.3f})")
+    f = lambda t: "-" if t is None else (f"{t['unseen_avg'][0]:.3f} "  # noqa: E731
+                                         + (f"± {t['unseen_avg'][1]:.3f} " if t.get("seeds", 2) > 1 else "(1 seed) ")
+                                         + f"({t['gain_unseen_avg']:+.3f})")
     lines += ["", "## Held-out unseen accuracy (avg@n, mean ± std over seeds; gain over the base in brackets)", "",
               "| method | bank p | skills | " + " | ".join(f"L = {L}" for L in Ls) + " |", "|---|---|---|" + "---|" * len(Ls)]
     base_row = " | ".join(f"{cells[next(k for k in cells if k[3] == L)]['base']['unseen']['avg']:.3f}"
