@@ -239,13 +239,22 @@ def plot_panel(runs: Sequence[dict], title: str, columns: Sequence[str], path: P
     return atomic_write_bytes(path, _png(fig))
 
 
+def _step_axis(ax) -> None:
+    """An axis over steps: integer ticks, small labels, a light grid, the legend."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
+    ax.tick_params(labelsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def plot_evals(runs: Sequence[dict], path: Path) -> Path | None:
     """avg@n with its standard error per benchmark over steps, every run overlaid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     data = [(r, r["evals"]) for r in runs if r["evals"] is not None]
     if not data:
@@ -275,10 +284,7 @@ def plot_evals(runs: Sequence[dict], path: Path) -> Path | None:
                       else "loop step", fontsize=9)
         if bi == 0:
             ax.set_ylabel("avg@n (% correct)", fontsize=9)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-        ax.tick_params(labelsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _step_axis(ax)
     fig.tight_layout()
     return atomic_write_bytes(path, _png(fig))
 
@@ -294,7 +300,6 @@ def plot_checkpoint_choice(run: dict, path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     val = read_table(sel / "validation.parquet", required={"step": int, "bench": str, "avg_at_n": float})
     choice = read_table(sel / "choice.parquet", required={"rule": str, "step": int, "val_bench": str}).row(0, named=True)
@@ -321,10 +326,7 @@ def plot_checkpoint_choice(run: dict, path: Path) -> Path | None:
     ax.set_title("checkpoint choice: validation curve, test at the chosen step", fontsize=11)
     ax.set_xlabel("policy step (optimizer steps)", fontsize=9)
     ax.set_ylabel("avg@n (% correct) ± se", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=8))
-    ax.tick_params(labelsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    _step_axis(ax)
     fig.tight_layout()
     return atomic_write_bytes(path, _png(fig))
 

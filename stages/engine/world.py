@@ -395,10 +395,7 @@ class World:
             raise InputError(None, f"skill part '{part}' needs a multi-step world (world.steps >= 2)")
         rng = random.Random(zlib.crc32(f"{seed}/bank/{lv.name}/{p}".encode()))
         k = min(lv.k, len(self.rules) - 1)
-        slots = [(f, j) for f in self.families for j in range(self.cfg.items_per_family)]
-        n = len(slots)
-        bad_s = set(rng.sample(range(n), round(p * n)))
-        bad_m = set(rng.sample(range(n), round(p * n)))
+        slots, bad_s, bad_m = self._bank_slots(rng, p)
         skills, mistakes = [], []
         for i, (f, j) in enumerate(slots):
             right = self.rule_of[f]
@@ -415,6 +412,12 @@ class World:
                 "metadata": {"source": "skill world", "p_misleading": p, "sharpness": asdict(lv),
                              "world": world_dict(self.cfg)}}
 
+    def _bank_slots(self, rng: random.Random, p: float) -> tuple[list[tuple[str, int]], set[int], set[int]]:
+        """A bank's (family, item) slots and which of them hold a misleading skill / mistake: round(p * n) each."""
+        slots = [(f, j) for f in self.families for j in range(self.cfg.items_per_family)]
+        n = len(slots)
+        return slots, set(rng.sample(range(n), round(p * n))), set(rng.sample(range(n), round(p * n)))
+
     def part_steps(self, part: str) -> list[int]:
         """The steps (1-based) a bank's items name."""
         return list(range(1, self.steps + 1)) if part == "full" else [1] if part == "first" else [self.steps]
@@ -425,10 +428,7 @@ class World:
         rng = random.Random(zlib.crc32(f"{seed}/bank/{lv.name}/{p}/{part}/L{self.steps}".encode()))
         k = min(lv.k, len(self.rules) - 1)
         named = self.part_steps(part)
-        slots = [(f, j) for f in self.families for j in range(self.cfg.items_per_family)]
-        n = len(slots)
-        bad_s = set(rng.sample(range(n), round(p * n)))
-        bad_m = set(rng.sample(range(n), round(p * n)))
+        slots, bad_s, bad_m = self._bank_slots(rng, p)
         skills, mistakes = [], []
         for i, (f, j) in enumerate(slots):
             chain = self.chain_of[f]
