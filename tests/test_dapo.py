@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stages.engine.dapo import (GroupFilter, dynamic_sampling_metrics, extra_prompts, filter_groups, is_informative,
-                                overlong_keep, overlong_penalty, overlong_token_mask, rollout_keep)
+                                overlong_keep, overlong_token_mask, rollout_keep)
 from stages.engine.objectives.grpo import group_advantages
 
 REWARDS = [1, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0.5, 0.5000001]
@@ -98,13 +98,3 @@ def test_overlong_filtering_masks_truncated_rollouts():
     assert overlong_token_mask([1, 0, 1], "length", enabled=False) == [True, False, True]
 
 
-def test_overlong_penalty_hand_values():
-    # DAPO's recipe: L_max 20480, buffer 4096 -> free up to 16384, linear to -1 at 20480
-    assert overlong_penalty(16384, 20480, 4096) == 0.0
-    assert overlong_penalty(18432, 20480, 4096) == pytest.approx(-0.5)
-    assert overlong_penalty(20480, 20480, 4096) == pytest.approx(-1.0)
-    assert overlong_penalty(18432, 20480, 4096, factor=0.5) == pytest.approx(-0.25)
-    assert overlong_penalty(30000, 20480, 4096) == pytest.approx(-1.0)  # clamped past the limit
-    for bad in (0, 20481):
-        with pytest.raises(ValueError):
-            overlong_penalty(100, 20480, bad)

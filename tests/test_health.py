@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from stages.engine.health import (chunked_token_entropy, format_rate, has_boxed_answer, masked_sum_count,
+from stages.engine.health import (format_rate, has_boxed_answer, masked_sum_count,
                                   rollout_health, sampled_nll_mean, teacher_weight_entropy, token_entropy,
                                   train_entropy_mean, weight_entropy)
 from stages.engine.errors import InputError
@@ -30,6 +30,16 @@ def test_token_entropy_hand_values():
     assert token_entropy(torch.tensor([0.0, 60.0])).item() == pytest.approx(0.0, abs=1e-20)
 
 
+def _chunked_entropy(head, hidden, *, temperature=1.0, chunk=2048):
+    """The trainer's token entropy: the scoring core's, from its own fp32 logits chunks (gather_logprobs)."""
+    from stages.engine.scoring import gather_logprobs
+
+    out: list = []
+    gather_logprobs(head, hidden, torch.zeros(hidden.shape[0], dtype=torch.long), temperature=temperature, chunk=chunk,
+                    entropy_out=out)
+    return out[0]
+
+
 def test_chunked_entropy_matches_categorical_for_any_chunk():
     g = torch.Generator().manual_seed(0)
     head = torch.nn.Linear(8, 11, bias=False)
@@ -38,12 +48,12 @@ def test_chunked_entropy_matches_categorical_for_any_chunk():
     hidden = torch.randn(7, 8, generator=g, requires_grad=True)
     want = torch.distributions.Categorical(logits=(hidden @ head.weight.T).detach() / 0.7).entropy()
     for chunk in (1, 3, 7, 100):
-        got = chunked_token_entropy(head, hidden, temperature=0.7, chunk=chunk)
+        got = _chunked_entropy(head, hidden, temperature=0.7, chunk=chunk)
         assert got.shape == (7,) and got.dtype == torch.float32 and not got.requires_grad
         assert torch.allclose(got, want, atol=1e-5), chunk
-    assert chunked_token_entropy(head, hidden[:0]).shape == (0,)
+    assert _chunked_entropy(head, hidden[:0]).shape == (0,)
     with pytest.raises(ValueError):
-        chunked_token_entropy(head, hidden, chunk=0)
+        _chunked_entropy(head, hidden, chunk=0)
 
 
 def test_chunked_entropy_on_the_tiny_model_matches_its_own_logits(tiny):
@@ -56,7 +66,7 @@ def test_chunked_entropy_on_the_tiny_model_matches_its_own_logits(tiny):
         hidden = body(input_ids=ids).last_hidden_state[0]
         logits = model(input_ids=ids).logits[0]
     want = torch.distributions.Categorical(logits=logits.float() / 1.1).entropy()
-    assert torch.allclose(chunked_token_entropy(head, hidden, temperature=1.1, chunk=3), want, atol=1e-4)
+    assert torch.allclose(_chunked_entropy(head, hidden, temperature=1.1, chunk=3), want, atol=1e-4)
 
 
 def test_masked_sum_count_and_train_entropy_mean():

@@ -15,9 +15,6 @@ reference's GRPO run uses none of them.
   masked out of the loss: every token's mask is 0 (TRL's ``mask_truncated_completions``).  Under token-mean
   aggregation its tokens leave the normaliser; under sequence-mean it still counts in the batch's sequence count
   with a zero term (as TRL's ``loss_type=grpo`` divides by the batch size).
-* **overlong reward shaping** (DAPO section 3.4, verl's recipe default): with ``L_max`` the generation limit and
-  a buffer ``L_cache``, a completion of length ``L`` gets ``0`` for ``L <= L_max - L_cache``,
-  ``(L_max - L_cache - L) / L_cache * factor`` inside the buffer, ``-factor`` at or past ``L_max``.
 * **clip-higher** (DAPO section 3.1) is ``train.clip_eps_high`` (objectives/grpo.py ``clipped_surrogate``; DAPO:
   eps_low 0.2, eps_high 0.28) and token-level loss is ``train.loss_agg = token-mean``: both exist.
 """
@@ -114,7 +111,7 @@ def dynamic_sampling_metrics(f: GroupFilter, rounds: int, target: int) -> dict[s
             "ds_drop_frac": f.drop_frac, "ds_rounds": rounds, "ds_short": int(len(f.kept) < target)}
 
 
-# ---- overlong filtering and shaping --------------------------------------------------------------------------
+# ---- overlong filtering --------------------------------------------------------------------------
 
 def overlong_keep(finish_reasons: Sequence[str | None], enabled: bool = True) -> list[bool]:
     """Per rollout: its tokens stay in the loss (False for ``finish_reason == "length"`` when ``enabled``)."""
@@ -125,16 +122,3 @@ def overlong_token_mask(token_mask: Sequence[bool], finish_reason: str | None, e
     """One rollout's per-token loss mask after overlong filtering: all False when it was truncated."""
     keep = overlong_keep([finish_reason], enabled)[0]
     return [bool(m) and keep for m in token_mask]
-
-
-def overlong_penalty(length: int, max_new_tokens: int, buffer: int, factor: float = 1.0) -> float:
-    """DAPO's soft overlong punishment added to the reward (see the module docstring); ``buffer`` in tokens,
-    ``0 < buffer <= max_new_tokens``."""
-    if not 0 < buffer <= max_new_tokens:
-        raise ValueError(f"overlong buffer must be in (0, max_new_tokens={max_new_tokens}], got {buffer}")
-    if length < 0 or factor < 0:
-        raise ValueError(f"length and factor must be >= 0, got {length}, {factor}")
-    expected = max_new_tokens - buffer
-    if length <= expected:
-        return 0.0
-    return max((expected - length) / buffer * factor, -factor)

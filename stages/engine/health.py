@@ -14,10 +14,10 @@ Each is a formula over one loop step's tables (or, for the token entropy, the tr
   H(p)); with truncation it overstates it.  Free (no forward), on every backend.
 * token entropy (trainer): at each completion position, the entropy of the full next-token distribution at the
   training temperature, ``H_t = -sum_v p_v log p_v`` with ``p = softmax(z / T)`` (``0 log 0 = 0``), before
-  top-k/top-p like the stored log-probs.  :func:`chunked_token_entropy` computes it from ``[N, H]`` hidden
-  states and the LM head ``chunk`` rows at a time in fp32, without gradient, so no ``[N, V]`` fp32 tensor for
-  the whole batch exists; :func:`token_entropy` is the formula on logits (the scoring core computes it inside its own
-  logits chunks, ``score_segments(..., entropy_out=...)``, at no extra head pass: the trainer's loss pass does that).  The step's ``entropy_mean`` is the mean over valid
+  top-k/top-p like the stored log-probs.  The scoring core computes it inside its own fp32 logits chunks
+  (``score_segments(..., entropy_out=...)``, ``scoring.token_entropy_from_logp``), without gradient and at no
+  extra LM-head pass, so no ``[N, V]`` fp32 tensor for the whole batch exists: the trainer's loss pass does that;
+  :func:`token_entropy` is the same formula on a logits tensor (OPSD's chunked KL uses it).  The step's ``entropy_mean`` is the mean over valid
   (masked) tokens: :func:`train_entropy_mean` over ``train.parquet``'s per-optimizer-step rows.
 * ``teacher_weight_entropy`` (SGSD): per rollout the entropy of its teacher weights ``H_r = -sum_k w_k log w_k``
   (nats; ``w`` renormalised to sum 1, ``0 log 0 = 0``; ``log K`` when uniform), averaged over rollouts.
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from stages.engine.errors import InputError
 from stages.engine.tableio import check_finite
-from stages.engine.scoring import head_logits_fp32, token_entropy_from_logp
+from stages.engine.scoring import token_entropy_from_logp
 from stages.engine.verify import MAX_ANSWER_CHARS, _last_boxed
 
 Where = str | os.PathLike | None
@@ -50,19 +50,6 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     if temperature != 1.0:
         z = z / temperature
     return token_entropy_from_logp(F.log_softmax(z, dim=-1))
-
-
-def chunked_token_entropy(head: torch.nn.Module, hidden: torch.Tensor, *, temperature: float = 1.0,
-                          chunk: int = 2048) -> torch.Tensor:
-    """:func:`token_entropy` of ``head(hidden)`` for ``[N, H]`` hidden states, ``chunk`` rows of ``[chunk, V]``
-    fp32 logits at a time, without gradient (a metric): ``[N]`` fp32."""
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    outs = []
-    with torch.no_grad():
-        for s in range(0, hidden.shape[0], chunk):
-            outs.append(token_entropy(head_logits_fp32(head, hidden[s : s + chunk].detach()), temperature))
-    return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
 
 
 def masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:

@@ -24,11 +24,6 @@ _STALE_DIR_RE = re.compile(r"^\..+\.(?:partial|old|new)$|^\..+\.[A-Za-z0-9_]{8}$
 _HELD: dict[str, list] = {}  # resolved run dir -> [fd, depth] locks this process holds
 
 
-def _holder_info(command: str) -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def lock_holder(lock: Path) -> dict:
     """pid / host / command / since of the process holding ``lock`` (from /proc/locks; the lock file itself
     stays empty, so a run directory is byte-identical whether or not a run was refused or crashed in it)."""
