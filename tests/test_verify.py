@@ -250,6 +250,26 @@ def test_integer_fast_path_skips_pool():
         assert v.path_stats["fast"] == 4
 
 
+TUPLE_PAIRS = [  # (pred, gold, right): tuples of integers, the multi-step skill world's answers
+    ("(21, 17)", "(21, 17)", True), ("(21,17)", "(21, 17)", True), ("( -3 , 4 )", "(-3, 4)", True),
+    ("(21, 17)", "(21, 18)", False), ("(17, 21)", "(21, 17)", False), ("(21, 17)", "(21, 17, 3)", False),
+    ("[2, 5]", "[2, 5]", True), ("[2, 6]", "[2, 5]", False),
+]
+
+
+def test_integer_tuple_fast_path_agrees_with_math_verify():
+    with Verifier(workers=1) as v:
+        grades = v.grade_many([(box(p), g) for p, g, _ in TUPLE_PAIRS])
+        assert [g.correct for g in grades] == [r for _, _, r in TUPLE_PAIRS]
+        assert v._pool is None and v.path_stats["fast"] == len(TUPLE_PAIRS)
+    # the independent computation: math-verify itself (the worker function), on every pair the fast path settled
+    for p, g, right in TUPLE_PAIRS:
+        assert V._score_one(p, g) == (right, "ok"), (p, g)
+    # not settled in the parent: a leading zero (a thousands separator?), mixed brackets, a fraction inside
+    for p, g in [("(1,000)", "(1,0)"), ("[1,2)", "(1,2)"), ("(01, 2)", "(1, 2)"), ("(\\frac{1}{2}, 3)", "(1, 3)")]:
+        assert V._fast_compare(p, g) is None, (p, g)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # hard timeout and pool behaviour
 # ---------------------------------------------------------------------------------------------------------------

@@ -539,3 +539,40 @@ def test_reduced_sweep_is_labelled():
     assert _reduced(dict(FULL_SWEEP)) == []
     short = _reduced(dict(FULL_SWEEP, seeds=[0], tune=False))
     assert short == ["seeds = [0] (design: [0, 1, 2])", "tune = False (design: True)"]
+
+
+def test_step_rule_accuracy_by_hand(tmp_path):
+    """The dense held-out figure: per step, the share of completions naming the family's rule at that step."""
+    import polars as pl
+
+    from stages.engine.world import World, WorldConfig
+    from stages.experiments.world import step_rule_accuracy
+
+    w = World(WorldConfig(steps=2))
+    fam = w.unseen[0]
+    r1, r2 = w.chain_of[fam]
+    wrong1 = next(r for r in w.rules if r != r1)
+    rows = [  # step 1 right, step 2 right | step 1 right, step 2 wrong | step 1 wrong, step 2 absent | nothing written
+        f"step 1: {r1} 2 3 = 9; step 2: {r2} 9 4 = 1; \\boxed{{(9, 1)}}",
+        f"step 1: {r1} 2 3 = 9; step 2: {next(r for r in w.rules if r != r2)} 9 4 = 1; \\boxed{{(9, 1)}}",
+        f"step 1: {wrong1} 2 3 = 9; \\boxed{{9}}",
+        "\\boxed{3}",
+    ]
+    path = tmp_path / "eval_unseen.parquet"
+    pl.DataFrame({"problem_id": [f"{fam}-2-3-4"] * 4, "completion": rows}).write_parquet(path)
+    assert step_rule_accuracy(w, path) == [2 / 4, 1 / 4]  # values written are not checked: the rule is the decision
+    assert step_rule_accuracy(World(WorldConfig()), path) is None  # a one-step world has no steps to count
+    assert step_rule_accuracy(w, tmp_path / "missing.parquet") is None
+
+
+def test_paired_differences_by_hand():
+    """SGSD's margin is taken seed by seed, over the seeds both methods ran (hand values)."""
+    from stages.experiments.world import paired_differences
+
+    sgsd = {"seeds_run": [0, 1, 2], "by_seed": [0.30, 0.25, 0.40]}
+    grpo = {"seeds_run": [2, 0], "by_seed": [0.10, 0.20]}  # another order, seed 1 missing
+    assert paired_differences(sgsd, grpo, "by_seed") == pytest.approx([0.10, 0.30])
+    assert paired_differences(grpo, sgsd, "by_seed") == pytest.approx([-0.10, -0.30])
+    assert paired_differences(dict(sgsd, steps=[None, 0.2, 0.3]), dict(sgsd, steps=[0.1, None, 0.1]), "steps") \
+        == pytest.approx([0.2])
+    assert paired_differences(sgsd, None, "by_seed") == [] and paired_differences(sgsd, grpo, "steps") == []

@@ -112,10 +112,26 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _umask_modes(root: Path) -> None:
+    """Give a staged folder the modes mkdir / open() would: writers that stage through mkstemp / mkdtemp
+    (transformers' ``save_pretrained`` writes ``model.safetensors`` 0600) would otherwise leave files only their
+    owner can read in a folder the user's umask says to share.  Execute bits are kept where a file had them."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for p in root.rglob("*"):
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            p.chmod(0o777 & ~mask)
+        elif p.is_file():
+            p.chmod((0o666 | (p.stat().st_mode & 0o111)) & ~mask)
+
+
 def commit_dir(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Swap a complete staged folder ``tmp`` into ``path``: the old folder is renamed away first and deleted
     after, so ``path`` is at every moment either the old complete folder or the new one (checkpoints, models)."""
     tmp, path = Path(tmp), Path(path)
+    _umask_modes(tmp)
     if path.exists():
         old = path.parent / f".{path.name}.old"
         shutil.rmtree(old, ignore_errors=True)

@@ -392,12 +392,28 @@ def _as_rational(s: str) -> tuple[Fraction, bool] | None:
     return None
 
 
+_CANON_INT_RE = re.compile(r"^-?(?:0|[1-9]\d{0,49})$")
+
+
+def _int_tuple(s: str) -> tuple[str, tuple[str, ...]] | None:
+    """``(delimiters, elements)`` of a normalised ``(a,b,...)`` / ``[a,b,...]`` whose two or more elements are all
+    integers written canonically (no ``+``, no leading zero): ``"(21,-4)"`` -> ``("()", ("21", "-4"))``. Anything
+    else (a leading zero, as in ``(1,000)``, which may be a thousands separator; a fraction; a nested item) -> None."""
+    if len(s) < 5 or (s[0], s[-1]) not in (("(", ")"), ("[", "]")):
+        return None
+    parts = s[1:-1].split(",")
+    if len(parts) < 2 or not all(_CANON_INT_RE.match(p) and p != "-0" for p in parts):
+        return None
+    return s[0] + s[-1], tuple(parts)
+
+
 def _fast_compare(pred: str, gold: str) -> bool | None:
     """True/False when settled without sympy; None -> needs math-verify.
 
     Settled: identical strings; equal normalised strings; both plain integers (compared as integers); both plain
     numbers (int, ``\\frac{a}{b}``, ``a/b``, decimal) that are exactly equal, or both exact (int/fraction) forms that
-    differ. A decimal that differs from the other side goes to math-verify (it rounds floats).
+    differ; both tuples (or both ``[...]``) of canonically written integers, equal only element by element. A decimal
+    that differs from the other side goes to math-verify (it rounds floats), as do mixed brackets (``[1,2)``).
     """
     if pred.strip() == gold.strip():
         return True
@@ -414,6 +430,10 @@ def _fast_compare(pred: str, gold: str) -> bool | None:
             return True
         if rp[1] and rg[1]:
             return False
+        return None
+    tp, tg = _int_tuple(np_), _int_tuple(ng)
+    if tp is not None and tg is not None and tp[0] == tg[0]:
+        return tp[1] == tg[1]
     return None
 
 

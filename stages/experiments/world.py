@@ -743,6 +743,21 @@ def parse_steps(text: str, steps: int) -> list[tuple[str, int] | None]:
     return out
 
 
+def step_rule_accuracy(world: World, completions: Path) -> list[float] | None:
+    """The dense view of a multi-step eval: per step position j, the share of the completions in ``completions``
+    (an eval Parquet table of one split) whose step j names the family's rule at j, whatever value it writes; a
+    step not written counts as wrong.  None for a one-step world or a missing table."""
+    if world.steps == 1 or not completions.exists():
+        return None
+    t = pl.read_parquet(completions, columns=["problem_id", "completion"])
+    hits = [0] * world.steps
+    for pid, text in zip(t["problem_id"].to_list(), t["completion"].to_list()):
+        chain = world.chain_of[pid.split("-", 1)[0]]
+        for j, got in enumerate(parse_steps(text or "", world.steps)):
+            hits[j] += got is not None and got[0] == chain[j]
+    return [h / max(1, t.height) for h in hits]
+
+
 def _group_stats(v: list[tuple[float, str]], band: tuple[float, float]) -> dict:
     lo, hi = band
     a = [abs(x) for x, _ in v]
@@ -925,12 +940,17 @@ def _print_step_calibration(c: dict, log: Log) -> None:
 # evaluation through stages.eval
 
 
+# held-out eval batch: 96 problems x n samples in one or two batches (sampling is batch-invariant, so the same
+# tokens as any other batch size; a 128-wide, 2-layer model decodes 768 rows at little more cost than 96)
+EVAL_BATCH = 768
+
+
 def _eval_cfg(cfg: WorldRunConfig, P: Paths, model: str, greedy: bool, n: int, bank: str | None = None):
     from stages.eval import EvalConfig
 
     return EvalConfig(model=model, problems=[str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                       protocol="quick", n=1 if greedy else n, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0,
-                      max_new_tokens=max_new_tokens(cfg), thinking=False, backend="hf", batch_size=96, seed=11, device="cpu",
+                      max_new_tokens=max_new_tokens(cfg), thinking=False, backend="hf", batch_size=EVAL_BATCH, seed=11, device="cpu",
                       guidance_bank=bank)
 
 
@@ -1044,7 +1064,7 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
         "train": train,
         "eval": {"problems": [str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                  "protocol": "quick", "n": cfg.eval_n, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                 "max_new_tokens": max_new_tokens(cfg), "thinking": False, "backend": "hf", "batch_size": 96, "seed": 11},
+                 "max_new_tokens": max_new_tokens(cfg), "thinking": False, "backend": "hf", "batch_size": EVAL_BATCH, "seed": 11},
     }
 
 
@@ -1095,6 +1115,11 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict | 
            "rewards": rewards, "first_alarm": first_alarm(cfg, spec, run_dir), **fracs}
     atomic_write_json(cached, row)
     return row
+
+
+def _final_eval_table(cfg: WorldRunConfig, P: Paths, run: str, split: str = "unseen") -> Path:
+    """The sampled (avg@n) final evaluation's completions of one held-out split of a run."""
+    return P.compare / run / f"final_eval_step{cfg.steps:04d}" / f"avg{cfg.final_eval_n}" / "eval" / f"eval_{split}.parquet"
 
 
 def first_alarm(cfg: WorldRunConfig, spec: RunSpec, run_dir: Path) -> tuple[int, str] | None:
@@ -1259,6 +1284,12 @@ def summarize(cfg: WorldRunConfig, base: dict, base_skills: dict, rows: list[dic
                       "unseen_avg_at_equal_wall": _ms([_curve_at(r["curve"], t_eq)[0] for r in rs]),
                       "gain_unseen_avg": a_u[0] - base["unseen"]["avg"], "wall_s": _ms([r["wall_s"] for r in rs]),
                       "by_seed": [r["final"]["unseen"]["avg"] for r in rs],
+                      "seeds_run": [r["seed"] for r in rs],
+                      # multi-step worlds: per step, p(right rule) in the held-out unseen completions, seed mean
+                      "unseen_steps": ([statistics.fmean(x) for x in zip(*[r["final_steps"] for r in rs])]
+                                       if all(r.get("final_steps") for r in rs) else None),
+                      "unseen_steps_by_seed": [statistics.fmean(r["final_steps"]) if r.get("final_steps") else None
+                                               for r in rs],
                       "alarms": sum(1 for r in rs if r.get("first_alarm"))})
     table.sort(key=lambda t: (OBJECTIVE_RUNS.index(t["objective"]), t["p"] or 0, t["level"] or ""))
     n = cfg.final_eval_n
@@ -1451,6 +1482,7 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
     rows = rows[: len(jobs)]
     for (bc, spec, _, _), r in zip(jobs, rows):  # the alarms as stages.engine.alarms computes them now
         r["first_alarm"] = first_alarm(bc, spec, Paths(bc.out).compare / spec.name)
+        r["final_steps"] = step_rule_accuracy(World(bc.world), _final_eval_table(bc, Paths(bc.out), spec.name))
     per_base = []
     for b in bases:
         if "refused" in b:
@@ -1460,8 +1492,10 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
         table, md = summarize(b["cfg"], base, b["base_skills"], rs)
         png = plot(rs, Paths(b["cfg"].out).compare / "learning_curves.png",
                    f"skill world {b['name']}: {cfg.steps * cfg.rollouts_per_step} rollouts per run")
+        base_steps = step_rule_accuracy(World(b["cfg"].world), Paths(b["cfg"].out).calib / "base_eval"
+                                        / f"avg{cfg.final_eval_n}" / "eval" / "eval_unseen.parquet")
         per_base.append({"name": b["name"], "hash": b["hash"], "shipped": b["shipped"], "world": asdict(b["cfg"].world),
-                         "base": base, "table": table, "markdown": md, "png": str(png), "runs": rs,
+                         "base": base, "base_steps": base_steps, "table": table, "markdown": md, "png": str(png), "runs": rs,
                          "calibration": b["calib"], "properties": base_properties(b["calib"], b["cfg"])})
         log(f"base {b['name']} ({b['hash']}):\n{md}")
     run_walls = [r["wall_s"] for r in rows + probe_rows]
@@ -1476,6 +1510,8 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
             build_walls.append(json.loads(mp.read_text()).get("build_wall_s") or 0.0)
     results = {"config": _jsonable(asdict(cfg)), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "compute": {"runs": len(run_walls), "run_wall_sum_s": sum(run_walls),
+                           "run_wall_median_s": statistics.median(run_walls) if run_walls else 0.0,
+                           "run_wall_max_s": max(run_walls, default=0.0),
                            "base_builds_s": sum(build_walls), "bases_built": len(build_walls)},
                "machine": machine(), "versions": versions(), "wall_s": time.time() - t0,
                "wall_bases_s": t_bases, "tuning": tuning, "per_base": per_base,
@@ -1669,6 +1705,15 @@ def _reduced(cfg: dict) -> list[str]:
             if (sorted(cfg[k]) if isinstance(v, list) else cfg[k]) != (sorted(v) if isinstance(v, list) else v)]
 
 
+def paired_differences(a: dict | None, b: dict | None, field: str) -> list[float]:
+    """Seed by seed, a's figure minus b's (two rows of :func:`summarize`'s table; ``field`` a per-seed list such as
+    ``by_seed``), over the seeds both ran and both measured."""
+    if a is None or b is None or field not in a or field not in b:
+        return []
+    xa, xb = dict(zip(a["seeds_run"], a[field])), dict(zip(b["seeds_run"], b[field]))
+    return [xa[k] - xb[k] for k in sorted(xa) if k in xb and xa[k] is not None and xb[k] is not None]
+
+
 def steps_markdown(results: list[dict], command: str) -> str:
     """bench/SKILL_WORLD_STEPS.md: per L the base, the tuned settings, every method's held-out unseen accuracy,
     SGSD's margin over GRPO, the misleading half, partial against full skills, and the calibration groups."""
@@ -1684,7 +1729,11 @@ def steps_markdown(results: list[dict], command: str) -> str:
               f"{m.get('loadavg')}", "- packages: " + ", ".join(f"{k} {x}" for k, x in v.items()),
               "- wall: " + ", ".join(f"L={r['config']['world'].get('steps', 1)} {r['wall_s']:.0f} s "
                                      f"({r['compute']['runs']} runs, {r['compute']['run_wall_sum_s']:.0f} s of run wall)"
-                                     for r in results), ""]
+                                     for r in results)
+              + f"; the sweep {sum(r['wall_s'] for r in results) / 60:.0f} min in all (cached runs are not run again)",
+              "- one run (2 at a time, one torch thread each): " + ", ".join(
+                  f"L={r['config']['world'].get('steps', 1)} median {r['compute'].get('run_wall_median_s', 0):.0f} s, "
+                  f"max {r['compute'].get('run_wall_max_s', 0):.0f} s" for r in results), ""]
     lines += ["## Bases", "", "| L | hash | source | seen avg | unseen avg | chance (whole chain) | per step: p(right rule) "
               "| follows right / wrong | Delta in band |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -1712,6 +1761,13 @@ def steps_markdown(results: list[dict], command: str) -> str:
             + (f" KL T {x.get('opsd_temperature') or r['config']['temperature']}"
                if o == "opsd" else "") for o, x in t.items()
             if isinstance(x, dict) and "lr" in x and o in r["config"]["objectives"]))
+    lines += ["", "| L | objective | lr | training reward, last half |", "|---|---|---|---|"]
+    for r in results:
+        for t in r["tuning"].get("sweep", []):
+            extra = (f" G {t['group_size']}" if t["objective"] == "grpo" else "") + (
+                f" KL T {t['opsd_temperature']}" if t.get("opsd_temperature") is not None else "")
+            lines.append(f"| {r['config']['world'].get('steps', 1)} | {t['objective']} | {t['lr']:g}{extra} | "
+                         f"{t['reward_last_half']:.3f} |")
     cells: dict[tuple, dict] = {}
     Ls = []
     for r in results:
@@ -1758,6 +1814,59 @@ def steps_markdown(results: list[dict], command: str) -> str:
         lines.append(f"| {L} | {fmt(d(ua('sgsd', 0.0, lvl, L), ua('grpo', None, None, L)))} | "
                      f"{fmt(d(ua('sgsd', 0.0, lvl, L), ua('opsd', None, None, L)))} | {fmt(keep(s0, s5), True)} | "
                      f"{fmt(keep(i0, i5), True)} | {fmt(d(ua('sgsd', 0.0, f'{lvl}/first', L), ua('sgsd', 0.0, lvl, L)))} |")
+    multi = [L for L in Ls if L > 1]
+    if multi:
+        base_steps = {r["config"]["world"].get("steps", 1): r["per_base"][0].get("base_steps")
+                      for r in results if r["per_base"]}
+        g = lambda t: "-" if t is None or not t.get("unseen_steps") else (  # noqa: E731
+            " / ".join(f"{x:.3f}" for x in t["unseen_steps"])
+            + f" (mean {statistics.fmean(t['unseen_steps']):.3f}"
+            + (f" ± {statistics.stdev(t['unseen_steps_by_seed']):.3f}" if len(t["unseen_steps_by_seed"]) > 1 else "")
+            + ")")
+        lines += ["", "## Held-out unseen, step by step: p(right rule at step j) (the dense view)", "",
+                  "The share of the final avg@n completions whose step j names the family's rule at j (step 1 / step 2 "
+                  "/ ...; the mean over steps ± its std over seeds). Chance is 1/R at every step.", "",
+                  "| method | bank p | skills | " + " | ".join(f"L = {L}" for L in multi) + " |",
+                  "|---|---|---|" + "---|" * len(multi),
+                  "| base | - | - | " + " | ".join(" / ".join(f"{x:.3f}" for x in base_steps[L]) if base_steps.get(L)
+                                                  else "-" for L in multi) + " |"]
+        for o, p, lv in keys:
+            lines.append(f"| {o} | {'-' if p is None else p} | {lv or '-'} | "
+                         + " | ".join(g(cells.get((o, p, lv, L))) for L in multi) + " |")
+
+    def paired(a, b, L, field):
+        d = paired_differences(cells.get((*a, L)), cells.get((*b, L)), field)
+        if not d:
+            return "-"
+        return f"{statistics.fmean(d):+.3f}" + (f" ± {statistics.stdev(d):.3f} ({len(d)} seeds)" if len(d) > 1 else
+                                                " (1 seed)")
+
+    sg, gr = ("sgsd", 0.0, lvl), ("grpo", None, None)
+    lines += ["", "## SGSD's margin, seed by seed (mean ± std over seeds of the paired difference)", "",
+              "| L | SGSD - GRPO, whole chain | SGSD - GRPO, per-step mean | SGSD first-step - full skills, whole chain "
+              "| first-step - full, per-step mean | SGSD p = 0.5 - p = 0, whole chain |", "|---|---|---|---|---|---|"]
+    for L in Ls:
+        lines.append(f"| {L} | {paired(sg, gr, L, 'by_seed')} | {paired(sg, gr, L, 'unseen_steps_by_seed')} | "
+                     f"{paired(('sgsd', 0.0, f'{lvl}/first'), sg, L, 'by_seed')} | "
+                     f"{paired(('sgsd', 0.0, f'{lvl}/first'), sg, L, 'unseen_steps_by_seed')} | "
+                     f"{paired(('sgsd', 0.5, lvl), sg, L, 'by_seed')} |")
+    lines += ["", "## Learning curves against generated rollouts (held-out unseen avg@eval_n, seed mean)", ""]
+    for r in results:
+        L = r["config"]["world"].get("steps", 1)
+        runs = r["per_base"][0]["runs"] if r["per_base"] else []
+        groups: dict[str, list[dict]] = {}
+        for x in runs:
+            groups.setdefault(x["objective"] + ("" if x["p"] is None else f" p={x['p']} {_level_label(x)}"), []).append(x)
+        if not groups:
+            continue
+        xs = next(iter(groups.values()))[0]["curve"]["rollouts"]
+        lines += [f"L = {L}:", "", "| method | " + " | ".join(str(x) for x in xs) + " |", "|---|" + "---|" * len(xs)]
+        for label, rs in sorted(groups.items()):
+            ys = [statistics.fmean(x["curve"]["unseen"][i] for x in rs) if all(
+                len(x["curve"]["unseen"]) > i and x["curve"]["unseen"][i] is not None for x in rs) else None
+                  for i in range(len(xs))]
+            lines.append(f"| {label} | " + " | ".join("-" if y is None else f"{y:.3f}" for y in ys) + " |")
+        lines.append("")
     lines += ["", "## Calibration groups at each step's rule token (own-family teachers, calibrated level)", "",
               "| L | bank | step | group | n | mean Delta | in the gate's band | categories |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
