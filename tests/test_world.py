@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -186,6 +187,29 @@ def test_shipped_base_manifest_and_hashes(tmp_path):
     p.write_text(p.read_text() + " ")
     with pytest.raises(InputError, match="config.json"):
         verify_base(bad)
+
+
+@pytest.mark.parametrize("L", [2, 3])
+def test_shipped_multi_step_bases_match_their_configs(L):
+    """data/world_base_L<L> is the base of configs/world_L<L>.toml: its stamp, every file's sha256 (computed here),
+    inside every band of its L (3 per step + 2), and the one shipped_base() picks for that config."""
+    import hashlib
+
+    from stages.engine.config import load_toml
+    from stages.experiments.world import SHIPPED_BASES, base_bands, base_stamp, config_from_sections, shipped_base, verify_base
+
+    cfg = config_from_sections(load_toml(Path(__file__).resolve().parents[1] / "configs" / f"world_L{L}.toml"))
+    path = SHIPPED_BASES[L - 1]
+    man = verify_base(path)
+    assert man["stamp"] == base_stamp(cfg) and man["stamp"]["world"]["steps"] == L
+    assert shipped_base(cfg) == path
+    for name, h in man["files"].items():
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == h
+    props = man["calibration"]["properties"]
+    bands = base_bands(cfg)
+    assert man["calibration"]["outside"] == [] and len(bands) == 2 + 6 * L
+    for key, _, lo, hi in bands:
+        assert lo <= props[key] <= hi, (key, props[key])
 
 
 # --------------------------------------------------------------------------------------------------

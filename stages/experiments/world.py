@@ -940,17 +940,12 @@ def _print_step_calibration(c: dict, log: Log) -> None:
 # evaluation through stages.eval
 
 
-# held-out eval batch: 96 problems x n samples in one or two batches (sampling is batch-invariant, so the same
-# tokens as any other batch size; a 128-wide, 2-layer model decodes 768 rows at little more cost than 96)
-EVAL_BATCH = 768
-
-
 def _eval_cfg(cfg: WorldRunConfig, P: Paths, model: str, greedy: bool, n: int, bank: str | None = None):
     from stages.eval import EvalConfig
 
     return EvalConfig(model=model, problems=[str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                       protocol="quick", n=1 if greedy else n, temperature=0.0 if greedy else 1.0, top_p=1.0, top_k=0,
-                      max_new_tokens=max_new_tokens(cfg), thinking=False, backend="hf", batch_size=EVAL_BATCH, seed=11, device="cpu",
+                      max_new_tokens=max_new_tokens(cfg), thinking=False, backend="hf", batch_size=96, seed=11, device="cpu",
                       guidance_bank=bank)
 
 
@@ -1064,7 +1059,7 @@ def loop_sections(cfg: WorldRunConfig, P: Paths, spec: RunSpec, run_dir: Path) -
         "train": train,
         "eval": {"problems": [str(P.world / "eval_unseen.jsonl"), str(P.world / "eval_seen.jsonl")],
                  "protocol": "quick", "n": cfg.eval_n, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                 "max_new_tokens": max_new_tokens(cfg), "thinking": False, "backend": "hf", "batch_size": EVAL_BATCH, "seed": 11},
+                 "max_new_tokens": max_new_tokens(cfg), "thinking": False, "backend": "hf", "batch_size": 96, "seed": 11},
     }
 
 
