@@ -99,7 +99,6 @@ def steps_cmd(config: Annotated[list[Path], typer.Option("--config", help="One w
     import sys
 
     from stages.experiments import world
-    from stages.engine.atomic import atomic_write_text
 
     cfgs = [_cfg(c, set_, None) for c in config]
     if len({c.out for c in cfgs}) != len(cfgs):
@@ -108,5 +107,5 @@ def steps_cmd(config: Annotated[list[Path], typer.Option("--config", help="One w
     with progress_bars() as bars:
         res = world.steps_sweep(cfgs, log=_log, progress=bars)
     if results:
-        atomic_write_text(results, world.steps_markdown(res, "sgsd " + " ".join(sys.argv[1:])))
+        world.write_steps_results(res, results, "sgsd " + " ".join(sys.argv[1:]))
         out.print(f"results: {results}")

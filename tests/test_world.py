@@ -600,3 +600,15 @@ def test_paired_differences_by_hand():
     assert paired_differences(dict(sgsd, steps=[None, 0.2, 0.3]), dict(sgsd, steps=[0.1, None, 0.1]), "steps") \
         == pytest.approx([0.2])
     assert paired_differences(sgsd, None, "by_seed") == [] and paired_differences(sgsd, grpo, "steps") == []
+
+
+def test_steps_png_copies_are_named_after_the_results_file(tmp_path):
+    from stages.experiments.world import steps_png_copies
+
+    res = [{"png": "runs/world_L1/compare/learning_curves.png", "config": {"world": {}}},
+           {"png": "runs/x/compare/learning_curves.png", "config": {"world": {"steps": 2}}}, {"png": None}]
+    assert steps_png_copies(res, Path("bench/SKILL_WORLD_STEPS.md")) == {
+        "runs/world_L1/compare/learning_curves.png": "bench/skill_world/steps_learning_curves_L1.png",
+        "runs/x/compare/learning_curves.png": "bench/skill_world/steps_learning_curves_L2.png"}
+    assert set(steps_png_copies(res[1:2], Path("bench/SKILL_WORLD_STEPS_L2_LONG.md")).values()) == {
+        "bench/skill_world/steps_l2_long_learning_curves_L2.png"}

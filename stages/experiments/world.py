@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from stages.engine.atomic import atomic_write_json, atomic_write_text, commit_dir, file_hash
+from stages.engine.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, commit_dir, file_hash
 from stages.engine.errors import InputError
 from stages.engine.manifest import versions
 from stages.engine.paths import DATA_DIR
@@ -1079,14 +1079,16 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict | 
 
     run_dir = P.compare / spec.name
     cached = run_dir / "world_result.json"
+    prior_wall = 0.0  # a tuning run reused as a table run: its training time counts in its wall
     if cached.exists():
         row = json.loads(cached.read_text())
         if row.get("final") is not None or not final_eval:
             return row
+        prior_wall = float(row.get("wall_s") or 0.0)
     t0 = time.time()
     metrics = pl.read_parquet(loop.run(loop_sections(cfg, P, spec, run_dir), source=f"world:{spec.name}",
                                        progress=progress, log=None))
-    wall = time.time() - t0
+    wall = prior_wall + time.time() - t0
     walls = [c for c in WALL_COLS if c in metrics.columns]
     cum_wall = metrics.select(pl.sum_horizontal([pl.col(c).fill_null(0.0) for c in walls])).to_series().cum_sum().to_list()
     base_curve = base_curve or {"unseen": None, "seen": None}
@@ -1204,7 +1206,8 @@ def tune(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None) ->
     if "sgsd-stance" in cfg.objectives and "sgsd" not in tuned:
         tuned.append("sgsd")
     if not cfg.tune:
-        return {o: {"lr": cfg.lr, "group_size": cfg.group_size if o == "grpo" else 0, "sweep": []} for o in OBJECTIVE_RUNS}
+        return {o: {"lr": cfg.lr, "group_size": cfg.group_size if o == "grpo" else 0, "opsd_temperature": None}
+                for o in OBJECTIVE_RUNS} | {"sweep": [], "criterion": "not tuned: every objective at the config's lr"}
 
     def spec(o: str, lr: float, g: int = 0, t: float | None = None) -> RunSpec:
         return RunSpec(o, 0.0 if o in SGSD_LIKE else None, lv if o in SGSD_LIKE else None, s, lr=lr,
@@ -1583,7 +1586,7 @@ def results_markdown(res: dict, command: str) -> str:
     lines += ["", "Chosen: " + ", ".join(
         f"{o} lr {x['lr']:g}" + (f", G {x['group_size']}" if o == "grpo" else "")
         + (f", KL T {x['opsd_temperature'] if x['opsd_temperature'] is not None else cfg['temperature']}" if o == "opsd" else "")
-        for o, x in t.items() if isinstance(x, dict) and "lr" in x) + ".", ""]
+        for o, x in t.items() if isinstance(x, dict) and "lr" in x and o in cfg["objectives"]) + ".", ""]
     lines += ["## Claims", "", "| claim | holds on | per base |", "|---|---|---|"]
     for c in res["claims"] + res.get("claims_variant", []):
         per = "; ".join(f"{x['base']}: {'yes' if x['holds'] else ('no' if x['holds'] is not None else 'n/a')} "
@@ -1709,9 +1712,27 @@ def paired_differences(a: dict | None, b: dict | None, field: str) -> list[float
     return [xa[k] - xb[k] for k in sorted(xa) if k in xb and xa[k] is not None and xb[k] is not None]
 
 
-def steps_markdown(results: list[dict], command: str) -> str:
+def steps_png_copies(results: list[dict], results_file: Path) -> dict[str, str]:
+    """Where the step sweep's learning-curve PNGs are copied beside its results file: ``bench/SKILL_WORLD_STEPS.md``
+    -> ``bench/skill_world/steps_learning_curves_L<L>.png`` (another results file: its own stem in the name)."""
+    stem = results_file.stem.lower().removeprefix("skill_world_")
+    return {r["png"]: str(results_file.parent / "skill_world" / f"{stem}_learning_curves_L{r['config']['world'].get('steps', 1)}.png")
+            for r in results if r.get("png")}
+
+
+def write_steps_results(results: list[dict], path: Path, command: str) -> None:
+    """The step sweep's results file and, beside it, its learning-curve PNGs (each write atomic)."""
+    copies = steps_png_copies(results, Path(path))
+    for src, dst in copies.items():
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dst, Path(src).read_bytes())
+    atomic_write_text(path, steps_markdown(results, command, copies))
+
+
+def steps_markdown(results: list[dict], command: str, copies: dict[str, str] | None = None) -> str:
     """bench/SKILL_WORLD_STEPS.md: per L the base, the tuned settings, every method's held-out unseen accuracy,
-    SGSD's margin over GRPO, the misleading half, partial against full skills, and the calibration groups."""
+    SGSD's margin over GRPO, the misleading half, partial against full skills, and the calibration groups;
+    ``copies``: learning-curve PNG -> where the caller copies it (:func:`steps_png_copies`)."""
     lines = ["# Skill world: multi-step procedures (L = " + ", ".join(str(r["config"]["world"].get("steps", 1))
                                                                    for r in results) + ")", "",
              "Regenerate: `" + command + "` (every run is cached under each config's output folder).", ""]
@@ -1725,7 +1746,11 @@ def steps_markdown(results: list[dict], command: str) -> str:
               "- wall: " + ", ".join(f"L={r['config']['world'].get('steps', 1)} {r['wall_s']:.0f} s "
                                      f"({r['compute']['runs']} runs, {r['compute']['run_wall_sum_s']:.0f} s of run wall)"
                                      for r in results)
-              + f"; the sweep {sum(r['wall_s'] for r in results) / 60:.0f} min in all (cached runs are not run again)",
+              + f"; this invocation {sum(r['wall_s'] for r in results) / 60:.0f} min (cached runs are not run again); the runs "
+                f"behind the figures: {sum(r['compute']['runs'] for r in results)} runs, "
+                f"{sum(r['compute']['run_wall_sum_s'] for r in results) / 60:.0f} min of run wall, about "
+                f"{sum(r['compute']['run_wall_sum_s'] for r in results) / 60 / max(1, results[0]['config'].get('jobs', 1)):.0f} min at "
+                f"{results[0]['config'].get('jobs', 1)} at a time (calibration and base evals not counted)",
               "- one run (2 at a time, one torch thread each): " + ", ".join(
                   f"L={r['config']['world'].get('steps', 1)} median {r['compute'].get('run_wall_median_s', 0):.0f} s, "
                   f"max {r['compute'].get('run_wall_max_s', 0):.0f} s" for r in results), ""]
@@ -1876,9 +1901,10 @@ def steps_markdown(results: list[dict], command: str) -> str:
                         cats = ", ".join(f"{c} {n}" for c, n in sorted(x["categories"].items()))
                         lines.append(f"| {L} | {key[5:]} | {j + 1} | {g} | {x['n']} | {x['mean']:+.2f} | "
                                      f"{x['in_band']:.2f} | {cats} |")
+    copies = copies or {}
     lines += ["", "## Learning curves", ""] + [
-        f"- L={r['config']['world'].get('steps', 1)}: `{r['png']}` (copied to `bench/skill_world/steps_learning_curves_"
-        f"L{r['config']['world'].get('steps', 1)}.png`)" for r in results]
+        f"- L={r['config']['world'].get('steps', 1)}: `{r['png']}`"
+        + (f" (copied to `{copies[r['png']]}`)" if r.get("png") in copies else "") for r in results]
     for r in results:
         for b in r["per_base"][:1]:
             lines += ["", f"## L = {r['config']['world'].get('steps', 1)}: base `{b['hash']}`", "", b["markdown"]]
