@@ -612,3 +612,24 @@ def test_steps_png_copies_are_named_after_the_results_file(tmp_path):
         "runs/x/compare/learning_curves.png": "bench/skill_world/steps_learning_curves_L2.png"}
     assert set(steps_png_copies(res[1:2], Path("bench/SKILL_WORLD_STEPS_L2_LONG.md")).values()) == {
         "bench/skill_world/steps_l2_long_learning_curves_L2.png"}
+
+
+def test_a_calibration_measured_at_another_avg_n_is_stale():
+    """The base's held-out figures are avg@final_eval_n: a saved calibration measured at n = 2 (a quick run) must not
+    be reused by a run that reports avg@8 (it was, and the L = 1 column read 0.234 for a base whose avg@8 is 0.204)."""
+    from dataclasses import replace
+
+    from stages.experiments.world import WorldRunConfig, base_stamp, calibration_is_current
+
+    cfg = WorldRunConfig(levels=["medium"], calibrated_level="medium", final_eval_n=8)
+    stamp = base_stamp(cfg)
+    saved = {"build": stamp, "levels": ["medium"],
+             "base_eval": {"unseen": {"n": 8, "avg": 0.2}, "seen": {"n": 8, "avg": 1.0}}}
+    assert calibration_is_current(saved, cfg, stamp)
+    assert not calibration_is_current(dict(saved, base_eval={"unseen": {"n": 2}, "seen": {"n": 2}}), cfg, stamp)
+    assert not calibration_is_current(saved, replace(cfg, final_eval_n=2), stamp)
+    assert not calibration_is_current(dict(saved, levels=["medium", "sharp"]), cfg, stamp)
+    assert not calibration_is_current(saved, cfg, dict(stamp, sft=[1, 2, 3]))
+    two = replace(cfg, world=replace(cfg.world, steps=2), parts=["full", "first"])
+    assert calibration_is_current(dict(saved, parts=["full", "first"]), two, stamp)
+    assert not calibration_is_current(dict(saved, parts=["full"]), two, stamp)

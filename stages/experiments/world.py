@@ -460,6 +460,14 @@ def _tv(p: dict, q: dict) -> float:
     return 0.5 * sum(abs(p[k] - q.get(k, 0.0)) for k in p)
 
 
+def calibration_is_current(c: dict, cfg: WorldRunConfig, stamp: dict) -> bool:
+    """Whether a saved calibration was measured for these settings: the same base, levels, skill parts (L >= 2) and
+    held-out avg@n (the base's figures in every table are avg@final_eval_n; one measured at another n is stale)."""
+    return (c.get("build") == stamp and c.get("levels") == sorted(set(cfg.levels + [cfg.calibrated_level]))
+            and (cfg.world.steps == 1 or c.get("parts") == list(dict.fromkeys(["full"] + cfg.parts)))
+            and all(e.get("n") == cfg.final_eval_n for e in c.get("base_eval", {}).values()))
+
+
 def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None, force: bool = False,
               rebuild: bool = False) -> dict:
     """The world's calibration (``<out>/calibration/calibration.json``, measured once per base), printed; a base
@@ -472,8 +480,7 @@ def calibrate(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = Non
     c = None
     if out_json.exists():
         c = json.loads(out_json.read_text())
-        if (c.get("build") != stamp or c.get("levels") != sorted(set(cfg.levels + [cfg.calibrated_level]))
-                or (cfg.world.steps > 1 and c.get("parts") != list(dict.fromkeys(["full"] + cfg.parts)))):
+        if not calibration_is_current(c, cfg, stamp):
             shutil.rmtree(P.calib, ignore_errors=True)
             c = None
         else:
