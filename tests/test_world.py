@@ -266,19 +266,12 @@ def _flip_loss(monkeypatch):
     monkeypatch.setattr(tr, "rollout_loss", lambda *a, **k: -orig(*a, **k))
 
 
-@pytest.mark.parametrize("breakage", [None, "polarity", "loss"])
-def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
-    """SGSD (verifier polarity), started from the shipped base, raises p(right rule) on held-out unseen families.
-
-    On the shipped base this run (20 steps x 16 rollouts, lr 5e-4) moves the exact mean p(right rule) from 0.181 to
-    0.286 (measured 2026-12-06); the assertion asks for +0.06, a little over half of that.  The same run with the
-    sign of the polarity (rho = -o sigma) or of the loss flipped must not gain (measured: both fall to 0.018)."""
+def _sgsd_run(cfg, P, monkeypatch, breakage):
+    """SGSD through the ordinary loop from the world's base, with the polarity's or the loss's sign flipped when
+    ``breakage`` says so; the last step's checkpoint."""
     from stages import loop
     from stages.experiments.world import RunSpec, loop_sections
 
-    cfg, P, world = shipped_world
-    before = _unseen_right_prob(P, world, P.base)
-    assert abs(before - 0.181) < 0.01  # the shipped base (calibration: p(right rule | plain) 0.18)
     if breakage == "polarity":
         _flip_polarity(monkeypatch)
     elif breakage == "loss":
@@ -286,7 +279,20 @@ def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
     spec = RunSpec("sgsd", 0.0, cfg.calibrated_level, 0)
     run_dir = P.compare / f"{spec.name}_{breakage or 'ok'}"
     loop.run(loop_sections(cfg, P, spec, run_dir))
-    after = _unseen_right_prob(P, world, loop.step_dir(run_dir, cfg.steps) / "checkpoint")
+    return loop.step_dir(run_dir, cfg.steps) / "checkpoint"
+
+
+@pytest.mark.parametrize("breakage", [None, "polarity", "loss"])
+def test_sgsd_learns_unseen_families(shipped_world, monkeypatch, breakage):
+    """SGSD (verifier polarity), started from the shipped base, raises p(right rule) on held-out unseen families.
+
+    On the shipped base this run (20 steps x 16 rollouts, lr 5e-4) moves the exact mean p(right rule) from 0.181 to
+    0.286 (measured 2026-12-06); the assertion asks for +0.06, a little over half of that.  The same run with the
+    sign of the polarity (rho = -o sigma) or of the loss flipped must not gain (measured: both fall to 0.018)."""
+    cfg, P, world = shipped_world
+    before = _unseen_right_prob(P, world, P.base)
+    assert abs(before - 0.181) < 0.01  # the shipped base (calibration: p(right rule | plain) 0.18)
+    after = _unseen_right_prob(P, world, _sgsd_run(cfg, P, monkeypatch, breakage))
     print(f"\nunseen p(right rule): base {before:.3f} -> SGSD ({breakage or 'as built'}) {after:.3f}")
     if breakage is None:
         assert after > before + 0.06, (before, after)
@@ -516,19 +522,9 @@ def test_sgsd_learns_two_step_procedures(shipped_world_l2, monkeypatch, breakage
     Measured 2026-12-06 on the shipped L = 2 base (8cef627e754a): per step 0.171 / 0.166 -> 0.158 / 0.301 (mean
     +0.061; the whole chain's probability 0.028 -> 0.024: step 2 is learned, step 1 is not in 20 steps); polarity
     flipped 0.170 / 0.106 (mean -0.030), loss flipped the same.  The assertion asks for +0.03, half the gain."""
-    from stages import loop
-    from stages.experiments.world import RunSpec, loop_sections
-
     cfg, P, world = shipped_world_l2
     steps_before, before = _unseen_chain_probs(world, P.base)
-    if breakage == "polarity":
-        _flip_polarity(monkeypatch)
-    elif breakage == "loss":
-        _flip_loss(monkeypatch)
-    spec = RunSpec("sgsd", 0.0, cfg.calibrated_level, 0)
-    run_dir = P.compare / f"{spec.name}_{breakage or 'ok'}"
-    loop.run(loop_sections(cfg, P, spec, run_dir))
-    steps_after, after = _unseen_chain_probs(world, loop.step_dir(run_dir, cfg.steps) / "checkpoint")
+    steps_after, after = _unseen_chain_probs(world, _sgsd_run(cfg, P, monkeypatch, breakage))
     print(f"\nL=2 unseen p(right chain): base {before:.4f} (steps {steps_before}) -> SGSD ({breakage or 'as built'}) "
           f"{after:.4f} (steps {steps_after})")
     gain = sum(steps_after) / 2 - sum(steps_before) / 2

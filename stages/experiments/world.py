@@ -908,10 +908,15 @@ def print_calibration(c: dict, log: Log) -> None:
         log(f"    {key} (rollout accuracy {d['accuracy']:.2f}):")
         for g in DELTA_GROUPS:
             if g in d:
-                q = d[g]["abs_quantiles"]
-                cats = ", ".join(f"{c} {n}" for c, n in sorted(d[g]["categories"].items()))
-                log(f"      {g:<19} n={d[g]['n']:<4} mean {d[g]['mean']:+.2f}  |D| p10/p50/p90 {q['p10']:.2f}/{q['p50']:.2f}/"
-                    f"{q['p90']:.2f}  in band {d[g]['in_band']:.2f}  ({cats})")
+                log(_group_line(f"{g:<19}", d[g]))
+
+
+def _group_line(label: str, x: dict) -> str:
+    """One |Delta| group of a calibration: size, mean, quantiles of |Delta|, share in the gate's band, categories."""
+    q = x["abs_quantiles"]
+    cats = ", ".join(f"{k} {n}" for k, n in sorted(x["categories"].items()))
+    return (f"      {label} n={x['n']:<4} mean {x['mean']:+.2f}  |D| p10/p50/p90 {q['p10']:.2f}/{q['p50']:.2f}/"
+            f"{q['p90']:.2f}  in band {x['in_band']:.2f}  ({cats})")
 
 
 def _print_step_calibration(c: dict, log: Log) -> None:
@@ -937,10 +942,7 @@ def _print_step_calibration(c: dict, log: Log) -> None:
         for j, gr in enumerate(d["steps"]):
             for g in STEP_GROUPS:
                 if g in gr:
-                    q = gr[g]["abs_quantiles"]
-                    cats = ", ".join(f"{k} {n}" for k, n in sorted(gr[g]["categories"].items()))
-                    log(f"      step {j + 1} {g:<28} n={gr[g]['n']:<4} mean {gr[g]['mean']:+.2f}  |D| p10/p50/p90 "
-                        f"{q['p10']:.2f}/{q['p50']:.2f}/{q['p90']:.2f}  in band {gr[g]['in_band']:.2f}  ({cats})")
+                    log(_group_line(f"step {j + 1} {g:<28}", gr[g]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1110,7 +1112,7 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict | 
     final = None
     if final_eval:
         final = evaluate(cfg, P, str(loop.step_dir(run_dir, cfg.steps) / "checkpoint"),
-                         run_dir / f"final_eval_step{cfg.steps:04d}", log=log, progress=progress)
+                         _final_eval_dir(cfg, run_dir), log=log, progress=progress)
     fracs = {c: metrics[c].to_list() for c in ("frac_helpful", "frac_over_suppressive") if c in metrics.columns}
     row = {"run": spec.name, **asdict(spec), "wall_s": wall, "train_wall_s": float(cum_wall[-1]) if cum_wall else 0.0,
            "rollouts": cfg.steps * cfg.rollouts_per_step, "final": final, "curve": curve,
@@ -1121,9 +1123,13 @@ def run_one(cfg: WorldRunConfig, P: Paths, spec: RunSpec, *, base_curve: dict | 
     return row
 
 
-def _final_eval_table(cfg: WorldRunConfig, P: Paths, run: str, split: str = "unseen") -> Path:
-    """The sampled (avg@n) final evaluation's completions of one held-out split of a run."""
-    return P.compare / run / f"final_eval_step{cfg.steps:04d}" / f"avg{cfg.final_eval_n}" / "eval" / f"eval_{split}.parquet"
+def _final_eval_dir(cfg: WorldRunConfig, run_dir: Path) -> Path:
+    return run_dir / f"final_eval_step{cfg.steps:04d}"
+
+
+def avg_eval_table(cfg: WorldRunConfig, out: Path, split: str = "unseen") -> Path:
+    """The completions of one held-out split of :func:`evaluate`'s sampled (avg@n) pass into ``out``."""
+    return out / f"avg{cfg.final_eval_n}" / "eval" / f"eval_{split}.parquet"
 
 
 def first_alarm(cfg: WorldRunConfig, spec: RunSpec, run_dir: Path) -> tuple[int, str] | None:
@@ -1487,7 +1493,8 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
     rows = rows[: len(jobs)]
     for (bc, spec, _, _), r in zip(jobs, rows):  # the alarms as stages.engine.alarms computes them now
         r["first_alarm"] = first_alarm(bc, spec, Paths(bc.out).compare / spec.name)
-        r["final_steps"] = step_rule_accuracy(World(bc.world), _final_eval_table(bc, Paths(bc.out), spec.name))
+        r["final_steps"] = step_rule_accuracy(
+            World(bc.world), avg_eval_table(bc, _final_eval_dir(bc, Paths(bc.out).compare / spec.name)))
     per_base = []
     for b in bases:
         if "refused" in b:
@@ -1497,8 +1504,8 @@ def compare(cfg: WorldRunConfig, *, log: Log = print, progress: Progress = None,
         table, md = summarize(b["cfg"], base, b["base_skills"], rs)
         png = plot(rs, Paths(b["cfg"].out).compare / "learning_curves.png",
                    f"skill world {b['name']}: {cfg.steps * cfg.rollouts_per_step} rollouts per run")
-        base_steps = step_rule_accuracy(World(b["cfg"].world), Paths(b["cfg"].out).calib / "base_eval"
-                                        / f"avg{cfg.final_eval_n}" / "eval" / "eval_unseen.parquet")
+        base_steps = step_rule_accuracy(World(b["cfg"].world),
+                                        avg_eval_table(b["cfg"], Paths(b["cfg"].out).calib / "base_eval"))
         per_base.append({"name": b["name"], "hash": b["hash"], "shipped": b["shipped"], "world": asdict(b["cfg"].world),
                          "base": base, "base_steps": base_steps, "table": table, "markdown": md, "png": str(png), "runs": rs,
                          "calibration": b["calib"], "properties": base_properties(b["calib"], b["cfg"])})
